@@ -1,0 +1,13 @@
+"""Decoupled Neural Interfaces using Synthetic Gradients (Jaderberg et al. 2016) for PyTorch.
+
+Usage: `from dni import DNI; net = DNI(net, optim=opt)`, then train as usual.
+"""
+
+from dni.interface import Interface, synthesizer_loss
+from dni.synthesizers import (Conv_DNI, DNI_Network, InputSynthesizer, Linear_DNI,
+                              Linear_Sigmoid_DNI, MLP_DNI, RNN_DNI)
+from dni.wrapper import DNI, SYNTHESIZERS, synthesizer_factory
+
+__all__ = ["DNI", "DNI_Network", "Linear_DNI", "Linear_Sigmoid_DNI", "MLP_DNI", "Conv_DNI",
+           "RNN_DNI", "InputSynthesizer", "Interface", "synthesizer_loss", "synthesizer_factory",
+           "SYNTHESIZERS"]

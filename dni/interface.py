@@ -1,0 +1,122 @@
+"""The decoupled neural interface: the whole synthetic-gradient algorithm, for one block edge.
+
+For a block f_i with output h_i and the next block f_{i+1}:
+
+    g_i = S_i(h_i.detach(), c) / B        synthetic gradient (c: context, e.g. one-hot label)
+    h_i.backward(scale * g_i)             block i has its gradient now (update-unlocked)
+    in_{i+1} = bridge(h_i.detach(), g_i)  what block i+1 sees: h_i's value, no path below it
+
+`bridge` is the identity going forward. Going backward it receives d_i, the gradient that
+block i+1's backward delivers at its input (the true dL/dh at the top interface, block i+1's
+synthetic gradient pushed back through f_{i+1} below it), and hands S_i the gradient of its
+regression loss ||g_i - d_i||^2. Nothing flows further down: the true loss gradient never
+reaches the blocks below an interface.
+
+Units: a loss averaged over a batch of B examples has dL/dh = (1/B) * (each example's own
+gradient). The synthesizer predicts the per-example gradient S = B * g, a function of one
+example that does not depend on B, and is fit on B * d with ||S - B d||^2 (summed over
+features, mean over the batch): the same regression up to a constant factor, scaled for
+optimizers like Adam. `batch_mean=False` (losses summed over the batch) makes B = 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def synthesizer_loss(synthetic: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Regression loss of a synthetic gradient on its target: squared error summed over
+    features, averaged over the batch (dimension 0)."""
+    return (synthetic - target).pow(2).sum() / synthetic.shape[0]
+
+
+def synthesizer_loss_grad(synthetic: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """d synthesizer_loss / d synthetic: what trains the synthesizer."""
+    return (synthetic - target) * (2.0 / synthetic.shape[0])
+
+
+class _Bridge(torch.autograd.Function):
+    """Identity on `value`; backward trains the synthesizer's output `synthetic` (per-example
+    units: `unit` times the gradient) towards the gradient arriving from above, and stops that
+    gradient there."""
+
+    @staticmethod
+    def forward(ctx, value: torch.Tensor, synthetic: torch.Tensor, interface: "Interface",
+                unit: float):
+        ctx.save_for_backward(synthetic)
+        ctx.interface, ctx.unit = interface, unit
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, incoming: torch.Tensor):
+        synthetic, = ctx.saved_tensors
+        target = incoming * ctx.unit
+        ctx.interface._record_target(synthetic, target, incoming)
+        return None, synthesizer_loss_grad(synthetic, target), None, None
+
+
+class Interface(nn.Module):
+    """A decoupled neural interface after one block: applies the synthesizer's gradient to the
+    block at once and trains the synthesizer on the gradient that comes back from above.
+
+    Usage: `next_input = Interface(Linear_DNI(256))(h, context)` inside a forward pass.
+    With an `input_synthesizer` (forward unlocking), the next block is fed a prediction of h
+    made from the network input, so it need not wait for the blocks below.
+    """
+
+    def __init__(self, synthesizer: nn.Module, grad_scale: float = 1.0,
+                 input_synthesizer: nn.Module | None = None, batch_mean: bool = True):
+        super().__init__()
+        self.synthesizer = synthesizer
+        self.grad_scale = grad_scale
+        self.input_synthesizer = input_synthesizer
+        self.batch_mean = batch_mean
+        self.last_loss: torch.Tensor | None = None         # synthesizer loss of the last step
+        self.last_target: torch.Tensor | None = None       # d_i of the last step (loss units)
+        self.last_input_loss: torch.Tensor | None = None   # input synthesizer loss, last step
+
+    def unit(self, h: torch.Tensor) -> float:
+        """How many loss units one per-example synthesizer unit is: the batch size for a
+        batch-mean loss, else 1."""
+        return float(h.shape[0]) if self.batch_mean else 1.0
+
+    def predict(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """S(h.detach(), c): the per-example synthetic gradient, with the graph into the
+        synthesizer's parameters."""
+        if context is None:
+            out = self.synthesizer(h.detach(), None)
+        else:
+            out = self.synthesizer(h.detach(), None, context=context)
+        return out[0] if isinstance(out, tuple) else out
+
+    def forward(self, h: torch.Tensor, context: torch.Tensor | None = None,
+                net_input: torch.Tensor | None = None) -> torch.Tensor:
+        """Send the synthetic gradient into h's block now; return the next block's input."""
+        synthetic = self.predict(h, context)
+        unit = self.unit(h)
+        if h.requires_grad:
+            h.backward(synthetic.detach() * (self.grad_scale / unit))
+        value = h.detach()
+        if self.input_synthesizer is not None:
+            value = self._synthetic_input(net_input, context, value)
+        if not synthetic.requires_grad:  # synthesizer without trainable parameters
+            return value
+        return _Bridge.apply(value, synthetic, self, unit)
+
+    def _synthetic_input(self, net_input: torch.Tensor | None, context: torch.Tensor | None,
+                         h: torch.Tensor) -> torch.Tensor:
+        """Forward unlocking: train I(x, c) on ||I(x, c) - h||^2 and return its prediction."""
+        if net_input is None:
+            raise ValueError("an input synthesizer needs the network input (net_input=)")
+        predicted = self.input_synthesizer(net_input, context)
+        loss = synthesizer_loss(predicted, h)
+        loss.backward()
+        self.last_input_loss = loss.detach()
+        return predicted.detach()
+
+    def _record_target(self, synthetic: torch.Tensor, target: torch.Tensor,
+                       incoming: torch.Tensor) -> None:
+        """Keep this step's target d (loss units) and regression loss for logging and tests."""
+        self.last_target = incoming
+        self.last_loss = synthesizer_loss(synthetic, target).detach()

@@ -1,0 +1,205 @@
+"""Synthesizers: small networks that predict the gradient of the loss with respect to an
+activation (or, for forward unlocking, the activation itself). Every one ends in a layer that
+starts at zero, weights and bias, so training starts from "no gradient" rather than noise.
+
+All follow the `DNI_Network` contract: `forward(input, hidden=None, context=None)` returns
+`(output, hidden)`; `hidden` is None except for recurrent synthesizers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def zero_init_(layer: nn.Module) -> nn.Module:
+    """Set a layer's weight and bias to zero, in place; return it."""
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def append_context(h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+    """[h, c] for vector activations (c flattened to (B, k)); h alone without a context."""
+    if context is None:
+        return h
+    return torch.cat([h, context.reshape(len(context), -1).to(h.dtype)], dim=1)
+
+
+class DNI_Network(nn.Module):
+    """Base class of synthesizers: `forward(input, hidden=None, context=None) -> (output,
+    hidden)`. Subclass it for a custom synthesizer; end in a zero-initialised layer.
+
+    Usage: `class MyDNI(DNI_Network): def forward(self, input, hidden, context=None): ...`
+    """
+
+    def __init__(self, input_size: int, hidden_size: int = 0, output_size: int | None = None,
+                 context_size: int = 0):
+        super().__init__()
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.output_size = input_size if output_size is None else output_size
+        self.context_size = context_size
+
+    def forward(self, input: torch.Tensor, hidden=None, context: torch.Tensor | None = None):
+        """Return (synthetic output, new hidden state)."""
+        raise NotImplementedError
+
+
+class Linear_DNI(DNI_Network):
+    """Linear synthesizer: g = W [h, c] + b (the paper's linear SG; cDNI when c is given).
+    With `num_layers=2` it is the product of two linear maps through `hidden_size` units (a
+    low-rank linear synthesizer)."""
+
+    def __init__(self, input_size: int, hidden_size: int = 0, output_size: int | None = None,
+                 context_size: int = 0, num_layers: int = 1):
+        super().__init__(input_size, hidden_size, output_size, context_size)
+        if num_layers not in (1, 2):
+            raise ValueError("Linear_DNI has 1 or 2 layers")
+        layers: list[nn.Module] = []
+        width = input_size + context_size
+        if num_layers == 2:
+            layers.append(nn.Linear(width, hidden_size))
+            width = hidden_size
+        layers.append(zero_init_(nn.Linear(width, self.output_size)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, input, hidden=None, context=None):
+        """Return (W [h, c] + b, None)."""
+        return self.net(append_context(input, context)), None
+
+
+class Linear_Sigmoid_DNI(Linear_DNI):
+    """Bounded synthesizer for log losses (Czarnecki et al. 2017): g = sigmoid(W [h, c] + b)
+    - 1/2, a pointwise sigmoid on a linear SG, shifted so that the zero start gives zero."""
+
+    def forward(self, input, hidden=None, context=None):
+        """Return (sigmoid(W [h, c] + b) - 1/2, None)."""
+        return torch.sigmoid(self.net(append_context(input, context))) - 0.5, None
+
+
+class MLP_DNI(DNI_Network):
+    """The paper's MLP synthesizer: `num_layers - 1` hidden layers of Linear -> BatchNorm ->
+    ReLU with `hidden_size` units, then a zero-initialised Linear. Usage:
+    `MLP_DNI(256, hidden_size=1024, num_layers=3)`."""
+
+    def __init__(self, input_size: int, hidden_size: int = 1024, output_size: int | None = None,
+                 context_size: int = 0, num_layers: int = 3, batch_norm: bool = True):
+        super().__init__(input_size, hidden_size, output_size, context_size)
+        layers: list[nn.Module] = []
+        width = input_size + context_size
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(width, hidden_size)]
+            layers += [nn.BatchNorm1d(hidden_size)] if batch_norm else []
+            layers += [nn.ReLU()]
+            width = hidden_size
+        layers.append(zero_init_(nn.Linear(width, self.output_size)))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, input, hidden=None, context=None):
+        """Return (MLP([h, c]), None)."""
+        return self.net(append_context(input, context)), None
+
+
+class Conv_DNI(DNI_Network):
+    """Shape-preserving conv synthesizer for feature maps (B, C, H, W): `num_layers - 1` hidden
+    kxk convs with BatchNorm and ReLU, then a zero-initialised kxk conv back to C channels.
+    The context enters as an additive per-channel projection after the first conv (or as
+    extra constant channels with `context_as_channels=True`)."""
+
+    def __init__(self, input_size: int, hidden_size: int = 64, output_size: int | None = None,
+                 context_size: int = 0, num_layers: int = 3, kernel_size: int = 5,
+                 context_as_channels: bool = False):
+        super().__init__(input_size, hidden_size, output_size, context_size)
+        self.context_as_channels = context_as_channels and context_size > 0
+        pad = kernel_size // 2
+        in_ch = input_size + (context_size if self.context_as_channels else 0)
+        self.hidden = nn.ModuleList()
+        for _ in range(num_layers - 1):
+            self.hidden.append(nn.Sequential(nn.Conv2d(in_ch, hidden_size, kernel_size,
+                                                       padding=pad),
+                                             nn.BatchNorm2d(hidden_size), nn.ReLU()))
+            in_ch = hidden_size
+        self.out = zero_init_(nn.Conv2d(in_ch, self.output_size, kernel_size, padding=pad))
+        first_width = hidden_size if num_layers > 1 else self.output_size
+        self.context_proj = (nn.Linear(context_size, first_width, bias=False)
+                             if context_size and not self.context_as_channels else None)
+
+    def forward(self, input, hidden=None, context=None):
+        """Return (conv stack on the feature map with the context mixed in, None)."""
+        x = input
+        if context is not None and self.context_as_channels:
+            planes = context.reshape(len(context), -1, 1, 1).to(x.dtype)
+            x = torch.cat([x, planes.expand(-1, -1, *x.shape[2:])], dim=1)
+        layers = list(self.hidden) + [self.out]
+        for i, layer in enumerate(layers):
+            if i == 0 and self.context_proj is not None and context is not None:
+                conv = layer[0] if isinstance(layer, nn.Sequential) else layer
+                y = conv(x) + self.context_proj(context.to(x.dtype))[:, :, None, None]
+                x = layer[1:](y) if isinstance(layer, nn.Sequential) else y
+            else:
+                x = layer(x)
+        return x, None
+
+
+class RNN_DNI(DNI_Network):
+    """Recurrent synthesizer: a stacked LSTM, GRU or RNN over the inputs it is given, then a
+    zero-initialised Linear. Input (B, input_size) for one step or (T, B, input_size) for a
+    sequence; output of the same leading shape; `hidden` is the RNN's state, carried by the
+    caller between calls (None starts from zero)."""
+
+    KINDS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+    def __init__(self, input_size: int, hidden_size: int = 64, output_size: int | None = None,
+                 context_size: int = 0, num_layers: int = 1, kind: str = "lstm"):
+        super().__init__(input_size, hidden_size, output_size, context_size)
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {sorted(self.KINDS)}")
+        self.rnn = self.KINDS[kind](input_size + context_size, hidden_size, num_layers)
+        self.out = zero_init_(nn.Linear(hidden_size, self.output_size))
+
+    def forward(self, input, hidden=None, context=None):
+        """Return (synthetic output, new RNN state)."""
+        one_step = input.dim() == 2
+        x = input.unsqueeze(0) if one_step else input
+        if context is not None:  # (B, k), the same at every step
+            c = context.reshape(len(context), -1).to(x.dtype)
+            x = torch.cat([x, c.unsqueeze(0).expand(x.shape[0], -1, -1)], dim=2)
+        y, hidden = self.rnn(x, hidden)
+        out = self.out(y)
+        return (out[0] if one_step else out), hidden
+
+
+class InputSynthesizer(nn.Module):
+    """Forward unlocking: predicts a block's input activation (shape `output_shape`, batch
+    excluded) from the network input and context with an MLP; trained on ||I(x, c) - h||^2.
+    Usage: `InputSynthesizer(784, (256,), context_size=10)`."""
+
+    def __init__(self, input_size: int, output_shape: tuple[int, ...], hidden_size: int = 1024,
+                 num_layers: int = 2, context_size: int = 0):
+        super().__init__()
+        self.output_shape = tuple(output_shape)
+        out = math.prod(self.output_shape)
+        layers: list[nn.Module] = []
+        width = input_size + context_size
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(width, hidden_size), nn.ReLU()]
+            width = hidden_size
+        layers.append(nn.Linear(width, out))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Predicted activation (B, *output_shape)."""
+        h = append_context(x.reshape(len(x), -1), context)
+        return self.net(h).reshape(len(x), *self.output_shape)
+
+
+def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Integer labels -> float one-hot; float contexts pass through unchanged."""
+    if labels.dtype.is_floating_point:
+        return labels
+    return F.one_hot(labels, num_classes).float()

@@ -1,0 +1,252 @@
+"""DNI(net, optim=opt): synthetic-gradient interfaces inside any nn.Module, with the user's
+training loop unchanged.
+
+    net = DNI(net, optim=opt)                     # interfaces after every child but the last
+    opt.zero_grad(); loss_fn(net(x), y).backward(); opt.step()
+    net = DNI(net, optim=opt, context_size=10)    # cDNI: call net(x, context=labels)
+
+Each interface sits at the output of a block (a submodule) through a forward hook, so the
+network's own forward code runs as written. The synthesizers' parameters join `opt` as one
+extra parameter group (`opt.param_groups[-1]`, same optimizer class); without `optim` they get
+their own Adam, `net.synthesizer_optimizer`, which the caller steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from dni.interface import Interface
+from dni.synthesizers import (Conv_DNI, InputSynthesizer, Linear_DNI, Linear_Sigmoid_DNI,
+                              MLP_DNI, one_hot)
+
+SynthesizerFactory = Callable[[tuple, int], nn.Module]
+"""Builds a synthesizer from (activation shape without the batch dimension, context size)."""
+
+
+class _Flat(nn.Module):
+    """Runs a vector synthesizer on a flattened activation and restores its shape."""
+
+    def __init__(self, synthesizer: nn.Module, shape: tuple):
+        super().__init__()
+        self.synthesizer, self.shape = synthesizer, tuple(shape)
+
+    def forward(self, input, hidden=None, context=None):
+        """Flatten, synthesize, reshape back."""
+        out, hidden = self.synthesizer(input.reshape(len(input), -1), hidden, context=context)
+        return out.reshape(len(input), *self.shape), hidden
+
+
+SYNTHESIZERS = {"linear": Linear_DNI, "linear_sigmoid": Linear_Sigmoid_DNI, "mlp": MLP_DNI,
+                "conv": Conv_DNI}
+
+
+def synthesizer_factory(kind: str, **options) -> SynthesizerFactory:
+    """A factory for one of SYNTHESIZERS; vector kinds flatten feature maps, `conv` needs
+    (C, H, W) activations. Options go to the synthesizer's constructor."""
+    if kind not in SYNTHESIZERS:
+        raise ValueError(f"synthesizer must be one of {sorted(SYNTHESIZERS)}, got {kind!r}")
+    cls = SYNTHESIZERS[kind]
+
+    def build(shape: tuple, context_size: int) -> nn.Module:
+        if cls is Conv_DNI:
+            if len(shape) != 3:
+                raise ValueError(f"the conv synthesizer needs (C, H, W) activations, got {shape}")
+            return Conv_DNI(shape[0], context_size=context_size, **options)
+        synthesizer = cls(math.prod(shape), context_size=context_size, **options)
+        return synthesizer if len(shape) == 1 else _Flat(synthesizer, shape)
+
+    return build
+
+
+@dataclass
+class _Pass:
+    """What the interfaces need during one training forward pass."""
+
+    context: torch.Tensor | None
+    net_input: torch.Tensor
+    probe: list | None = None   # diagnostics: collects (h, g) instead of decoupling
+
+
+class DNI(nn.Module):
+    """Wraps any nn.Module so that each chosen block trains on synthetic gradients.
+
+    Usage: `net = DNI(net, optim=opt)` then the usual loop. Blocks default to every direct
+    child module but the last one called; `blocks=["layer1", ...]` names them instead. In eval
+    mode (or under no_grad) the output is the inner network's own and no synthesizer runs.
+    `batch_mean=False` for losses summed (not averaged) over the batch; `grad_scale`
+    multiplies every synthetic gradient; `forward_unlock` feeds each block above an interface
+    a prediction of its input made from the network input; `example_input` builds the
+    interfaces now (else at the first forward; build before making an LR scheduler).
+    """
+
+    def __init__(self, net: nn.Module, optim: torch.optim.Optimizer | None = None,
+                 synthesizer: str | SynthesizerFactory = "linear",
+                 blocks: Sequence[str] | None = None, context_size: int = 0,
+                 grad_scale: float = 1.0, synthesizer_lr: float | None = None,
+                 forward_unlock: bool = False, example_input: torch.Tensor | None = None,
+                 batch_mean: bool = True, **synthesizer_options):
+        super().__init__()
+        self.net = net
+        self.optim = optim
+        self.factory = (synthesizer_factory(synthesizer, **synthesizer_options)
+                        if isinstance(synthesizer, str) else synthesizer)
+        self.requested_blocks = list(blocks) if blocks is not None else None
+        self.context_size = context_size
+        self.grad_scale = grad_scale
+        self.synthesizer_lr = synthesizer_lr
+        self.forward_unlock = forward_unlock
+        self.batch_mean = batch_mean
+        self.interfaces = nn.ModuleList()
+        self.block_names: list[str] = []
+        self.synthesizer_optimizer: torch.optim.Optimizer | None = None
+        self._pass: _Pass | None = None
+        self._built = False
+        if example_input is not None:
+            self._build(example_input)
+
+    # -- construction -------------------------------------------------------------------
+    def _build(self, example_input: torch.Tensor) -> None:
+        """Find the blocks and their output shapes with one eval-mode pass, then attach an
+        interface (and its synthesizer) after each."""
+        names, shapes = self._trace(example_input)
+        device = example_input.device
+        input_size = math.prod(example_input.shape[1:])
+        for name in names:
+            shape = shapes[name]
+            synthesizer = self.factory(shape, self.context_size)
+            unlock = (InputSynthesizer(input_size, shape, context_size=self.context_size)
+                      if self.forward_unlock else None)
+            interface = Interface(synthesizer, self.grad_scale, unlock, self.batch_mean).to(device)
+            self.interfaces.append(interface)
+            self.net.get_submodule(name).register_forward_hook(self._hook(interface))
+        self.block_names = names
+        params = list(self.synthesizer_parameters())
+        if self.optim is not None:
+            lr = self.synthesizer_lr or self.optim.defaults["lr"]
+            self.optim.add_param_group({"params": params, "lr": lr})
+        elif params:
+            self.synthesizer_optimizer = torch.optim.Adam(params, lr=self.synthesizer_lr or 1e-4)
+        self._built = True
+
+    def _trace(self, example_input: torch.Tensor) -> tuple[list[str], dict[str, tuple]]:
+        """(block names in call order, output shape of each) from one no-grad eval pass."""
+        if self.requested_blocks is not None:
+            candidates = self.requested_blocks
+        else:
+            candidates = [name for name, _ in self.net.named_children()]
+        order: list[str] = []
+        shapes: dict[str, tuple] = {}
+
+        def record(name):
+            def hook(module, args, output):
+                if name not in shapes:
+                    if not isinstance(output, torch.Tensor):
+                        raise TypeError(f"block {name!r} returns {type(output).__name__}; an "
+                                        "interface needs a tensor output (choose blocks=)")
+                    order.append(name)
+                    shapes[name] = tuple(output.shape[1:])
+            return hook
+
+        handles = [self.net.get_submodule(n).register_forward_hook(record(n)) for n in candidates]
+        modes = {m: m.training for m in self.net.modules()}
+        try:
+            self.net.eval()
+            with torch.no_grad():
+                self.net(example_input)
+        finally:
+            for handle in handles:
+                handle.remove()
+            for module, mode in modes.items():
+                module.training = mode
+        if self.requested_blocks is None:
+            order = order[:-1]  # the last block called ends in the loss: no interface after it
+        else:
+            missing = [n for n in candidates if n not in shapes]
+            if missing:
+                raise ValueError(f"blocks {missing} were not called by the network's forward")
+        if not order:
+            raise ValueError("DNI needs at least two blocks (one interface) in the network")
+        return order, shapes
+
+    def _hook(self, interface: Interface):
+        """The forward hook that puts `interface` at a block's output during training."""
+        def hook(module, args, output):
+            state = self._pass
+            if state is None:
+                return None
+            if state.probe is not None:
+                with torch.no_grad():
+                    synthetic = interface.predict(output, state.context) / interface.unit(output)
+                state.probe.append((output, synthetic))
+                return None
+            return interface(output, state.context, state.net_input)
+        return hook
+
+    # -- use ----------------------------------------------------------------------------
+    def synthesizer_parameters(self):
+        """Parameters of all synthesizers (and input synthesizers)."""
+        return self.interfaces.parameters()
+
+    def _context(self, context: torch.Tensor | None) -> torch.Tensor | None:
+        """The context as synthesizers take it: labels become one-hot vectors."""
+        if self.context_size == 0:
+            if context is not None:
+                raise ValueError("context given, but this DNI was built with context_size=0")
+            return None
+        if context is None:
+            raise ValueError("this DNI is conditioned (cDNI): call net(x, context=labels)")
+        return one_hot(context, self.context_size)
+
+    def forward(self, x: torch.Tensor, *args, context: torch.Tensor | None = None, **kwargs):
+        """The network's forward; in training, each block gets its synthetic gradient at once.
+        `context` (cDNI): integer labels or float vectors of size context_size."""
+        if not self._built:
+            self._build(x)
+        if not (self.training and torch.is_grad_enabled()):
+            return self.net(x, *args, **kwargs)
+        self._pass = _Pass(self._context(context), x)
+        try:
+            return self.net(x, *args, **kwargs)
+        finally:
+            self._pass = None
+
+    def synthetic_and_true_gradients(self, loss_fn: Callable, x: torch.Tensor,
+                                     target: torch.Tensor, context: torch.Tensor | None = None
+                                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(synthetic g_i, true dL/dh_i) at every interface for one batch, both in the loss's
+        units (the gradient each block would receive, before grad_scale), by an extra full
+        backward pass that leaves parameters, gradients and BatchNorm statistics untouched."""
+        if not self._built:
+            self._build(x)
+        buffers = {name: b.clone() for name, b in self.named_buffers()}
+        self._pass = _Pass(self._context(context), x, probe=[])
+        try:
+            with torch.enable_grad():
+                loss = loss_fn(self.net(x), target)
+                probe = self._pass.probe
+                true = torch.autograd.grad(loss, [h for h, _ in probe], allow_unused=True)
+        finally:
+            self._pass = None
+            with torch.no_grad():
+                for name, b in self.named_buffers():
+                    b.copy_(buffers[name])
+        return [(g, torch.zeros_like(g) if t is None else t) for (_, g), t in zip(probe, true)]
+
+    def gradient_cosines(self, loss_fn: Callable, x: torch.Tensor, target: torch.Tensor,
+                         context: torch.Tensor | None = None) -> list[float]:
+        """Cosine similarity between each interface's synthetic gradient and the true one
+        (whole batch as one vector), measured without touching training."""
+        pairs = self.synthetic_and_true_gradients(loss_fn, x, target, context)
+        return [torch.nn.functional.cosine_similarity(g.flatten(), t.flatten(), dim=0).item()
+                for g, t in pairs]
+
+    def synthetic_gradient_losses(self) -> list[float]:
+        """Each interface's synthesizer regression loss on the last training step (nan before
+        the first)."""
+        return [float("nan") if i.last_loss is None else i.last_loss.item()
+                for i in self.interfaces]

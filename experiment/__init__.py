@@ -1,0 +1,1 @@
+"""Shared experiment code for the project's scripts: data, CLI, training loop, run output."""

