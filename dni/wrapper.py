@@ -113,15 +113,15 @@ class DNI(nn.Module):
     def _build(self, example_input: torch.Tensor) -> None:
         """Find the blocks and their output shapes with one eval-mode pass, then attach an
         interface (and its synthesizer) after each."""
-        names, shapes = self._trace(example_input)
-        device = example_input.device
+        names, outputs = self._trace(example_input)
         input_size = math.prod(example_input.shape[1:])
         for name in names:
-            shape = shapes[name]
+            shape, dtype, device = outputs[name]
             synthesizer = self.factory(shape, self.context_size)
             unlock = (InputSynthesizer(input_size, shape, context_size=self.context_size)
                       if self.forward_unlock else None)
-            interface = Interface(synthesizer, self.grad_scale, unlock, self.batch_mean).to(device)
+            interface = Interface(synthesizer, self.grad_scale, unlock, self.batch_mean)
+            interface.to(device=device, dtype=dtype)
             self.interfaces.append(interface)
             self.net.get_submodule(name).register_forward_hook(self._hook(interface))
         self.block_names = names
@@ -134,9 +134,14 @@ class DNI(nn.Module):
         self._built = True
 
     def _trace(self, example_input: torch.Tensor) -> tuple[list[str], dict[str, tuple]]:
-        """(block names in call order, output shape of each) from one no-grad eval pass."""
+        """(block names in call order, {name: (output shape without batch, dtype, device)})
+        from one no-grad eval pass."""
         if self.requested_blocks is not None:
             candidates = self.requested_blocks
+            known = {name for name, _ in self.net.named_modules()}
+            unknown = [n for n in candidates if n not in known or n == ""]
+            if unknown:
+                raise ValueError(f"blocks {unknown} are not submodules of the network")
         else:
             candidates = [name for name, _ in self.net.named_children()]
         order: list[str] = []
@@ -149,7 +154,7 @@ class DNI(nn.Module):
                         raise TypeError(f"block {name!r} returns {type(output).__name__}; an "
                                         "interface needs a tensor output (choose blocks=)")
                     order.append(name)
-                    shapes[name] = tuple(output.shape[1:])
+                    shapes[name] = (tuple(output.shape[1:]), output.dtype, output.device)
             return hook
 
         handles = [self.net.get_submodule(n).register_forward_hook(record(n)) for n in candidates]

@@ -1,0 +1,118 @@
+"""Backprop vs DNI vs cDNI on full MNIST, MLP and CNN: test accuracy per epoch, samples/s, and the
+cost of a training step relative to backprop, measured side by side in the same process.
+
+Usage: python bench/mnist.py [--models mlp cnn] [--methods bp dni cdni] [--epochs 20]
+       [--train-size N] [--steps-only]
+Each accuracy run is the real script (mlp.py / cnn.py / main.py) with the settings in SETTINGS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from model import CNN, FCN, attach_dni  # noqa: E402
+
+# the flags each (model, method) runs with; see bench/README.md for how they were chosen
+SETTINGS = {
+    ("mlp", "bp"): ["mlp.py"],
+    ("mlp", "dni"): ["main.py", "--model_type", "mlp"],
+    ("mlp", "cdni"): ["main.py", "--model_type", "mlp", "--conditioned", "True"],
+    ("cnn", "bp"): ["cnn.py"],
+    ("cnn", "dni"): ["main.py", "--model_type", "cnn"],
+    ("cnn", "cdni"): ["main.py", "--model_type", "cnn", "--conditioned", "True"],
+}
+
+
+def accuracy_run(model: str, method: str, epochs: int, train_size: int | None, out: Path
+                 ) -> dict:
+    """Run the script for (model, method) and return its summary."""
+    argv = [sys.executable, *SETTINGS[(model, method)], "--epochs", str(epochs), "--out", str(out),
+            "--device", "cpu"]
+    if train_size:
+        argv += ["--train-size", str(train_size)]
+    print("$", " ".join(argv[1:]), flush=True)
+    subprocess.run(argv, cwd=ROOT, check=True)
+    return json.loads((out / "summary.json").read_text())
+
+
+def step_costs(model: str, batch_size: int = 256, repeats: int = 30, steps: int = 10
+               ) -> dict[str, float]:
+    """Median seconds per training step of bp, DNI and cDNI (linear synthesizers for the MLP,
+    conv for the CNN), interleaved so machine noise hits all alike."""
+    torch.manual_seed(0)
+    x = torch.randn(batch_size, 1, 28, 28)
+    y = torch.randint(0, 10, (batch_size,))
+    synthesizer = "conv" if model == "cnn" else "linear"
+
+    def build(method):
+        net = CNN() if model == "cnn" else FCN()
+        opt = torch.optim.Adam(net.parameters(), lr=1e-4)
+        if method == "bp":
+            return net, opt, {}
+        wrapped = attach_dni(net, opt, x[:2], synthesizer=synthesizer,
+                             conditioned=method == "cdni")
+        return wrapped, opt, ({"context": y} if method == "cdni" else {})
+
+    arms = {method: build(method) for method in ("bp", "dni", "cdni")}
+    times: dict[str, list[float]] = {method: [] for method in arms}
+    for _ in range(repeats):
+        for method, (net, opt, kwargs) in arms.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                opt.zero_grad(set_to_none=True)
+                F.cross_entropy(net(x, **kwargs), y).backward()
+                opt.step()
+            times[method].append((time.perf_counter() - start) / steps)
+    return {method: statistics.median(t) for method, t in times.items()}
+
+
+def main() -> None:
+    """Run the accuracy table and the step-cost table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
+    parser.add_argument("--methods", nargs="+", default=["bp", "dni", "cdni"])
+    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--train-size", type=int, default=None)
+    parser.add_argument("--steps-only", action="store_true", help="only the step-cost table")
+    args = parser.parse_args()
+    print(f"hardware: {platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    rows = []
+    if not args.steps_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            for model in args.models:
+                for method in args.methods:
+                    out = Path(tmp) / f"{model}-{method}"
+                    rows.append(accuracy_run(model, method, args.epochs, args.train_size, out))
+    print("\n| model | method | epochs | test acc | best epoch acc | samples/s | acc by epoch |")
+    print("|---|---|---|---|---|---|---|")
+    for s in rows:
+        accs = [h["test_acc"] for h in s["history"]]
+        print(f"| {s['model']} | {s['method']} | {s['epochs']} | {100 * s['test_acc']:.2f}% | "
+              f"{100 * max(accs):.2f}% | {s['samples_per_s']:.0f} | "
+              f"{' '.join(f'{100 * a:.1f}' for a in accs)} |")
+    print("\n| model | bp ms/step | DNI ms/step | cDNI ms/step | DNI / bp | cDNI / bp |")
+    print("|---|---|---|---|---|---|")
+    for model in args.models:
+        cost = step_costs(model)
+        print(f"| {model} | {1000 * cost['bp']:.2f} | {1000 * cost['dni']:.2f} | "
+              f"{1000 * cost['cdni']:.2f} | {cost['dni'] / cost['bp']:.2f}x | "
+              f"{cost['cdni'] / cost['bp']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""Every synthesizer: the DNI_Network contract, zero start, shapes, and the context."""
+
+import pytest
+import torch
+from torch import nn
+
+from dni import (Conv_DNI, DNI_Network, InputSynthesizer, Linear_DNI, Linear_Sigmoid_DNI,
+                 MLP_DNI, RNN_DNI)
+
+
+def perturb(module, seed=0):
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+
+
+VECTOR_KINDS = [
+    lambda k: Linear_DNI(6, context_size=k),
+    lambda k: Linear_DNI(6, hidden_size=4, num_layers=2, context_size=k),
+    lambda k: Linear_Sigmoid_DNI(6, context_size=k),
+    lambda k: MLP_DNI(6, hidden_size=8, context_size=k),
+]
+
+
+@pytest.mark.parametrize("make", VECTOR_KINDS)
+def test_vector_synthesizers_start_at_zero_and_keep_shape(make):
+    synth = make(0)
+    out, hidden = synth(torch.randn(5, 6), None)
+    assert out.shape == (5, 6) and hidden is None
+    assert torch.count_nonzero(out) == 0
+
+
+@pytest.mark.parametrize("make", VECTOR_KINDS)
+def test_vector_synthesizers_use_the_context(make):
+    synth = make(3)
+    perturb(synth)
+    synth.eval()
+    h = torch.randn(4, 6)
+    a, _ = synth(h, None, context=torch.eye(3)[[0, 0, 0, 0]])
+    b, _ = synth(h, None, context=torch.eye(3)[[1, 1, 1, 1]])
+    assert not torch.allclose(a, b)
+
+
+def test_linear_sigmoid_is_bounded():
+    synth = Linear_Sigmoid_DNI(6)
+    with torch.no_grad():
+        synth.net[-1].weight.fill_(100.0)
+    out, _ = synth(torch.randn(50, 6), None)
+    assert out.abs().max() <= 0.5
+
+
+@pytest.mark.parametrize("as_channels", [False, True])
+def test_conv_synthesizer_keeps_feature_map_shape_and_uses_context(as_channels):
+    synth = Conv_DNI(4, hidden_size=6, context_size=3, kernel_size=3,
+                     context_as_channels=as_channels)
+    h = torch.randn(2, 4, 7, 7)
+    out, _ = synth(h, None, context=torch.eye(3)[[0, 1]])
+    assert out.shape == h.shape and torch.count_nonzero(out) == 0
+    perturb(synth)
+    synth.eval()
+    a, _ = synth(h, None, context=torch.eye(3)[[0, 0]])
+    b, _ = synth(h, None, context=torch.eye(3)[[2, 2]])
+    assert not torch.allclose(a, b)
+
+
+def test_single_layer_conv_synthesizer():
+    out, _ = Conv_DNI(4, num_layers=1, context_size=2)(torch.randn(2, 4, 5, 5), None,
+                                                       context=torch.eye(2))
+    assert out.shape == (2, 4, 5, 5)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+def test_rnn_synthesizer_shape_contract(kind):
+    synth = RNN_DNI(6, hidden_size=5, num_layers=2, kind=kind, context_size=2)
+    c = torch.eye(2)[[0, 1, 1]]
+    out, hidden = synth(torch.randn(3, 6), None, context=c)          # one step
+    assert out.shape == (3, 6) and torch.count_nonzero(out) == 0
+    out, hidden2 = synth(torch.randn(4, 3, 6), hidden, context=c)    # a sequence, state carried
+    assert out.shape == (4, 3, 6)
+    state = hidden2[0] if kind == "lstm" else hidden2
+    assert state.shape == (2, 3, 5)
+
+
+def test_rnn_synthesizer_hidden_state_matters():
+    synth = RNN_DNI(3, hidden_size=4)
+    perturb(synth)
+    x = torch.randn(2, 3)
+    _, hidden = synth(torch.randn(2, 3), None)
+    assert not torch.allclose(synth(x, None)[0], synth(x, hidden)[0])
+
+
+def test_custom_dni_network_contract():
+    class Scaled(DNI_Network):
+        def __init__(self, n):
+            super().__init__(n)
+            self.scale = nn.Parameter(torch.zeros(()))
+
+        def forward(self, input, hidden=None, context=None):
+            return self.scale * input, hidden
+
+    synth = Scaled(4)
+    assert synth.output_size == 4
+    out, _ = synth(torch.ones(2, 4), None)
+    assert out.shape == (2, 4)
+    with pytest.raises(NotImplementedError):
+        DNI_Network(3)(torch.ones(1, 3))
+
+
+def test_input_synthesizer_shape():
+    unlock = InputSynthesizer(12, (4, 3, 3), hidden_size=8, context_size=2)
+    out = unlock(torch.randn(5, 1, 3, 4), torch.eye(2)[[0, 1, 0, 1, 0]])
+    assert out.shape == (5, 4, 3, 3)

@@ -1,0 +1,188 @@
+"""DNI(net, optim=opt) on networks not built for it, with the training loop unchanged."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dni import DNI, DNI_Network
+
+
+class ResidualMLP(nn.Module):
+    """A residual MLP as a user would write it: stem, two residual blocks, head."""
+
+    class Block(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.f = nn.Sequential(nn.Linear(width, width), nn.ReLU(), nn.Linear(width, width))
+
+        def forward(self, x):
+            return torch.relu(x + self.f(x))
+
+    def __init__(self, d_in=10, width=32, classes=4):
+        super().__init__()
+        self.stem = nn.Linear(d_in, width)
+        self.res1 = self.Block(width)
+        self.res2 = self.Block(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.head(self.res2(self.res1(torch.relu(self.stem(x)))))
+
+
+def blobs(n, seed, d=10, classes=4):
+    """Gaussian clusters around fixed random centres: data the project does not ship."""
+    centres = torch.randn(classes, d, generator=torch.Generator().manual_seed(123)) * 1.3
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return centres[y] + torch.randn(n, d, generator=g), y
+
+
+def train(net, wrap, epochs=15, seed=0, **dni_options):
+    torch.manual_seed(seed)
+    x, y = blobs(2000, seed=1)
+    xt, yt = blobs(1000, seed=2)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    if wrap:
+        net = DNI(net, optim=opt, synthesizer_lr=1e-3, **dni_options)
+    for _ in range(epochs):
+        for i in torch.randperm(len(x)).split(64):
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x[i]), y[i])
+            loss.backward()
+            opt.step()
+    net.eval()
+    with torch.no_grad():
+        return (net(xt).argmax(1) == yt).float().mean().item()
+
+
+def test_trains_someone_elses_network_within_3_points_of_backprop():
+    backprop = train(ResidualMLP(), wrap=False)
+    dni = train(ResidualMLP(), wrap=True)
+    assert backprop > 0.8
+    assert dni >= backprop - 0.03, (dni, backprop)
+
+
+def test_default_interfaces_follow_call_order_and_skip_the_last():
+    net = ResidualMLP()
+    model = DNI(net, optim=torch.optim.SGD(net.parameters(), lr=0.1),
+                example_input=torch.randn(2, 10))
+    assert model.block_names == ["stem", "res1", "res2"]
+
+
+def test_blocks_can_be_named_and_synthesizers_join_the_optimizer():
+    net = ResidualMLP()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    model = DNI(net, optim=opt, blocks=["res1"], synthesizer="mlp", hidden_size=8,
+                synthesizer_lr=5e-4, example_input=torch.randn(2, 10))
+    assert model.block_names == ["res1"]
+    group = opt.param_groups[-1]
+    assert group["lr"] == 5e-4
+    assert {id(p) for p in group["params"]} == {id(p) for p in model.synthesizer_parameters()}
+    with pytest.raises(ValueError, match="not submodules"):
+        DNI(ResidualMLP(), blocks=["res1", "nope"], example_input=torch.randn(2, 10))
+    unused = ResidualMLP()
+    unused.spare = nn.Linear(3, 3)
+    with pytest.raises(ValueError, match="not called"):
+        DNI(unused, blocks=["res1", "spare"], example_input=torch.randn(2, 10))
+
+
+def test_without_optimizer_synthesizers_get_their_own():
+    net = ResidualMLP()
+    model = DNI(net, example_input=torch.randn(2, 10))
+    assert isinstance(model.synthesizer_optimizer, torch.optim.Adam)
+
+
+def test_eval_output_equals_inner_network_and_runs_no_synthesizer():
+    torch.manual_seed(0)
+    net = ResidualMLP()
+    model = DNI(net, example_input=torch.randn(2, 10))
+    calls = []
+    for interface in model.interfaces:
+        interface.synthesizer.register_forward_hook(lambda *a: calls.append(1))
+    model.eval()
+    x = torch.randn(5, 10)
+    torch.testing.assert_close(model(x), net(x))
+    assert calls == []
+    model.train()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), net(x))
+    assert calls == []
+
+
+def test_custom_synthesizer_through_the_wrapper():
+    class Constant(DNI_Network):
+        """Predicts a learned constant gradient."""
+
+        def __init__(self, n):
+            super().__init__(n)
+            self.value = nn.Parameter(torch.full((n,), 0.5))
+
+        def forward(self, input, hidden=None, context=None):
+            return self.value.expand_as(input), None
+
+    net = ResidualMLP()
+    model = DNI(net, synthesizer=lambda shape, k: Constant(shape[0]),
+                example_input=torch.randn(2, 10))
+    x, y = blobs(8, seed=3)
+    F.cross_entropy(model(x), y).backward()
+    # stem got exactly the gradient of <0.5 / B, h> through its own output
+    assert torch.count_nonzero(net.stem.weight.grad) > 0
+    assert all(i.synthesizer.value.grad is not None for i in model.interfaces)
+
+
+def test_cdni_context_changes_the_synthetic_gradient():
+    torch.manual_seed(0)
+    net = ResidualMLP()
+    model = DNI(net, context_size=4, example_input=torch.randn(2, 10))
+    with torch.no_grad():
+        for p in model.synthesizer_parameters():
+            p.normal_()
+    x, y = blobs(8, seed=3)
+    grads = []
+    for labels in (y, (y + 1) % 4):
+        net.zero_grad()
+        model(x, context=labels)
+        grads.append(net.stem.weight.grad.clone())
+    assert not torch.allclose(grads[0], grads[1])
+    with pytest.raises(ValueError, match="context"):
+        model(x)
+    with pytest.raises(ValueError, match="context_size=0"):
+        DNI(ResidualMLP(), example_input=torch.randn(2, 10))(x, context=y)
+
+
+def test_gradient_cosines_do_not_touch_training():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    model = DNI(net, example_input=torch.randn(2, 10))
+    with torch.no_grad():
+        for p in model.synthesizer_parameters():
+            p.normal_()
+    x, y = blobs(32, seed=3)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    cosines = model.gradient_cosines(F.cross_entropy, x, y)
+    assert len(cosines) == 3 and all(-1 <= c <= 1 for c in cosines)
+    assert all(p.grad is None for p in model.parameters())
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[k])
+
+
+def test_gradient_cosine_is_one_for_a_perfect_synthesizer():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(10, 16), nn.Linear(16, 4))  # top interface gradient is W^T(p-y)
+    x, y = blobs(32, seed=3)
+
+    class Exact(DNI_Network):
+        def forward(self, input, hidden=None, context=None):
+            p = torch.softmax(net[1](input), 1)
+            return (p - F.one_hot(context.argmax(1), 4)) @ net[1].weight, None
+
+    model = DNI(net, synthesizer=lambda shape, k: Exact(shape[0]), context_size=4,
+                example_input=x)
+    cosine, = model.gradient_cosines(F.cross_entropy, x, y, context=y)
+    assert cosine == pytest.approx(1.0, abs=1e-6)
+
+
+def test_needs_two_blocks():
+    with pytest.raises(ValueError, match="two blocks"):
+        DNI(nn.Sequential(nn.Linear(3, 3)), example_input=torch.randn(2, 3))
