@@ -6,7 +6,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from experiment.cli import boolean, positive_float, positive_int, prepare_run, run, training_parser
+from experiment.cli import (boolean, parse_training_args, positive_float, positive_int,
+                            prepare_run, run, training_parser)
+from experiment.figures import draw_figures
 from experiment.train import Probe, fit
 from model import MODEL_TYPES, add_model_arguments, attach_dni, build_network
 
@@ -28,62 +30,61 @@ def parse_args():
     parser.add_argument("--synth-layers", type=positive_int, default=None,
                         help="synthesizer layers, the zero-initialised output layer included "
                              "(default: the kind's own: 1 linear, 3 mlp/conv)")
-    parser.add_argument("--synth-lr", type=positive_float, default=1e-4,
-                        help="Adam learning rate of the synthesizers (cosine-decayed to 0)")
+    parser.add_argument("--synth-lr", type=positive_float, default=None,
+                        help="Adam learning rate of the synthesizers, cosine-decayed to 0 "
+                             "(default: 1e-2 for DNI, 1e-3 for cDNI; see bench/README.md)")
     parser.add_argument("--grad-scale", type=positive_float, default=1.0,
                         help="multiplier on every synthetic gradient a block receives")
     parser.add_argument("--forward-unlock", type=boolean, nargs="?", const=True, default=False,
                         help="feed each block above an interface a synthetic input predicted "
                              "from the image (forward unlocking)")
-    parser.add_argument("--log-every", type=int, default=50,
-                        help="measure synthetic-gradient loss and cosine to the true gradient "
-                             "every N steps (0: never)")
+    parser.add_argument("--baseline", nargs="+", default=None, metavar="RUN_DIR",
+                        help="at the end, draw the figures of this run beside these runs "
+                             "(e.g. an mlp.py run) into the run folder")
     add_model_arguments(parser)
-    args = parser.parse_args()
+    for action in parser._actions:
+        if action.dest == "log_every":
+            action.help = ("every N steps, also measure each interface's synthetic-gradient "
+                           "loss and cosine to the true gradient (0: never)")
+    args = parse_training_args(parser)
+    if args.synth_lr is None:
+        args.synth_lr = 1e-3 if args.conditioned else 1e-2
     if args.synthesizer is None:
         args.synthesizer = "conv" if args.model_type == "cnn" else "linear"
     if args.synthesizer == "conv" and args.model_type != "cnn":
         parser.error("--synthesizer conv needs --model_type cnn (feature-map activations)")
-    if args.log_every < 0:
-        parser.error(f"--log-every must be 0 or positive, got {args.log_every}")
     return args
 
 
-class InterfaceLog:
-    """Per-interface synthetic-gradient loss and cosine to the true gradient, averaged over
-    the logged steps of an epoch."""
+def interface_probe(model, conditioned: bool) -> Probe:
+    """The loop's DNI extras: the label as context for cDNI; on logged steps each interface's
+    cosine to the true gradient (cos<i>, measured before the step) and synthesizer loss
+    (sg_loss<i>, after it); a non-finite synthetic gradient named by its interface."""
+    count = len(model.interfaces)
 
-    def __init__(self, conditioned: bool):
-        self.conditioned = conditioned
-        self.losses: list[list[float]] = []
-        self.cosines: list[list[float]] = []
+    def measure(model, x, y):
+        cosines = model.gradient_cosines(F.cross_entropy, x, y, context=y if conditioned else None)
+        return {f"cos{i}": c for i, c in enumerate(cosines, start=1)}
 
-    def forward(self, model, x, y):
-        """The training forward, with the label as context for cDNI."""
-        return model(x, context=y) if self.conditioned else model(x)
+    def after_step(model):
+        return {f"sg_loss{i}": v for i, v in enumerate(model.synthetic_gradient_losses(), start=1)}
 
-    def diagnose(self, model, x, y, step):
-        """Record last step's synthesizer losses and this batch's cosines."""
-        if step > 0:
-            self.losses.append(model.synthetic_gradient_losses())
-        context = y if self.conditioned else None
-        self.cosines.append(model.gradient_cosines(F.cross_entropy, x, y, context=context))
+    def nonfinite(model):
+        for i, interface in enumerate(model.interfaces, start=1):
+            if interface.last_loss is not None and not torch.isfinite(interface.last_loss):
+                return f"synthetic gradient (or its target) at interface {i}"
+        return None
 
-    def epoch_fields(self) -> dict[str, float]:
-        """Means over the epoch's logged steps: sg_loss<i> and cos<i> per interface."""
-        fields = {}
-        for name, rows in (("sg_loss", self.losses), ("cos", self.cosines)):
-            if rows:
-                for i, column in enumerate(zip(*rows), start=1):
-                    fields[f"{name}{i}"] = sum(column) / len(column)
-        self.losses, self.cosines = [], []
-        return fields
+    return Probe(forward=(lambda m, x, y: m(x, context=y)) if conditioned else None,
+                 measure=measure, after_step=after_step, nonfinite=nonfinite,
+                 columns=[f"{name}{i}" for name in ("sg_loss", "cos")
+                          for i in range(1, count + 1)])
 
 
 def main():
     """Build the DNI model and train it."""
     args = parse_args()
-    device, out_dir, data = prepare_run(args, "main.py")
+    device, out_dir, data, checkpoint = prepare_run(args, "main.py")
     net = build_network(args.model_type, args).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     options = {k: v for k, v in (("hidden_size", args.synth_hidden),
@@ -92,14 +93,15 @@ def main():
                        conditioned=args.conditioned, synthesizer_lr=args.synth_lr,
                        grad_scale=args.grad_scale, forward_unlock=args.forward_unlock,
                        **options)
-    log = InterfaceLog(args.conditioned)
-    probe = Probe(forward=log.forward, diagnose=log.diagnose, every=args.log_every,
-                  epoch_fields=log.epoch_fields)
     fit(model, optimizer, data, args, script="main.py", model_name=args.model_type,
-        method="cdni" if args.conditioned else "dni", out_dir=out_dir, probe=probe,
+        method="cdni" if args.conditioned else "dni", out_dir=out_dir,
+        probe=interface_probe(model, args.conditioned), checkpoint=checkpoint,
         extra_summary={"synthesizer": args.synthesizer, "synth_lr": args.synth_lr,
                        "grad_scale": args.grad_scale, "forward_unlock": args.forward_unlock,
                        "interfaces": model.block_names})
+    if args.baseline:
+        for path in draw_figures([out_dir, *args.baseline], out_dir):
+            print(f"figure: {path}")
 
 
 if __name__ == "__main__":

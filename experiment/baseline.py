@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from experiment.cli import prepare_run, training_parser
+from experiment.cli import parse_training_args, prepare_run, training_parser
 from experiment.train import fit
 from model import add_model_arguments, build_network
 
@@ -17,9 +17,9 @@ def run_backprop(model_type: str, script: str, description: str) -> None:
     epochs, batch_size, lr = BASELINE_DEFAULTS[model_type]
     parser = training_parser(description, epochs=epochs, batch_size=batch_size, lr=lr)
     add_model_arguments(parser, model_type)
-    args = parser.parse_args()
-    device, out_dir, data = prepare_run(args, script)
+    args = parse_training_args(parser)
+    device, out_dir, data, checkpoint = prepare_run(args, script)
     net = build_network(model_type, args).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
     fit(net, optimizer, data, args, script=script, model_name=model_type, method="backprop",
-        out_dir=out_dir)
+        out_dir=out_dir, checkpoint=checkpoint)

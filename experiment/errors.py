@@ -3,3 +3,15 @@
 
 class UserError(Exception):
     """A problem the user can fix (a bad flag, a corrupt file); printed as `error: ...`."""
+
+
+class RunInterrupted(Exception):
+    """A signal stopped training after a step; the checkpoint to resume from is saved."""
+
+    def __init__(self, signum: int, checkpoint, epoch: int, step: int):
+        import signal
+
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} in epoch {epoch} after step {step}; checkpoint "
+                         f"saved to {checkpoint}; continue with --resume {checkpoint.parent}")

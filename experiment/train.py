@@ -1,39 +1,63 @@
-"""The training loop every script shares: mini-batches by index, a progress bar, one line per
-epoch, evaluation, and summary.json. The loop is plain backprop-style PyTorch; a DNI model runs
-through it unchanged (its synthetic gradients happen inside its forward)."""
+"""The training loop every MNIST script shares: mini-batches by index, a progress bar, one line
+per epoch, evaluation, run records (metrics.csv, summary.json), a checkpoint at the end of every
+epoch and on SIGINT/SIGTERM, and exact resume. The loop is plain backprop-style PyTorch; a DNI
+model runs through it unchanged (its synthetic gradients happen inside its forward)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
+import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from experiment.data import MNIST, batch_order, batches, num_batches
-from experiment.errors import UserError
+from experiment.errors import RunInterrupted, UserError
+from experiment.records import MetricsLog, save_checkpoint, write_json
 
 
 @dataclass
 class Probe:
-    """Optional extras a method adds to the loop.
+    """What a method adds to the loop.
 
-    `forward(model, x, y)` runs the model on a training batch (default: `model(x)`);
-    `diagnose(model, x, y, step)` runs before every `every`-th step and must not touch
-    training; `epoch_fields()` returns named figures for the epoch line and the summary.
+    `forward(model, x, y)` runs the model on a training batch (default `model(x)`);
+    `measure(model, x, y)` runs before every logged step and must not touch training;
+    `after_step(model)` reads figures after a logged step; both return {column: value} for
+    the names in `columns`. `nonfinite(model)` names a non-finite internal quantity, or None.
     """
 
-    forward: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None
-    diagnose: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, int], None] | None = None
-    every: int = 0
-    epoch_fields: Callable[[], dict[str, float]] = field(default=lambda: {})
+    forward: Callable | None = None
+    measure: Callable[..., dict[str, float]] | None = None
+    after_step: Callable[..., dict[str, float]] | None = None
+    nonfinite: Callable[..., str | None] | None = None
+    columns: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoopState:
+    """Where training stands: everything besides model, optimizer and RNGs that an exact
+    resume needs."""
+
+    epoch: int = 1                 # epoch in progress (1-based)
+    batch: int = 0                 # next batch within the epoch
+    step: int = 0                  # optimizer steps done
+    loss_sum: float = 0.0          # this epoch's summed training loss
+    epoch_samples: int = 0
+    window_loss: float = 0.0       # training loss since the last logged step
+    window_steps: int = 0
+    metric_sums: dict = field(default_factory=dict)    # this epoch's logged figures
+    metric_counts: dict = field(default_factory=dict)
+    samples: int = 0
+    train_seconds: float = 0.0
+    data_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    history: list = field(default_factory=list)
 
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -58,88 +82,195 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def format_fields(fields: dict[str, float]) -> str:
     """'name value' pairs for the epoch line, compact but readable."""
-    parts = []
-    for name, value in fields.items():
-        parts.append(f"{name} {value:.3g}" if abs(value) < 1e-2 and value else f"{name} {value:.4f}")
-    return "  ".join(parts)
+    return "  ".join(f"{name} {value:.3g}" if abs(value) < 1e-2 and value else
+                     f"{name} {value:.4f}" for name, value in fields.items())
+
+
+def first_nonfinite_gradient(named_params: list[tuple[str, torch.nn.Parameter]]) -> str | None:
+    """Name of the first parameter whose gradient holds a NaN or inf (one sync in all)."""
+    with_grad = [(n, p.grad) for n, p in named_params if p.grad is not None]
+    if not with_grad:
+        return None
+    norms = torch._foreach_norm([g for _, g in with_grad])
+    if torch.isfinite(torch.stack(norms).sum()):
+        return None
+    return next(n for (n, _), norm in zip(with_grad, norms) if not torch.isfinite(norm))
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.previous = {}
+
+    def __enter__(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
 
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST, args,
         *, script: str, model_name: str, method: str, out_dir: Path,
-        probe: Probe | None = None, extra_summary: dict | None = None) -> dict:
-    """Train for args.epochs with a cosine learning-rate decay; print a line per epoch;
-    write and return the summary."""
+        probe: Probe | None = None, extra_summary: dict | None = None,
+        checkpoint: dict | None = None) -> dict:
+    """Train for args.epochs (cosine learning-rate decay), from `checkpoint` when resuming;
+    print a line per epoch; write metrics.csv, checkpoint.pt and summary.json; return the
+    summary."""
     probe = probe or Probe()
+    forward = probe.forward or (lambda m, x, y: m(x))
     device = data.train_x.device
     generator = torch.Generator().manual_seed(args.seed)
     steps_per_epoch = num_batches(len(data.train_x), args.batch_size)
     scheduler = cosine_schedule(optimizer, args.epochs * steps_per_epoch)
-    forward = probe.forward or (lambda m, x, y: m(x))
-    history, step = [], 0
-    train_seconds = data_seconds = 0.0
-    samples = 0
-    for epoch in range(1, args.epochs + 1):
-        model.train()
-        order = batch_order(len(data.train_x), generator, device)
-        epoch_start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        epoch_samples = 0
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch}/{args.epochs}", leave=False,
-                   disable=None, file=sys.stderr)
-        tick = time.perf_counter()
-        for x, y in batches(data.train_x, data.train_y, args.batch_size, order):
-            now = time.perf_counter()
-            data_seconds += now - tick
-            if probe.diagnose and probe.every and step % probe.every == 0:
-                probe.diagnose(model, x, y, step)
-                diagnosed = time.perf_counter()
-                tick += diagnosed - now  # diagnostics are not training time
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(forward(model, x, y), y)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(y)
-            epoch_samples += len(y)
-            step += 1
-            bar.update()
-            now = time.perf_counter()
-            train_seconds += now - tick  # the whole step, data path included
-            tick = now
-        bar.close()
-        train_loss = loss_sum.item() / epoch_samples
-        if not math.isfinite(train_loss):
-            raise UserError(f"training diverged in epoch {epoch} (loss {train_loss}); "
-                            "lower --lr")
-        samples += epoch_samples
-        test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
-        extras = probe.epoch_fields()
-        seconds = time.perf_counter() - epoch_start
-        record = {"epoch": epoch, "train_loss": train_loss, "test_loss": test_loss,
-                  "test_acc": test_acc, "seconds": seconds, **extras}
-        history.append(record)
-        print(f"epoch {epoch:>3}/{args.epochs}  train_loss {train_loss:.4f}  "
-              f"test_loss {test_loss:.4f}  test_acc {100 * test_acc:.2f}%  {seconds:.1f}s"
-              + (f"  {format_fields(extras)}" if extras else ""), flush=True)
+    named_params = list(model.named_parameters())
+    state, order = LoopState(), None
+    if checkpoint is not None:
+        flag_lrs = [group["lr"] for group in optimizer.param_groups]  # from this run's flags
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"the checkpoint does not fit this model ({str(exc)[:120]}...)"
+                            ) from None
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        # learning rates given beside --resume take over, on the same cosine position
+        scheduler.base_lrs = flag_lrs
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        for group, base in zip(optimizer.param_groups, flag_lrs):
+            group["initial_lr"], group["lr"] = base, base * factor
+        state = LoopState(**checkpoint["state"])
+        order = checkpoint["order"]
+        torch.set_rng_state(checkpoint["rng_torch"].cpu())
+        generator.set_state(checkpoint["rng_data"].cpu())
+        if device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng_cuda"].cpu(), device)
+    log = MetricsLog(out_dir / "metrics.csv", probe.columns,
+                     keep_rows=checkpoint["metrics_rows"] if checkpoint else None)
+
+    def save() -> Path:
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return save_checkpoint(out_dir, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "state": asdict(state), "order": order,
+            "rng_torch": torch.get_rng_state(), "rng_data": generator.get_state(),
+            "rng_cuda": cuda, "metrics_rows": log.rows})
+
+    session_start = time.perf_counter()
+    wall_base = state.wall_seconds
+    with _StopRequest() as stop:
+        while state.epoch <= args.epochs:
+            model.train()
+            if order is None:
+                order = batch_order(len(data.train_x), generator, device)
+            bar = tqdm(total=steps_per_epoch, initial=state.batch, leave=False, disable=None,
+                       desc=f"epoch {state.epoch}/{args.epochs}", file=sys.stderr)
+            tick = time.perf_counter()
+            for x, y in batches(data.train_x, data.train_y, args.batch_size, order, state.batch):
+                now = time.perf_counter()
+                state.data_seconds += now - tick
+                logged = args.log_every > 0 and state.step % args.log_every == 0
+                row = {}
+                if logged and probe.measure:
+                    row.update(probe.measure(model, x, y))
+                    tick += time.perf_counter() - now  # diagnostics are not training time
+                optimizer.zero_grad(set_to_none=True)
+                loss = F.cross_entropy(forward(model, x, y), y)
+                loss.backward()
+                bad = ("loss" if not torch.isfinite(loss) else
+                       probe.nonfinite and probe.nonfinite(model) or
+                       first_nonfinite_gradient(named_params))
+                if bad:
+                    kept = "; the last good checkpoint stays" if (out_dir / "checkpoint.pt"
+                                                                  ).exists() else ""
+                    raise UserError(f"training diverged: non-finite {bad} at step {state.step} "
+                                    f"(epoch {state.epoch}){kept}; lower --lr")
+                optimizer.step()
+                scheduler.step()
+                value = loss.item()
+                state.loss_sum += value * len(y)
+                state.epoch_samples += len(y)
+                state.window_loss += value
+                state.window_steps += 1
+                if logged:
+                    if probe.after_step:
+                        row.update(probe.after_step(model))
+                    for name, v in row.items():
+                        state.metric_sums[name] = state.metric_sums.get(name, 0.0) + v
+                        state.metric_counts[name] = state.metric_counts.get(name, 0) + 1
+                    row.update(kind="step", step=state.step, epoch=state.epoch,
+                               train_loss=state.window_loss / state.window_steps)
+                state.step += 1
+                state.batch += 1
+                bar.update()
+                now = time.perf_counter()
+                state.train_seconds += now - tick  # the whole step, data path included
+                state.wall_seconds = wall_base + now - session_start
+                tick = now
+                if logged:
+                    log.write({**row, "wall_seconds": state.wall_seconds})
+                    state.window_loss, state.window_steps = 0.0, 0
+                if stop.signum is not None:
+                    bar.close()
+                    raise RunInterrupted(stop.signum, save(), state.epoch, state.step)
+            bar.close()
+            _finish_epoch(model, data, args, state, log)
+            state.epoch, state.batch, order = state.epoch + 1, 0, None
+            path = save()
+            if stop.signum is not None:
+                raise RunInterrupted(stop.signum, path, state.epoch - 1, state.step)
+    return _write_summary(state, args, out_dir, device, script=script, model_name=model_name,
+                          method=method, extra=extra_summary or {})
+
+
+def _finish_epoch(model, data: MNIST, args, state: LoopState, log: MetricsLog) -> None:
+    """Evaluate, print the epoch line, record the epoch row, and reset the epoch's sums."""
+    if state.epoch_samples == 0:
+        raise UserError("no training batch in this epoch")
+    train_loss = state.loss_sum / state.epoch_samples
+    test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
+    extras = {n: state.metric_sums[n] / state.metric_counts[n] for n in state.metric_sums}
+    record = {"epoch": state.epoch, "train_loss": train_loss, "test_loss": test_loss,
+              "test_acc": test_acc, "wall_seconds": state.wall_seconds,
+              "train_seconds": state.train_seconds, **extras}
+    state.history.append(record)
+    state.samples += state.epoch_samples
+    log.write({"kind": "epoch", "step": state.step, **record})
+    seconds = state.wall_seconds - (state.history[-2]["wall_seconds"]
+                                    if len(state.history) > 1 else 0.0)
+    print(f"epoch {state.epoch:>3}/{args.epochs}  train_loss {train_loss:.4f}  "
+          f"test_loss {test_loss:.4f}  test_acc {100 * test_acc:.2f}%  {seconds:.1f}s"
+          + (f"  {format_fields(extras)}" if extras else ""), flush=True)
+    state.loss_sum, state.epoch_samples = 0.0, 0
+    state.metric_sums, state.metric_counts = {}, {}
+
+
+def _write_summary(state: LoopState, args, out_dir: Path, device, *, script: str,
+                   model_name: str, method: str, extra: dict) -> dict:
+    """summary.json from the finished run's state."""
+    last = state.history[-1]
+    figures = {k: v for k, v in last.items() if k not in ("epoch", "wall_seconds",
+                                                          "train_seconds")}
     summary = {
         "script": script, "model": model_name, "method": method, "epochs": args.epochs,
-        "test_acc": history[-1]["test_acc"], "test_loss": history[-1]["test_loss"],
-        "train_seconds": train_seconds, "samples_per_s": samples / train_seconds,
-        "data_seconds": data_seconds, "device": str(device), "seed": args.seed,
-        "batch_size": args.batch_size, "lr": args.lr, "train_size": len(data.train_x),
-        "argv": sys.argv, "train_loss": history[-1]["train_loss"], **extras,
-        **(extra_summary or {}), "history": history,
+        "test_acc": last["test_acc"], "test_loss": last["test_loss"],
+        "train_seconds": state.train_seconds, "samples_per_s": state.samples / state.train_seconds,
+        "data_seconds": state.data_seconds, "device": str(device), "seed": args.seed,
+        "batch_size": args.batch_size, "lr": args.lr, "train_size": args.train_size,
+        "argv": sys.argv, **figures, **extra, "history": state.history,
     }
     write_json(out_dir / "summary.json", summary)
     print(f"test accuracy {100 * summary['test_acc']:.2f}%  "
-          f"({summary['samples_per_s']:.0f} samples/s); summary in {out_dir / 'summary.json'}")
+          f"({summary['samples_per_s']:.0f} samples/s); run records in {out_dir}")
     return summary

@@ -85,7 +85,7 @@ def test_help_shows_every_default(run_script):
     out = run_script("main.py", "--help").stdout
     for flag in ("--epochs", "--batch-size", "--lr", "--seed", "--synth-lr", "--log-every"):
         assert flag in out
-    assert "(default: 20)" in out and "(default: 0.0001)" in out
+    assert "(default: 20)" in out and "1e-2 for DNI" in out
 
 
 SUMMARY_KEYS = {"script", "model", "method", "epochs", "test_acc", "test_loss", "train_seconds",
