@@ -31,11 +31,6 @@ def synthesizer_loss(synthetic: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return (synthetic - target).pow(2).sum() / synthetic.shape[0]
 
 
-def synthesizer_loss_grad(synthetic: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """d synthesizer_loss / d synthetic: what trains the synthesizer."""
-    return (synthetic - target) * (2.0 / synthetic.shape[0])
-
-
 class _Bridge(torch.autograd.Function):
     """Identity on `value`; backward trains the synthesizer's output `synthetic` (per-example
     units: `unit` times the gradient) towards the gradient arriving from above, and stops that
@@ -51,9 +46,10 @@ class _Bridge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, incoming: torch.Tensor):
         synthetic, = ctx.saved_tensors
-        target = incoming * ctx.unit
-        ctx.interface._record_target(synthetic, target, incoming)
-        return None, synthesizer_loss_grad(synthetic, target), None, None
+        residual = synthetic - incoming * ctx.unit   # S - B d
+        ctx.interface._record(incoming, residual)
+        # d synthesizer_loss(S, B d) / dS: what trains the synthesizer
+        return None, residual * (2.0 / synthetic.shape[0]), None, None
 
 
 class Interface(nn.Module):
@@ -72,9 +68,16 @@ class Interface(nn.Module):
         self.grad_scale = grad_scale
         self.input_synthesizer = input_synthesizer
         self.batch_mean = batch_mean
-        self.last_loss: torch.Tensor | None = None         # synthesizer loss of the last step
         self.last_target: torch.Tensor | None = None       # d_i of the last step (loss units)
         self.last_input_loss: torch.Tensor | None = None   # input synthesizer loss, last step
+        self._residual: torch.Tensor | None = None         # S - B d of the last step
+
+    @property
+    def last_loss(self) -> torch.Tensor | None:
+        """The synthesizer's regression loss on the last step (None before the first)."""
+        if self._residual is None:
+            return None
+        return self._residual.pow(2).sum() / self._residual.shape[0]
 
     def unit(self, h: torch.Tensor) -> float:
         """How many loss units one per-example synthesizer unit is: the batch size for a
@@ -115,8 +118,7 @@ class Interface(nn.Module):
         self.last_input_loss = loss.detach()
         return predicted.detach()
 
-    def _record_target(self, synthetic: torch.Tensor, target: torch.Tensor,
-                       incoming: torch.Tensor) -> None:
-        """Keep this step's target d (loss units) and regression loss for logging and tests."""
-        self.last_target = incoming
-        self.last_loss = synthesizer_loss(synthetic, target).detach()
+    def _record(self, incoming: torch.Tensor, residual: torch.Tensor) -> None:
+        """Keep this step's target d (loss units) and residual; the loss is computed only when
+        read."""
+        self.last_target, self._residual = incoming, residual

@@ -29,7 +29,8 @@ class Probe:
     `forward(model, x, y)` runs the model on a training batch (default `model(x)`);
     `measure(model, x, y)` runs before every logged step and must not touch training;
     `after_step(model)` reads figures after a logged step; both return {column: value} for
-    the names in `columns`. `nonfinite(model)` names a non-finite internal quantity, or None.
+    the names in `columns`. `nonfinite(model)`, asked once a gradient is found non-finite,
+    names the internal quantity at its root (or None).
     """
 
     forward: Callable | None = None
@@ -188,9 +189,9 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST, a
                 optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(forward(model, x, y), y)
                 loss.backward()
-                bad = ("loss" if not torch.isfinite(loss) else
-                       probe.nonfinite and probe.nonfinite(model) or
-                       first_nonfinite_gradient(named_params))
+                bad = "loss" if not torch.isfinite(loss) else first_nonfinite_gradient(named_params)
+                if bad and bad != "loss" and probe.nonfinite:  # name the root cause if known
+                    bad = probe.nonfinite(model) or bad
                 if bad:
                     kept = "; the last good checkpoint stays" if (out_dir / "checkpoint.pt"
                                                                   ).exists() else ""
