@@ -6,8 +6,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from experiment.cli import (boolean, parse_training_args, positive_float, positive_int,
-                            prepare_run, run, training_parser)
+from experiment.cli import (
+    boolean,
+    parse_training_args,
+    positive_float,
+    positive_int,
+    prepare_run,
+    run,
+    training_parser,
+)
 from experiment.figures import draw_figures
 from experiment.train import Probe, fit
 from model import MODEL_TYPES, add_model_arguments, attach_dni, build_network

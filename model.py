@@ -4,7 +4,7 @@ sits after every hidden block (every child but the classifier head)."""
 
 from __future__ import annotations
 
-import torch.nn as nn
+from torch import nn
 
 from experiment.cli import positive_int
 

@@ -15,13 +15,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from experiment.baseline import BASELINE_DEFAULTS  # noqa: E402
-from experiment.cli import resolve_device  # noqa: E402
-from experiment.data import load_mnist  # noqa: E402
-from experiment.train import fit  # noqa: E402
-from model import build_network  # noqa: E402
+from experiment.baseline import BASELINE_DEFAULTS
+from experiment.cli import resolve_device
+from experiment.data import load_mnist
+from experiment.train import fit
+from model import build_network
 
 
 def run_baseline(model_type: str, epochs: int, data, device, out: Path) -> dict:

@@ -21,10 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
-from model import CNN, FCN, attach_dni  # noqa: E402
+from model import CNN, FCN, attach_dni
 
 # the flags each (model, method) runs with; see bench/README.md for how they were chosen
 SETTINGS = {

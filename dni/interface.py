@@ -37,7 +37,7 @@ class _Bridge(torch.autograd.Function):
     gradient there."""
 
     @staticmethod
-    def forward(ctx, value: torch.Tensor, synthetic: torch.Tensor, interface: "Interface",
+    def forward(ctx, value: torch.Tensor, synthetic: torch.Tensor, interface: Interface,
                 unit: float):
         ctx.save_for_backward(synthetic)
         ctx.interface, ctx.unit = interface, unit

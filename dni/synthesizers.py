@@ -146,20 +146,21 @@ class Conv_DNI(DNI_Network):
         return x, None
 
 
+RNN_KINDS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+
+
 class RNN_DNI(DNI_Network):
     """Recurrent synthesizer: a stacked LSTM, GRU or RNN over the inputs it is given, then a
     zero-initialised Linear. Input (B, input_size) for one step or (T, B, input_size) for a
     sequence; output of the same leading shape; `hidden` is the RNN's state, carried by the
     caller between calls (None starts from zero)."""
 
-    KINDS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-
     def __init__(self, input_size: int, hidden_size: int = 64, output_size: int | None = None,
                  context_size: int = 0, num_layers: int = 1, kind: str = "lstm"):
         super().__init__(input_size, hidden_size, output_size, context_size)
-        if kind not in self.KINDS:
-            raise ValueError(f"kind must be one of {sorted(self.KINDS)}")
-        self.rnn = self.KINDS[kind](input_size + context_size, hidden_size, num_layers)
+        if kind not in RNN_KINDS:
+            raise ValueError(f"kind must be one of {sorted(RNN_KINDS)}")
+        self.rnn = RNN_KINDS[kind](input_size + context_size, hidden_size, num_layers)
         self.out = zero_init_(nn.Linear(hidden_size, self.output_size))
 
     def forward(self, input, hidden=None, context=None):

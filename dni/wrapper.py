@@ -14,15 +14,21 @@ their own Adam, `net.synthesizer_optimizer`, which the caller steps.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from dni.interface import Interface
-from dni.synthesizers import (Conv_DNI, InputSynthesizer, Linear_DNI, Linear_Sigmoid_DNI,
-                              MLP_DNI, one_hot)
+from dni.synthesizers import (
+    MLP_DNI,
+    Conv_DNI,
+    InputSynthesizer,
+    Linear_DNI,
+    Linear_Sigmoid_DNI,
+    one_hot,
+)
 
 SynthesizerFactory = Callable[[tuple, int], nn.Module]
 """Builds a synthesizer from (activation shape without the batch dimension, context size)."""

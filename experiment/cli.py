@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -30,7 +30,7 @@ class Parser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(**kwargs)
 
-    def error(self, message: str):  # noqa: D102 (argparse API)
+    def error(self, message: str):
         sys.stderr.write(f"error: {message}\n")
         sys.exit(2)
 

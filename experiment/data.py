@@ -7,9 +7,9 @@ import hashlib
 import importlib.metadata
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -57,7 +57,7 @@ def _packaged_arrays() -> dict[str, np.ndarray]:
     try:
         group = zarr.open_group(zarr.storage.ZipStore(str(path), mode="r"), mode="r")
         return {name: np.asarray(group[name][:]) for name, _, _ in RAW_FILES.values()}
-    except Exception as exc:  # any zarr/zip failure means the archive is unusable
+    except Exception as exc:  # noqa: BLE001 (any zarr/zip failure: the archive is unusable)
         raise DataError(f"{path} cannot be read ({exc}): reinstall {PACKAGE}==1.2.9") from None
 
 

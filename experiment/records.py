@@ -33,7 +33,7 @@ def git_commit() -> str | None:
     """The commit of the code being run, when it lives in a git checkout."""
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+                             capture_output=True, text=True, timeout=5, check=False)
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
@@ -102,7 +102,7 @@ def load_checkpoint(run_dir: Path, device: torch.device) -> dict:
         raise UserError(f"--resume {run_dir}: no {CHECKPOINT} there")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
-    except Exception:  # torch raises many kinds for a damaged file
+    except Exception:  # noqa: BLE001 (torch raises many kinds for a damaged file)
         raise UserError(f"{path} is truncated or not a checkpoint; it cannot be resumed") from None
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise UserError(f"{path} is not a checkpoint written by this project")

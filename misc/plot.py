@@ -9,8 +9,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiment.cli import Parser, run  # noqa: E402
-from experiment.figures import draw_figures  # noqa: E402
+from experiment.cli import Parser, run
+from experiment.figures import draw_figures
 
 
 def main():

@@ -5,8 +5,16 @@ import shutil
 import pytest
 import torch
 
-from experiment.data import (RAW_FILES, DataError, batch_order, batches, load_mnist,
-                             materialise_mnist, md5_of, num_batches)
+from experiment.data import (
+    RAW_FILES,
+    DataError,
+    batch_order,
+    batches,
+    load_mnist,
+    materialise_mnist,
+    md5_of,
+    num_batches,
+)
 
 
 def test_materialised_files_have_the_known_md5(mnist_root):

@@ -79,7 +79,9 @@ def test_oracle_synthesizer_reproduces_backprop_gradients():
         torch.testing.assert_close(got, want)
 
 
-def test_top_target_is_true_gradient_and_lower_targets_are_bootstrapped():
+def step_with_random_synthesizers():
+    """One DNI step with non-zero linear synthesizers; returns the model, copies of the
+    network and synthesizers from before the step, and the batch."""
     net = make_net()
     reference = copy.deepcopy(net)
     x, y = batch()
@@ -87,7 +89,11 @@ def test_top_target_is_true_gradient_and_lower_targets_are_bootstrapped():
     randomise_synthesizers(model)
     synth = copy.deepcopy(model.interfaces)
     dni_step(model, x, y)
+    return model, reference, synth, x, y
 
+
+def test_top_target_is_true_gradient_and_lower_targets_are_bootstrapped():
+    model, reference, synth, x, y = step_with_random_synthesizers()
     hs, out = activations(reference, x)
     top = torch.autograd.grad(F.cross_entropy(out, y), hs[-1])[0]
     torch.testing.assert_close(model.interfaces[-1].last_target, top)
@@ -100,13 +106,7 @@ def test_top_target_is_true_gradient_and_lower_targets_are_bootstrapped():
 
 
 def test_synthesizer_gradient_is_the_regression_loss_gradient():
-    net = make_net()
-    reference = copy.deepcopy(net)
-    x, y = batch()
-    model = DNI(net, synthesizer="linear", example_input=x)
-    randomise_synthesizers(model)
-    synth = copy.deepcopy(model.interfaces)
-    dni_step(model, x, y)
+    model, reference, synth, x, _ = step_with_random_synthesizers()
     hs, _ = activations(reference, x)
     for i, interface in enumerate(model.interfaces):
         target = interface.last_target.detach() * B
@@ -188,7 +188,7 @@ def test_forward_unlock_input_synthesizer():
     handle = list(net)[2].register_forward_hook(record)
     dni_step(model, x, y)
     # I_i is trained on ||I(x) - h_i||^2 where h_i is block i's output in this pass
-    h0 = list(reference)[0](x).detach()
+    h0 = reference[0](x).detach()
     loss = synthesizer_loss(unlock[0](x), h0)
     want = torch.autograd.grad(loss, list(unlock[0].parameters()))
     for got, expected in zip(model.interfaces[0].input_synthesizer.parameters(), want):

@@ -4,8 +4,15 @@ import pytest
 import torch
 from torch import nn
 
-from dni import (Conv_DNI, DNI_Network, InputSynthesizer, Linear_DNI, Linear_Sigmoid_DNI,
-                 MLP_DNI, RNN_DNI)
+from dni import (
+    MLP_DNI,
+    RNN_DNI,
+    Conv_DNI,
+    DNI_Network,
+    InputSynthesizer,
+    Linear_DNI,
+    Linear_Sigmoid_DNI,
+)
 
 
 def perturb(module, seed=0):

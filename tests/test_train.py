@@ -22,7 +22,8 @@ def data(mnist_root):
 
 
 def args(**overrides):
-    base = dict(epochs=3, batch_size=40, lr=1e-3, seed=3, log_every=1, train_size=240)
+    base = {"epochs": 3, "batch_size": 40, "lr": 1e-3, "seed": 3, "log_every": 1,
+            "train_size": 240}
     return argparse.Namespace(**{**base, **overrides})
 
 
