@@ -27,7 +27,8 @@ from model import build_network
 def run_baseline(model_type: str, epochs: int, data, device, out: Path) -> dict:
     """Train one baseline with the scripts' defaults; return its summary."""
     _, batch_size, lr = BASELINE_DEFAULTS[model_type]
-    args = argparse.Namespace(epochs=epochs, batch_size=batch_size, lr=lr, seed=0,
+    args = argparse.Namespace(epochs=epochs, batch_size=batch_size, lr=lr, seed=0, log_every=0,
+                              train_size=len(data.train_x),
                               depth=3, width=256, channels=[32, 64])
     torch.manual_seed(0)
     net = build_network(model_type, args).to(device)

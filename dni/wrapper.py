@@ -236,8 +236,9 @@ class DNI(nn.Module):
             self._build(x)
         buffers = {name: b.clone() for name, b in self.named_buffers()}
         self._pass = _Pass(self._context(context), x, probe=[])
-        try:
-            with torch.enable_grad():
+        devices = [x.device] if x.device.type == "cuda" else []
+        try:  # forked RNG: dropout in this pass leaves training's random stream as it was
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
                 loss = loss_fn(self.net(x), target)
                 probe = self._pass.probe
                 true = torch.autograd.grad(loss, [h for h, _ in probe], allow_unused=True)

@@ -153,14 +153,16 @@ def test_cdni_context_changes_the_synthetic_gradient():
 
 def test_gradient_cosines_do_not_touch_training():
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    net = nn.Sequential(nn.Linear(10, 16), nn.BatchNorm1d(16), nn.Dropout(0.5), nn.Linear(16, 4))
     model = DNI(net, example_input=torch.randn(2, 10))
     with torch.no_grad():
         for p in model.synthesizer_parameters():
             p.normal_()
     x, y = blobs(32, seed=3)
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
     cosines = model.gradient_cosines(F.cross_entropy, x, y)
+    assert torch.equal(torch.get_rng_state(), rng)
     assert len(cosines) == 3 and all(-1 <= c <= 1 for c in cosines)
     assert all(p.grad is None for p in model.parameters())
     for k, v in model.state_dict().items():
