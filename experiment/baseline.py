@@ -9,7 +9,7 @@ from experiment.train import fit
 from model import add_model_arguments, build_network
 
 # per model type: (epochs, batch size, learning rate)
-BASELINE_DEFAULTS = {"mlp": (20, 128, 1e-3), "cnn": (10, 128, 1e-3)}
+BASELINE_DEFAULTS = {"mlp": (20, 128, 1e-3), "cnn": (10, 64, 1e-3)}
 
 
 def run_backprop(model_type: str, script: str, description: str) -> None:
