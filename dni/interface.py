@@ -32,24 +32,26 @@ def synthesizer_loss(synthetic: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 class _Bridge(torch.autograd.Function):
-    """Identity on `value`; backward trains the synthesizer's output `synthetic` (per-example
-    units: `unit` times the gradient) towards the gradient arriving from above, and stops that
-    gradient there."""
+    """Identity on `value`; backward trains the synthesizer's output S towards the gradient d
+    arriving from above, and stops d there. `applied` = scale * S / unit is the gradient the
+    block below received; working from it spares tensor operations on the hot path."""
 
     @staticmethod
-    def forward(ctx, value: torch.Tensor, synthetic: torch.Tensor, interface: Interface,
-                unit: float):
-        ctx.save_for_backward(synthetic)
+    def forward(ctx, value: torch.Tensor, synthetic: torch.Tensor, applied: torch.Tensor,
+                interface: Interface, unit: float):
+        ctx.save_for_backward(applied)
         ctx.interface, ctx.unit = interface, unit
         return value.view_as(value)
 
     @staticmethod
     def backward(ctx, incoming: torch.Tensor):
-        synthetic, = ctx.saved_tensors
-        residual = synthetic - incoming * ctx.unit   # S - B d
-        ctx.interface._record(incoming, residual)
-        # d synthesizer_loss(S, B d) / dS: what trains the synthesizer
-        return None, residual * (2.0 / synthetic.shape[0]), None, None
+        applied, = ctx.saved_tensors
+        scale, unit, batch = ctx.interface.grad_scale, ctx.unit, applied.shape[0]
+        # d synthesizer_loss(S, unit d) / dS = (2 / B) (S - unit d)
+        #                                    = (2 unit / (B scale)) (applied - scale d)
+        grad = torch.sub(applied, incoming, alpha=scale).mul_(2.0 * unit / (batch * scale))
+        ctx.interface._record(incoming, grad)
+        return None, grad, None, None, None
 
 
 class Interface(nn.Module):
@@ -68,16 +70,19 @@ class Interface(nn.Module):
         self.grad_scale = grad_scale
         self.input_synthesizer = input_synthesizer
         self.batch_mean = batch_mean
+        if not grad_scale > 0:
+            raise ValueError(f"grad_scale must be positive, got {grad_scale}")
         self.last_target: torch.Tensor | None = None       # d_i of the last step (loss units)
         self.last_input_loss: torch.Tensor | None = None   # input synthesizer loss, last step
-        self._residual: torch.Tensor | None = None         # S - B d of the last step
+        self._loss_grad: torch.Tensor | None = None        # d loss / dS of the last step
 
     @property
     def last_loss(self) -> torch.Tensor | None:
         """The synthesizer's regression loss on the last step (None before the first)."""
-        if self._residual is None:
+        if self._loss_grad is None:
             return None
-        return self._residual.pow(2).sum() / self._residual.shape[0]
+        batch = self._loss_grad.shape[0]
+        return (self._loss_grad * (batch / 2.0)).pow(2).sum() / batch  # residual S - B d
 
     def unit(self, h: torch.Tensor) -> float:
         """How many loss units one per-example synthesizer unit is: the batch size for a
@@ -98,14 +103,15 @@ class Interface(nn.Module):
         """Send the synthetic gradient into h's block now; return the next block's input."""
         synthetic = self.predict(h, context)
         unit = self.unit(h)
+        applied = synthetic.detach() * (self.grad_scale / unit)
         if h.requires_grad:
-            h.backward(synthetic.detach() * (self.grad_scale / unit))
+            h.backward(applied)
         value = h.detach()
         if self.input_synthesizer is not None:
             value = self._synthetic_input(net_input, context, value)
         if not synthetic.requires_grad:  # synthesizer without trainable parameters
             return value
-        return _Bridge.apply(value, synthetic, self, unit)
+        return _Bridge.apply(value, synthetic, applied, self, unit)
 
     def _synthetic_input(self, net_input: torch.Tensor | None, context: torch.Tensor | None,
                          h: torch.Tensor) -> torch.Tensor:
@@ -118,7 +124,7 @@ class Interface(nn.Module):
         self.last_input_loss = loss.detach()
         return predicted.detach()
 
-    def _record(self, incoming: torch.Tensor, residual: torch.Tensor) -> None:
-        """Keep this step's target d (loss units) and residual; the loss is computed only when
-        read."""
-        self.last_target, self._residual = incoming, residual
+    def _record(self, incoming: torch.Tensor, loss_grad: torch.Tensor) -> None:
+        """Keep this step's target d (loss units) and the loss gradient; the loss itself is
+        computed only when read."""
+        self.last_target, self._loss_grad = incoming, loss_grad

@@ -111,7 +111,9 @@ def test_synthesizer_gradient_is_the_regression_loss_gradient():
     for i, interface in enumerate(model.interfaces):
         target = interface.last_target.detach() * B
         params = list(synth[i].parameters())
-        want = torch.autograd.grad(synthesizer_loss(synth[i].predict(hs[i]), target), params)
+        loss = synthesizer_loss(synth[i].predict(hs[i]), target)
+        torch.testing.assert_close(interface.last_loss, loss.detach())
+        want = torch.autograd.grad(loss, params)
         for got, expected in zip(interface.parameters(), want):
             torch.testing.assert_close(got.grad, expected)
 
