@@ -17,24 +17,19 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from experiment.baseline import BASELINE_DEFAULTS
+from experiment.baseline import BASELINE_DEFAULTS, train_backprop
 from experiment.cli import resolve_device
 from experiment.data import load_mnist
-from experiment.train import fit
-from model import build_network
 
 
-def run_baseline(model_type: str, epochs: int, data, device, out: Path) -> dict:
+def run_baseline(model_type: str, epochs: int, data, out: Path) -> dict:
     """Train one baseline with the scripts' defaults; return its summary."""
     _, batch_size, lr = BASELINE_DEFAULTS[model_type]
     args = argparse.Namespace(epochs=epochs, batch_size=batch_size, lr=lr, seed=0, log_every=0,
                               train_size=len(data.train_x),
                               depth=3, width=256, channels=[32, 64])
     torch.manual_seed(0)
-    net = build_network(model_type, args).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    return fit(net, optimizer, data, args, script="bench/baselines.py", model_name=model_type,
-               method="backprop", out_dir=out)
+    return train_backprop(model_type, args, data, out, script="bench/baselines.py")
 
 
 def main() -> None:
@@ -51,7 +46,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for model_type, epochs in (("mlp", args.mlp_epochs), ("cnn", args.cnn_epochs)):
             if epochs > 0:
-                rows.append(run_baseline(model_type, epochs, data, device, Path(tmp)))
+                rows.append(run_baseline(model_type, epochs, data, Path(tmp)))
     print(f"\nhardware: {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, device {device}, torch {torch.__version__}")
     print("| model | epochs | test acc | samples/s | train s | data path % | acc by epoch |")

@@ -18,8 +18,14 @@ def run_backprop(model_type: str, script: str, description: str) -> None:
     parser = training_parser(description, epochs=epochs, batch_size=batch_size, lr=lr)
     add_model_arguments(parser, model_type)
     args = parse_training_args(parser)
-    device, out_dir, data, checkpoint = prepare_run(args, script)
-    net = build_network(model_type, args).to(device)
+    _, out_dir, data, checkpoint = prepare_run(args, script)
+    train_backprop(model_type, args, data, out_dir, script=script, checkpoint=checkpoint)
+
+
+def train_backprop(model_type: str, args, data, out_dir, *, script: str,
+                   checkpoint: dict | None = None) -> dict:
+    """Build `model_type` from args, train it by backprop with Adam; return the summary."""
+    net = build_network(model_type, args).to(data.train_x.device)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
-    fit(net, optimizer, data, args, script=script, model_name=model_type, method="backprop",
-        out_dir=out_dir, checkpoint=checkpoint)
+    return fit(net, optimizer, data, args, script=script, model_name=model_type,
+               method="backprop", out_dir=out_dir, checkpoint=checkpoint)
