@@ -24,7 +24,10 @@ SYNTHESIZER_CHOICES = ("linear", "linear_sigmoid", "mlp", "conv")
 
 def parse_args():
     """The baseline flags plus the DNI ones."""
-    parser = training_parser(__doc__, epochs=20, batch_size=256, lr=1e-3)
+    parser = training_parser(
+        __doc__, epochs=20, batch_size=256, lr=1e-3,
+        log_every_help="every N steps, write a metrics.csv row and measure each interface's "
+                       "synthetic-gradient loss and cosine to the true gradient (0: never)")
     parser.add_argument("--model_type", "--model-type", choices=MODEL_TYPES, default="mlp",
                         help="network to train")
     parser.add_argument("--conditioned", type=boolean, nargs="?", const=True, default=False,
@@ -49,10 +52,6 @@ def parse_args():
                         help="at the end, draw the figures of this run beside these runs "
                              "(e.g. an mlp.py run) into the run folder")
     add_model_arguments(parser)
-    for action in parser._actions:
-        if action.dest == "log_every":
-            action.help = ("every N steps, also measure each interface's synthetic-gradient "
-                           "loss and cosine to the true gradient (0: never)")
     args = parse_training_args(parser)
     if args.synth_lr is None:
         args.synth_lr = 1e-3 if args.conditioned else 1e-2

