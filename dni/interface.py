@@ -17,12 +17,20 @@ gradient). The synthesizer predicts the per-example gradient S = B * g, a functi
 example that does not depend on B, and is fit on B * d with ||S - B d||^2 (summed over
 features, mean over the batch): the same regression up to a constant factor, scaled for
 optimizers like Adam. `batch_mean=False` (losses summed over the batch) makes B = 1.
+
+`scale` (grad_scale) multiplies only what block i receives. A target that arrives through a
+scaled synthetic backward is divided by that scale again, so every synthesizer predicts the
+gradient in the loss's units and scales never compound down a stack of interfaces.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+# The grad_scale under which a synthetic gradient is being back-propagated right now (1 during the
+# loss's own backward). Process-wide, not thread-local: autograd may run backward on device threads.
+_delivery_scales: list[float] = [1.0]
 
 
 def synthesizer_loss(synthetic: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -47,10 +55,14 @@ class _Bridge(torch.autograd.Function):
     def backward(ctx, incoming: torch.Tensor):
         applied, = ctx.saved_tensors
         scale, unit, batch = ctx.interface.grad_scale, ctx.unit, applied.shape[0]
+        # the target d is the incoming gradient without the grad_scale it was sent under, so
+        # every synthesizer predicts the gradient in the loss's units (no compounding)
+        delivered = _delivery_scales[-1]
         # d synthesizer_loss(S, unit d) / dS = (2 / B) (S - unit d)
         #                                    = (2 unit / (B scale)) (applied - scale d)
-        grad = torch.sub(applied, incoming, alpha=scale).mul_(2.0 * unit / (batch * scale))
-        ctx.interface._record(incoming, grad)
+        grad = torch.sub(applied, incoming, alpha=scale / delivered)
+        grad.mul_(2.0 * unit / (batch * scale))
+        ctx.interface._record(incoming, delivered, grad)
         return None, grad, None, None, None
 
 
@@ -72,9 +84,17 @@ class Interface(nn.Module):
         self.batch_mean = batch_mean
         if not grad_scale > 0:
             raise ValueError(f"grad_scale must be positive, got {grad_scale}")
-        self.last_target: torch.Tensor | None = None       # d_i of the last step (loss units)
+        self._incoming: tuple[torch.Tensor, float] | None = None  # last step's gradient, scale
         self.last_input_loss: torch.Tensor | None = None   # input synthesizer loss, last step
         self._loss_grad: torch.Tensor | None = None        # d loss / dS of the last step
+
+    @property
+    def last_target(self) -> torch.Tensor | None:
+        """The last step's regression target d_i in the loss's units (None before the first)."""
+        if self._incoming is None:
+            return None
+        incoming, delivered = self._incoming
+        return incoming if delivered == 1.0 else incoming / delivered
 
     @property
     def last_loss(self) -> torch.Tensor | None:
@@ -105,7 +125,11 @@ class Interface(nn.Module):
         unit = self.unit(h)
         applied = synthetic.detach() * (self.grad_scale / unit)
         if h.requires_grad:
-            h.backward(applied)
+            _delivery_scales.append(self.grad_scale)
+            try:
+                h.backward(applied)
+            finally:
+                _delivery_scales.pop()
         value = h.detach()
         if self.input_synthesizer is not None:
             value = self._synthetic_input(net_input, context, value)
@@ -124,7 +148,7 @@ class Interface(nn.Module):
         self.last_input_loss = loss.detach()
         return predicted.detach()
 
-    def _record(self, incoming: torch.Tensor, loss_grad: torch.Tensor) -> None:
-        """Keep this step's target d (loss units) and the loss gradient; the loss itself is
-        computed only when read."""
-        self.last_target, self._loss_grad = incoming, loss_grad
+    def _record(self, incoming: torch.Tensor, delivered: float, loss_grad: torch.Tensor) -> None:
+        """Keep this step's incoming gradient and loss gradient; target and loss are computed
+        only when read."""
+        self._incoming, self._loss_grad = (incoming, delivered), loss_grad

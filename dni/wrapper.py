@@ -152,9 +152,11 @@ class DNI(nn.Module):
             candidates = [name for name, _ in self.net.named_children()]
         order: list[str] = []
         shapes: dict[str, tuple] = {}
+        calls: dict[str, int] = {}
 
         def record(name):
             def hook(module, args, output):
+                calls[name] = calls.get(name, 0) + 1
                 if name not in shapes:
                     if not isinstance(output, torch.Tensor):
                         raise TypeError(f"block {name!r} returns {type(output).__name__}; an "
@@ -174,6 +176,10 @@ class DNI(nn.Module):
                 handle.remove()
             for module, mode in modes.items():
                 module.training = mode
+        repeated = [n for n in order if calls[n] > 1]
+        if repeated:
+            raise ValueError(f"blocks {repeated} are called more than once in a forward pass; an "
+                             "interface needs a block called once (name the blocks with blocks=)")
         if self.requested_blocks is None:
             order = order[:-1]  # the last block called ends in the loss: no interface after it
         else:

@@ -79,21 +79,23 @@ def test_oracle_synthesizer_reproduces_backprop_gradients():
         torch.testing.assert_close(got, want)
 
 
-def step_with_random_synthesizers():
+def step_with_random_synthesizers(grad_scale):
     """One DNI step with non-zero linear synthesizers; returns the model, copies of the
     network and synthesizers from before the step, and the batch."""
     net = make_net()
     reference = copy.deepcopy(net)
     x, y = batch()
-    model = DNI(net, synthesizer="linear", example_input=x)
+    model = DNI(net, synthesizer="linear", grad_scale=grad_scale, example_input=x)
     randomise_synthesizers(model)
     synth = copy.deepcopy(model.interfaces)
     dni_step(model, x, y)
     return model, reference, synth, x, y
 
 
-def test_top_target_is_true_gradient_and_lower_targets_are_bootstrapped():
-    model, reference, synth, x, y = step_with_random_synthesizers()
+@pytest.mark.parametrize("grad_scale", [1.0, 0.1])
+def test_top_target_is_true_gradient_and_lower_targets_are_bootstrapped(grad_scale):
+    """Targets are in the loss's units whatever grad_scale is: no compounding down the stack."""
+    model, reference, synth, x, y = step_with_random_synthesizers(grad_scale)
     hs, out = activations(reference, x)
     top = torch.autograd.grad(F.cross_entropy(out, y), hs[-1])[0]
     torch.testing.assert_close(model.interfaces[-1].last_target, top)
@@ -105,8 +107,9 @@ def test_top_target_is_true_gradient_and_lower_targets_are_bootstrapped():
         torch.testing.assert_close(model.interfaces[i].last_target, want)
 
 
-def test_synthesizer_gradient_is_the_regression_loss_gradient():
-    model, reference, synth, x, _ = step_with_random_synthesizers()
+@pytest.mark.parametrize("grad_scale", [1.0, 0.1])
+def test_synthesizer_gradient_is_the_regression_loss_gradient(grad_scale):
+    model, reference, synth, x, _ = step_with_random_synthesizers(grad_scale)
     hs, _ = activations(reference, x)
     for i, interface in enumerate(model.interfaces):
         target = interface.last_target.detach() * B

@@ -185,6 +185,21 @@ def test_gradient_cosine_is_one_for_a_perfect_synthesizer():
     assert cosine == pytest.approx(1.0, abs=1e-6)
 
 
+def test_a_block_called_twice_is_refused():
+    class Reuses(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc2(self.act(self.fc1(self.act(x))))
+
+    with pytest.raises(ValueError, match="called more than once"):
+        DNI(Reuses(), example_input=torch.randn(2, 4))
+    model = DNI(Reuses(), blocks=["fc1"], example_input=torch.randn(2, 4))
+    assert model.block_names == ["fc1"]
+
+
 def test_needs_two_blocks():
     with pytest.raises(ValueError, match="two blocks"):
         DNI(nn.Sequential(nn.Linear(3, 3)), example_input=torch.randn(2, 3))
