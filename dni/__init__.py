@@ -5,27 +5,27 @@ Usage: `from dni import DNI; net = DNI(net, optim=opt)`, then train as usual.
 
 from dni.interface import Interface, synthesizer_loss
 from dni.synthesizers import (
-                              MLP_DNI,
-                              RNN_DNI,
-                              Conv_DNI,
-                              DNI_Network,
-                              InputSynthesizer,
-                              Linear_DNI,
-                              Linear_Sigmoid_DNI,
+    MLP_DNI,
+    RNN_DNI,
+    Conv_DNI,
+    DNI_Network,
+    InputSynthesizer,
+    Linear_DNI,
+    Linear_Sigmoid_DNI,
 )
 from dni.wrapper import DNI, SYNTHESIZERS, synthesizer_factory
 
 __all__ = [
-                              "DNI",
-                              "MLP_DNI",
-                              "RNN_DNI",
-                              "SYNTHESIZERS",
-                              "Conv_DNI",
-                              "DNI_Network",
-                              "InputSynthesizer",
-                              "Interface",
-                              "Linear_DNI",
-                              "Linear_Sigmoid_DNI",
-                              "synthesizer_factory",
-                              "synthesizer_loss",
+    "DNI",
+    "MLP_DNI",
+    "RNN_DNI",
+    "SYNTHESIZERS",
+    "Conv_DNI",
+    "DNI_Network",
+    "InputSynthesizer",
+    "Interface",
+    "Linear_DNI",
+    "Linear_Sigmoid_DNI",
+    "synthesizer_factory",
+    "synthesizer_loss",
 ]
