@@ -4,6 +4,7 @@ Usage: `from dni import DNI; net = DNI(net, optim=opt)`, then train as usual.
 """
 
 from dni.interface import Interface, synthesizer_loss
+from dni.recurrent import SequenceReport, TruncatedBPTT
 from dni.synthesizers import (
     MLP_DNI,
     RNN_DNI,
@@ -26,6 +27,8 @@ __all__ = [
     "Interface",
     "Linear_DNI",
     "Linear_Sigmoid_DNI",
+    "SequenceReport",
+    "TruncatedBPTT",
     "synthesizer_factory",
     "synthesizer_loss",
 ]

@@ -1,0 +1,214 @@
+"""Recurrent DNI: truncated backpropagation through time with a synthetic gradient of the
+future at every chunk edge (Jaderberg et al. 2016, section 3.2).
+
+Usage:
+
+    bptt = TruncatedBPTT(nn.LSTM(9, 128), truncation=3, readout=nn.Linear(128, 8),
+                         synthesizer=Linear_DNI(2 * 128), grad_scale=0.1)
+    opt = torch.optim.Adam(bptt.parameters(), lr=1e-3)
+    opt.zero_grad()
+    report = bptt(inputs, lambda y, t0, t1: criterion(y, targets[t0:t1]))  # forward + backward
+    opt.step()
+
+A sequence of L steps is cut into chunks of T steps. For chunk k, with start state s (a
+detached leaf) and end state e:
+
+    loss_k = chunk_loss(readout(core(x[t0:t1], s)))       summed over the chunk's steps
+    g_end  = grad_scale * S(e.detach())                   synthetic gradient of the future
+                                                          (0 after the end of the sequence)
+    backward of loss_k + <g_end.detach(), e>
+    d_k    = s.grad                                       bootstrapped target at the start
+    S is trained on ||S(s) - d_k||^2
+
+Units: `chunk_loss` returns a batch-mean loss (B examples). A batch-mean loss has
+dL/ds = (1/B) * (each example's own gradient), so, as in `dni.interface`, the synthesizer
+predicts the per-example gradient: the applied gradient is `grad_scale * S(e) / B` and the
+target is `B * s.grad`. `batch_mean=False` (summed losses) makes B = 1.
+
+`grad_scale` (lambda) enters the target too: S learns the lambda-discounted gradient of the
+future, d_k = dloss_k/ds + lambda J_k^T S(e_k), a TD-style bootstrap in which lambda < 1 keeps
+errors from compounding over many chunks.
+
+LSTM state (h, c), and any tuple of state tensors, is flattened to one vector per example:
+(layers, B, H) tensors become (B, layers * H) and are concatenated in order. The synthesizer
+sees and predicts that vector.
+
+DNI+Aux (`aux_weight > 0`): the paper adds an auxiliary task of predicting synthetic gradients
+further ahead. Here an extra linear head on the core's output at every step of a chunk predicts
+g = S(e) (no grad_scale), the synthetic gradient at the chunk's end, up to T steps in the
+future of that step, and `aux_weight * ||A(y_t) - g||^2` (per example, averaged over the
+chunk's steps) joins the chunk's loss. The core gets no gradient from it except to shape its
+state into one that predicts its future gradient. This is our reading of the paper's
+auxiliary task; the paper's exact form may differ.
+
+Gradients accumulate over all chunks; the caller steps the optimizer once per sequence batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from dni.interface import synthesizer_loss
+from dni.synthesizers import zero_init_
+
+State = torch.Tensor | tuple[torch.Tensor, ...]
+ChunkLoss = Callable[[torch.Tensor, int, int], torch.Tensor]
+
+
+def state_tensors(state: State) -> tuple[torch.Tensor, ...]:
+    """The state as a tuple of tensors (an LSTM's (h, c), or one tensor alone)."""
+    return tuple(state) if isinstance(state, (tuple, list)) else (state,)
+
+
+def flatten_state(state: State) -> torch.Tensor:
+    """One vector per example: (layers, B, H) pieces -> (B, layers * H), concatenated."""
+    pieces = []
+    for x in state_tensors(state):
+        pieces.append(x.transpose(0, 1).reshape(x.shape[1], -1) if x.dim() == 3 else x)
+    return torch.cat(pieces, dim=1)
+
+
+def unflatten_state(vector: torch.Tensor, like: State) -> State:
+    """Inverse of `flatten_state`: the vector cut back into tensors shaped as `like`."""
+    pieces, start = [], 0
+    for x in state_tensors(like):
+        if x.dim() == 3:
+            width = x.shape[0] * x.shape[2]
+            piece = vector[:, start:start + width].reshape(x.shape[1], x.shape[0], x.shape[2])
+            pieces.append(piece.transpose(0, 1).contiguous())
+        else:
+            width = x.shape[1]
+            pieces.append(vector[:, start:start + width])
+        start += width
+    return tuple(pieces) if isinstance(like, (tuple, list)) else pieces[0]
+
+
+def zero_state(core: nn.Module, batch: int, device=None, dtype=None) -> State:
+    """The zero initial state of an nn.LSTM / nn.GRU / nn.RNN for `batch` examples."""
+    if not isinstance(core, nn.RNNBase):
+        raise TypeError("pass the initial state of a custom core (state=...)")
+    if core.batch_first:
+        raise ValueError("the core must take (time, batch, features): batch_first=False")
+    layers = core.num_layers * (2 if core.bidirectional else 1)
+    hidden = core.proj_size if getattr(core, "proj_size", 0) else core.hidden_size
+    param = next(core.parameters())
+    device, dtype = device or param.device, dtype or param.dtype
+    h = torch.zeros(layers, batch, hidden, device=device, dtype=dtype)
+    if isinstance(core, nn.LSTM):
+        return h, torch.zeros(layers, batch, core.hidden_size, device=device, dtype=dtype)
+    return h
+
+
+def state_size(core: nn.RNNBase) -> int:
+    """Width of the flattened state of an nn.LSTM / nn.GRU / nn.RNN (LSTM: h and c)."""
+    return flatten_state(zero_state(core, 1)).shape[1]
+
+
+@dataclass
+class SequenceReport:
+    """What one call of `TruncatedBPTT` did to one batch of sequences."""
+
+    outputs: torch.Tensor                 # readout outputs, (L, B, O), detached
+    loss: torch.Tensor                    # sum of the chunk losses (the sequence's loss)
+    synthesizer_loss: torch.Tensor | None = None   # mean over the fitted chunk edges
+    aux_loss: torch.Tensor | None = None           # mean over chunks (DNI+Aux)
+    targets: list[torch.Tensor] = field(default_factory=list)  # bootstrapped targets d_k
+    state: State | None = None                     # the final state, detached
+
+
+class TruncatedBPTT(nn.Module):
+    """Truncated BPTT over chunks of `truncation` steps, with a synthesizer that sends the
+    gradient of the future into each chunk's end and learns it from the chunk's start.
+
+    Without a synthesizer it is plain truncated BPTT. `core` maps (input (T, B, I), state) to
+    (output (T, B, H), state): nn.LSTM, nn.GRU, nn.RNN or any such module. `readout` (optional)
+    maps the core's output to what `chunk_loss(y, t0, t1)` scores.
+    """
+
+    def __init__(self, core: nn.Module, truncation: int, synthesizer: nn.Module | None = None,
+                 readout: nn.Module | None = None, grad_scale: float = 1.0,
+                 aux_weight: float = 0.0, aux_input_size: int | None = None,
+                 batch_mean: bool = True):
+        super().__init__()
+        if truncation < 1:
+            raise ValueError(f"truncation must be at least 1, got {truncation}")
+        if not grad_scale >= 0:
+            raise ValueError(f"grad_scale must be 0 or positive, got {grad_scale}")
+        if aux_weight < 0 or (aux_weight > 0 and synthesizer is None):
+            raise ValueError("aux_weight > 0 needs a synthesizer (and must not be negative)")
+        self.core, self.readout, self.synthesizer = core, readout, synthesizer
+        self.truncation, self.grad_scale = truncation, grad_scale
+        self.aux_weight, self.batch_mean = aux_weight, batch_mean
+        self.aux_head = None
+        if aux_weight > 0:
+            width = aux_input_size or getattr(core, "hidden_size", None)
+            out = getattr(synthesizer, "output_size", None)
+            if width is None or out is None:
+                raise ValueError("DNI+Aux needs aux_input_size and a synthesizer with "
+                                 "output_size")
+            self.aux_head = zero_init_(nn.Linear(width, out))
+
+    def synthetic_gradient(self, state: torch.Tensor, hidden=None):
+        """S(state.detach()): the per-example synthetic gradient (graph into S's parameters)
+        and the synthesizer's new hidden state (None unless it is recurrent)."""
+        out = self.synthesizer(state.detach(), hidden)
+        return out if isinstance(out, tuple) else (out, None)
+
+    def forward(self, inputs: torch.Tensor, chunk_loss: ChunkLoss,
+                state: State | None = None) -> SequenceReport:
+        """Run the sequence chunk by chunk and back-propagate: the core, readout and aux head
+        get their truncated (+ synthetic) gradients, the synthesizer its regression gradient.
+        Step the optimizer afterwards."""
+        length, batch = inputs.shape[0], inputs.shape[1]
+        unit = float(batch) if self.batch_mean else 1.0
+        if state is None:
+            state = zero_state(self.core, batch, inputs.device, inputs.dtype)
+        start = flatten_state(state).detach()
+        synthetic, synth_hidden = None, None
+        if self.synthesizer is not None:
+            synthetic, synth_hidden = self.synthetic_gradient(start, None)  # S(s_0)
+        outputs, fits, targets, aux_losses = [], [], [], []
+        total = inputs.new_zeros(())
+        for t0 in range(0, length, self.truncation):
+            t1 = min(t0 + self.truncation, length)
+            s = start.requires_grad_()
+            y, end_state = self.core(inputs[t0:t1], unflatten_state(s, state))
+            prediction = self.readout(y) if self.readout is not None else y
+            loss_k = chunk_loss(prediction, t0, t1)
+            objective = loss_k
+            end = flatten_state(end_state)
+            next_synthetic = None
+            if self.synthesizer is not None and t1 < length:
+                next_synthetic, synth_hidden = self.synthetic_gradient(end, synth_hidden)
+                g_end = next_synthetic.detach() * (self.grad_scale / unit)
+                objective = objective + (g_end * end).sum()   # <g_end, e>: the future
+            if self.aux_head is not None:
+                future = (next_synthetic.detach() if next_synthetic is not None
+                          else end.new_zeros(end.shape))   # 0 after the end
+                aux_k = synthesizer_loss(self.aux_head(y).flatten(0, 1),
+                                         future.repeat(y.shape[0], 1))
+                aux_losses.append(aux_k.detach())
+                objective = objective + self.aux_weight * aux_k
+            if objective.requires_grad:                  # a chunk may score nothing
+                objective.backward()
+            if synthetic is not None and synthetic.requires_grad:
+                local = s.grad if s.grad is not None else torch.zeros_like(s)
+                target = local * unit                    # bootstrapped: local + synthetic future
+                targets.append(target)
+                fits.append(synthesizer_loss(synthetic, target))
+            outputs.append(prediction.detach())
+            total = total + loss_k.detach()
+            synthetic, start, state = next_synthetic, end.detach(), end_state
+        fit = None
+        if fits:
+            fit = torch.stack(fits).sum()
+            fit.backward()                               # through S's own recurrence too
+            fit = fit.detach() / len(fits)
+        aux = torch.stack(aux_losses).mean() if aux_losses else None
+        final = tuple(x.detach() for x in state_tensors(state))
+        return SequenceReport(torch.cat(outputs), total, fit, aux, targets,
+                              final if isinstance(state, (tuple, list)) else final[0])

@@ -1,0 +1,243 @@
+"""Recurrent DNI (dni/recurrent.py) against autograd: full BPTT when T covers the sequence,
+plain truncated BPTT at step 0, the synthesizer's bootstrapped target, LSTM / GRU cores,
+RNN_DNI in the loop, and DNI+Aux."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dni import RNN_DNI, Linear_DNI, TruncatedBPTT
+from dni.recurrent import flatten_state, state_size, unflatten_state, zero_state
+
+L, B, I, H, O = 7, 5, 3, 6, 2
+
+
+def sequence(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(L, B, I, generator=g), torch.randn(L, B, O, generator=g)
+
+
+def chunk_loss(targets):
+    """Squared error summed over the chunk's steps and outputs, mean over the batch."""
+    return lambda y, t0, t1: (y - targets[t0:t1]).pow(2).sum() / y.shape[1]
+
+
+def build(kind="lstm", seed=1, synthesizer=True, random_synth=False, **options):
+    torch.manual_seed(seed)
+    core = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind](I, H)
+    readout = nn.Linear(H, O)
+    synth = Linear_DNI(state_size(core)) if synthesizer else None
+    if random_synth:
+        nn.init.normal_(synth.net[0].weight, std=0.3)
+        nn.init.normal_(synth.net[0].bias, std=0.3)
+    return TruncatedBPTT(core, readout=readout, synthesizer=synth, **options)
+
+
+def network_grads(bptt):
+    synth = {id(p) for p in bptt.synthesizer.parameters()} if bptt.synthesizer else set()
+    return [p.grad.clone() for p in bptt.parameters() if id(p) not in synth]
+
+
+def full_bptt_grads(bptt, x, y):
+    """The reference: the whole sequence in one graph, one backward."""
+    bptt.zero_grad()
+    out, _ = bptt.core(x)
+    loss = chunk_loss(y)(bptt.readout(out), 0, L)
+    loss.backward()
+    grads = network_grads(bptt)
+    bptt.zero_grad()
+    return loss.detach(), grads
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_state_flattening_round_trip(kind):
+    core = {"lstm": nn.LSTM, "gru": nn.GRU}[kind](I, H, num_layers=2)
+    state = zero_state(core, B)
+    pieces = state if isinstance(state, tuple) else (state,)
+    pieces = tuple(torch.randn_like(p) for p in pieces)
+    like = pieces if isinstance(state, tuple) else pieces[0]
+    flat = flatten_state(like)
+    assert flat.shape == (B, state_size(core)) == (B, 2 * H * len(pieces))
+    back = unflatten_state(flat, like)
+    for a, b in zip(pieces, back if isinstance(back, tuple) else (back,)):
+        assert torch.equal(a, b)
+    # example b's vector holds only example b's state
+    assert torch.equal(flat[1, :H], pieces[0][0, 1])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("truncation", [L, L + 3])
+def test_truncation_covering_the_sequence_is_full_bptt(kind, truncation):
+    x, y = sequence()
+    bptt = build(kind, truncation=truncation, random_synth=True)
+    want_loss, want = full_bptt_grads(bptt, x, y)
+    report = bptt(x, chunk_loss(y))
+    assert torch.allclose(report.loss, want_loss)
+    for g, w in zip(network_grads(bptt), want):
+        assert torch.allclose(g, w, atol=1e-6)
+
+
+def truncated_grads(bptt, x, y, T):
+    """Plain truncated BPTT written out: detach the state every T steps."""
+    bptt.zero_grad()
+    state = None
+    for t0 in range(0, L, T):
+        out, state = bptt.core(x[t0:t0 + T], state)
+        chunk_loss(y)(bptt.readout(out), t0, t0 + T).backward()
+        state = tuple(s.detach() for s in state) if isinstance(state, tuple) else state.detach()
+    grads = network_grads(bptt)
+    bptt.zero_grad()
+    return grads
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("T", [2, 3])
+def test_zero_initialised_synthesizer_is_truncated_bptt_at_step_0(kind, T):
+    x, y = sequence()
+    dni = build(kind, truncation=T, grad_scale=1.0)
+    want = truncated_grads(dni, x, y, T)
+    dni(x, chunk_loss(y))
+    got = network_grads(dni)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, atol=1e-6)
+    # a synthesizer that predicts something changes the update (the test can fail)
+    dni = build(kind, truncation=T, random_synth=True)
+    dni(x, chunk_loss(y))
+    assert any(not torch.allclose(g, w, atol=1e-4) for g, w in zip(network_grads(dni), want))
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("grad_scale", [1.0, 0.1])
+def test_synthesizer_target_is_autograd_gradient_at_chunk_start(kind, grad_scale):
+    """d_k = B * d(loss_k + <g_end, e>)/ds with g_end = scale * S(e) / B, and S's parameters
+    get the gradient of sum_k ||S(s_k) - d_k||^2 / B."""
+    T = 3
+    x, y = sequence(2)
+    dni = build(kind, truncation=T, grad_scale=grad_scale, random_synth=True)
+    dni.zero_grad()
+    report = dni(x, chunk_loss(y))
+    got_synth_grads = [p.grad.clone() for p in dni.synthesizer.parameters()]
+    # independently: run the chunks again with torch.autograd.grad
+    S = dni.synthesizer
+    like = zero_state(dni.core, B)
+    s = flatten_state(like)
+    targets, fit = [], 0.0
+    starts = list(range(0, L, T))
+    for k, t0 in enumerate(starts):
+        t1 = min(t0 + T, L)
+        s = s.detach().requires_grad_()
+        out, end_state = dni.core(x[t0:t1], unflatten_state(s, like))
+        e = flatten_state(end_state)
+        objective = chunk_loss(y)(dni.readout(out), t0, t1)
+        if t1 < L:
+            g_end = grad_scale * S(e.detach())[0].detach() / B
+            objective = objective + (g_end * e).sum()
+        (ds,) = torch.autograd.grad(objective, s)
+        d = B * ds
+        targets.append(d)
+        fit = fit + (S(s.detach())[0] - d).pow(2).sum() / B
+        s = e
+    assert len(report.targets) == len(targets) == len(starts)
+    for got, want in zip(report.targets, targets):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert targets[0].abs().sum() > 0
+    want_grads = torch.autograd.grad(fit, list(S.parameters()))
+    for g, w in zip(got_synth_grads, want_grads):
+        assert torch.allclose(g, w, atol=1e-5)
+    assert torch.allclose(report.synthesizer_loss, fit.detach() / len(starts), atol=1e-6)
+
+
+def test_synthetic_gradient_is_zero_after_the_end():
+    """The last chunk's objective has no synthetic term: its target is the local gradient."""
+    x, y = sequence(3)
+    dni = build("lstm", truncation=4, random_synth=True)
+    report = dni(x, chunk_loss(y))
+    like = zero_state(dni.core, B)
+    start = flatten_state(dni.core(x[:4])[1]).detach().requires_grad_()
+    out, _ = dni.core(x[4:], unflatten_state(start, like))
+    (ds,) = torch.autograd.grad(chunk_loss(y)(dni.readout(out), 4, L), start)
+    assert torch.allclose(report.targets[-1], B * ds, atol=1e-6)
+
+
+def test_rnn_synthesizer_carries_its_state_and_learns():
+    """RNN_DNI in the loop: its hidden state runs across chunk edges, its loss falls."""
+    x, y = sequence(4)
+    torch.manual_seed(0)
+    core, readout = nn.LSTM(I, H), nn.Linear(H, O)
+    synth = RNN_DNI(state_size(core), hidden_size=16)
+    dni = TruncatedBPTT(core, 2, synthesizer=synth, readout=readout, grad_scale=0.5)
+    opt = torch.optim.Adam(synth.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        losses.append(dni(x, chunk_loss(y)).synthesizer_loss.item())
+        assert all(p.grad is not None for p in synth.rnn.parameters())
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_dni_aux_head_trains_and_reaches_the_core():
+    x, y = sequence(5)
+    plain = build("lstm", truncation=3, random_synth=True)
+    aux = build("lstm", truncation=3, random_synth=True, aux_weight=1.0)
+    nn.init.normal_(aux.aux_head.weight, std=0.3)
+    report = aux(x, chunk_loss(y))
+    assert report.aux_loss is not None and report.aux_loss > 0
+    assert aux.aux_head.weight.grad.abs().sum() > 0
+    plain(x, chunk_loss(y))
+    core_plain = plain.core.weight_ih_l0.grad
+    core_aux = aux.core.weight_ih_l0.grad
+    assert not torch.allclose(core_plain, core_aux, atol=1e-6)
+    # with a zero-initialised aux head the core's update is DNI's
+    aux = build("lstm", truncation=3, random_synth=True, aux_weight=1.0)
+    aux(x, chunk_loss(y))
+    assert torch.allclose(aux.core.weight_ih_l0.grad, core_plain, atol=1e-6)
+
+
+def test_chunks_that_score_nothing():
+    """A loss only at the last step (add / argmax): early chunks have no local loss."""
+    x, y = sequence(6)
+
+    def last_step(out, t0, t1):
+        return F.mse_loss(out[-1], y[-1], reduction="sum") / B if t1 == L else out.sum() * 0
+
+    bptt = build("gru", truncation=2, synthesizer=False)
+    bptt(x, last_step)
+    grads = network_grads(bptt)
+    assert grads[0].abs().sum() > 0
+    dni = build("gru", truncation=2, random_synth=True)
+    report = dni(x, last_step)
+    assert len(report.targets) == 4
+
+
+def test_custom_core_needs_an_initial_state():
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = nn.RNNCell(I, H)
+
+        def forward(self, x, h):
+            outs = []
+            for xt in x:
+                h = self.cell(xt, h)
+                outs.append(h)
+            return torch.stack(outs), h
+
+    core = Cell()
+    x, y = sequence(7)
+    dni = TruncatedBPTT(core, 3, synthesizer=Linear_DNI(H), readout=nn.Linear(H, O))
+    with pytest.raises(TypeError, match="initial state"):
+        dni(x, chunk_loss(y))
+    report = dni(x, chunk_loss(y), state=torch.zeros(B, H))
+    assert report.outputs.shape == (L, B, O) and report.state.shape == (B, H)
+
+
+def test_bad_options():
+    core = nn.LSTM(I, H)
+    with pytest.raises(ValueError):
+        TruncatedBPTT(core, 0)
+    with pytest.raises(ValueError):
+        TruncatedBPTT(core, 2, synthesizer=Linear_DNI(2 * H), grad_scale=-1.0)
+    with pytest.raises(ValueError):
+        TruncatedBPTT(core, 2, aux_weight=1.0)
