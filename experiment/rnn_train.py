@@ -1,0 +1,307 @@
+"""Training an RNN on a sequence task with truncated BPTT, DNI or DNI+Aux, under the task's
+curriculum: flags, model, the loop (progress bar, a line every --log-every steps, metrics.csv,
+periodic atomic checkpoints, SIGINT/SIGTERM -> save and exit, exact --resume) and summary.json.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from dni.recurrent import TruncatedBPTT, state_size
+from dni.synthesizers import MLP_DNI, RNN_DNI, Linear_DNI
+from experiment.cli import (
+    Parser,
+    parse_training_args,
+    positive_float,
+    positive_int,
+    prepare_out_dir,
+    resolve_device,
+)
+from experiment.errors import RunInterrupted, UserError
+from experiment.records import (
+    MetricsLog,
+    load_checkpoint,
+    save_checkpoint,
+    write_config,
+    write_json,
+)
+from experiment.sequence_tasks import TASKS, Curriculum, make_task
+from experiment.train import _StopRequest, first_nonfinite_gradient
+
+METHODS = ("bptt", "dni", "dni_aux")
+CORES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+COLUMNS = ["level", "max_length_solved", "errors_per_seq", "sg_loss", "aux_loss"]
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    if text.strip().lower() in ("0", "0.0"):
+        return 0.0
+    return positive_float(text)
+
+
+def build_parser() -> Parser:
+    """rnn_tasks.py's flags, each with its default in --help."""
+    p = Parser(description="Train an RNN on copy / repeat copy / add / argmax with truncated "
+                           "BPTT, DNI or DNI+Aux; report the longest sequence solved.")
+    p.add_argument("--task", choices=TASKS, default="copy", help="the sequence task")
+    p.add_argument("--method", choices=METHODS, default="dni",
+                   help="bptt: truncated BPTT; dni: + synthetic gradient at every chunk edge; "
+                        "dni_aux: + the auxiliary task")
+    p.add_argument("--truncation", type=positive_int, default=3,
+                   help="T, the steps of each BPTT chunk")
+    p.add_argument("--steps", type=positive_int, default=4000, help="optimizer steps (batches)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch")
+    p.add_argument("--hidden", type=positive_int, default=128, help="units of the RNN core")
+    p.add_argument("--core", choices=sorted(CORES), default="lstm", help="the RNN core")
+    p.add_argument("--lr", type=positive_float, default=3e-3, help="Adam learning rate (core)")
+    p.add_argument("--synth-lr", type=positive_float, default=None,
+                   help="Adam learning rate of the synthesizer (default: --lr)")
+    p.add_argument("--synthesizer", choices=["linear", "mlp", "rnn"], default="linear",
+                   help="synthesizer on the flattened state (LSTM: [h, c])")
+    p.add_argument("--synth-hidden", type=positive_int, default=256,
+                   help="hidden units of the mlp / rnn synthesizer")
+    p.add_argument("--grad-scale", type=nonnegative_float, default=0.1,
+                   help="scale (and bootstrap discount) of the synthetic gradient")
+    p.add_argument("--aux-weight", type=nonnegative_float, default=1.0,
+                   help="weight of the DNI+Aux auxiliary loss (dni_aux only)")
+    p.add_argument("--clip", type=nonnegative_float, default=0.0,
+                   help="clip the gradient norm of the core and readout (0: off)")
+    p.add_argument("--threshold", type=positive_float, default=0.15,
+                   help="curriculum: grow the length when errors per sequence fall below this")
+    p.add_argument("--window", type=positive_int, default=10,
+                   help="curriculum: batches averaged for the threshold")
+    p.add_argument("--max-length", type=positive_int, default=64,
+                   help="curriculum: the longest length (level) tried")
+    p.add_argument("--bits", type=positive_int, default=8, help="copy tasks: bits per vector")
+    p.add_argument("--max-repeats", type=positive_int, default=2,
+                   help="repeat_copy: repeats drawn from 1..this")
+    p.add_argument("--seed", type=int, default=0, help="random seed (CPU runs repeat exactly)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: CUDA when available, else CPU")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: torch's default)")
+    p.add_argument("--out", default=None,
+                   help="run folder (default: runs/rnn_tasks-<time>)")
+    p.add_argument("--log-every", type=int, default=200,
+                   help="print a line and write a metrics.csv row every N steps (0: never)")
+    p.add_argument("--checkpoint-every", type=positive_int, default=500,
+                   help="save checkpoint.pt every N steps (and at the end and on a signal)")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run in DIR from its checkpoint, with its flags "
+                        "(flags given beside it override them)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse and check the flags (with --resume, the run's saved flags are the defaults)."""
+    parser = build_parser()
+    args = parse_training_args(parser, argv)
+    if args.threads < 0:
+        parser.error(f"argument --threads: must be 0 or positive, got {args.threads}")
+    if args.task == "argmax" and args.max_length > 512:
+        parser.error("argument --max-length: argmax names positions, at most 512")
+    return args
+
+
+class SequenceModel(nn.Module):
+    """The RNN core, its readout, and the truncated-BPTT trainer with its synthesizer."""
+
+    def __init__(self, args, input_size: int, output_size: int):
+        super().__init__()
+        core = CORES[args.core](input_size, args.hidden)
+        width = state_size(core)
+        synthesizer = None
+        if args.method != "bptt":
+            if args.synthesizer == "linear":
+                synthesizer = Linear_DNI(width)
+            elif args.synthesizer == "mlp":
+                synthesizer = MLP_DNI(width, args.synth_hidden, num_layers=2, batch_norm=False)
+            else:
+                synthesizer = RNN_DNI(width, args.synth_hidden)
+        self.trainer = TruncatedBPTT(
+            core, args.truncation, synthesizer=synthesizer,
+            readout=nn.Linear(args.hidden, output_size), grad_scale=args.grad_scale,
+            aux_weight=args.aux_weight if args.method == "dni_aux" else 0.0,
+            aux_input_size=args.hidden)
+
+    def network_parameters(self) -> list[nn.Parameter]:
+        """Core, readout and aux head: everything but the synthesizer."""
+        synth = set(map(id, self.trainer.synthesizer.parameters())) \
+            if self.trainer.synthesizer is not None else set()
+        return [p for p in self.parameters() if id(p) not in synth]
+
+
+def make_optimizer(model: SequenceModel, args) -> torch.optim.Optimizer:
+    """Adam: the network at --lr, the synthesizer (if any) at --synth-lr."""
+    groups = [{"params": model.network_parameters(), "lr": args.lr}]
+    if model.trainer.synthesizer is not None:
+        groups.append({"params": list(model.trainer.synthesizer.parameters()),
+                       "lr": args.synth_lr or args.lr})
+    return torch.optim.Adam(groups)
+
+
+@dataclass
+class RunState:
+    """Where a run stands, besides model, optimizer and RNGs."""
+
+    step: int = 0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    curriculum: dict = field(default_factory=dict)
+    window: dict = field(default_factory=lambda: {"loss": 0.0, "errors": 0.0, "sg": 0.0,
+                                                   "aux": 0.0, "n": 0})
+    levels: list = field(default_factory=list)     # [step, level] each time the level grew
+
+
+def train(args, on_step: Callable[[int], None] | None = None) -> dict:
+    """Run (or resume) one training run; write its records; return summary.json's dict."""
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoint = load_checkpoint(Path(args.resume), device) if args.resume else None
+    out_dir = prepare_out_dir(args.out, "rnn_tasks")
+    write_config(out_dir, "rnn_tasks.py", args, device)
+    torch.manual_seed(args.seed)
+    task = make_task(args.task, bits=args.bits, max_repeats=args.max_repeats,
+                     max_length=args.max_length)
+    model = SequenceModel(args, task.input_size, task.output_size).to(device)
+    optimizer = make_optimizer(model, args)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    curriculum = Curriculum(args.threshold, args.window, max_level=args.max_length)
+    state = RunState()
+    if checkpoint is not None:
+        flag_lrs = [group["lr"] for group in optimizer.param_groups]
+        try:
+            model.load_state_dict(checkpoint["model"])
+            optimizer.load_state_dict(checkpoint["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise UserError(f"the checkpoint does not fit this model ({str(exc)[:120]}...)"
+                            ) from None
+        for group, lr in zip(optimizer.param_groups, flag_lrs):  # flags given now win
+            group["lr"] = lr
+        state = RunState(**checkpoint["state"])
+        curriculum = Curriculum(**state.curriculum)
+        curriculum.threshold, curriculum.window = args.threshold, args.window
+        torch.set_rng_state(checkpoint["rng_torch"].cpu())
+        generator.set_state(checkpoint["rng_data"].cpu())
+    log = MetricsLog(out_dir / "metrics.csv", COLUMNS,
+                     keep_rows=checkpoint["metrics_rows"] if checkpoint else None)
+    network = [(n, p) for n, p in model.named_parameters()]
+    clipped = model.network_parameters()
+
+    def save() -> Path:
+        state.curriculum = asdict(curriculum)
+        return save_checkpoint(out_dir, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "state": asdict(state), "rng_torch": torch.get_rng_state(),
+            "rng_data": generator.get_state(), "metrics_rows": log.rows})
+
+    session_start, wall_base = time.perf_counter(), state.wall_seconds
+    bar = tqdm(total=args.steps, initial=state.step, disable=None, file=sys.stderr,
+               desc=f"{args.task} {args.method} T={args.truncation}", leave=False)
+    with _StopRequest() as stop:
+        while state.step < args.steps:
+            tick = time.perf_counter()
+            batch = task.sample(curriculum.level, args.batch_size, generator, device)
+            optimizer.zero_grad(set_to_none=True)
+            report = model.trainer(batch.inputs, task.loss_of(batch))
+            _check_finite(report, network, state.step, out_dir)
+            if args.clip > 0:
+                nn.utils.clip_grad_norm_(clipped, args.clip)
+            optimizer.step()
+            errors = task.errors(report.outputs, batch).item()
+            window = state.window
+            window["loss"] += report.loss.item()
+            window["errors"] += errors
+            window["sg"] += report.synthesizer_loss.item() if report.synthesizer_loss is not None \
+                else 0.0
+            window["aux"] += report.aux_loss.item() if report.aux_loss is not None else 0.0
+            window["n"] += 1
+            if curriculum.record(errors):
+                state.levels.append([state.step + 1, curriculum.level])
+            state.step += 1
+            now = time.perf_counter()
+            state.train_seconds += now - tick
+            state.wall_seconds = wall_base + now - session_start
+            bar.update()
+            if args.log_every > 0 and (state.step % args.log_every == 0
+                                       or state.step == args.steps):
+                _log_line(args, state, curriculum, log, bar)
+            if on_step is not None:
+                on_step(state.step)
+            if stop.signum is not None:
+                bar.close()
+                raise RunInterrupted(stop.signum, save(), 1, state.step)
+            if state.step % args.checkpoint_every == 0 and state.step < args.steps:
+                save()
+    bar.close()
+    save()
+    return _write_summary(args, state, curriculum, out_dir, device)
+
+
+def _check_finite(report, network, step: int, out_dir: Path) -> None:
+    """Stop with one line when the loss, the synthesizer's loss or a gradient is not finite."""
+    bad = None
+    if not torch.isfinite(report.loss):
+        bad = "loss"
+    elif report.synthesizer_loss is not None and not torch.isfinite(report.synthesizer_loss):
+        bad = "synthetic-gradient loss"
+    else:
+        bad = first_nonfinite_gradient(network)
+    if bad:
+        kept = "; the last good checkpoint stays" if (out_dir / "checkpoint.pt").exists() else ""
+        raise UserError(f"training diverged: non-finite {bad} at step {step}{kept}; "
+                        "lower --lr or --grad-scale")
+
+
+def _log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog, bar) -> None:
+    """One metrics.csv row and one printed line for the steps since the last one."""
+    w = state.window
+    n = max(w["n"], 1)
+    row = {"kind": "step", "step": state.step, "wall_seconds": state.wall_seconds,
+           "train_loss": w["loss"] / n, "level": curriculum.level,
+           "max_length_solved": curriculum.solved, "errors_per_seq": w["errors"] / n,
+           "sg_loss": w["sg"] / n if args.method != "bptt" else None,
+           "aux_loss": w["aux"] / n if args.method == "dni_aux" else None}
+    log.write(row)
+    unit = "bits/seq" if args.task in ("copy", "repeat_copy") else "errors/seq"
+    line = (f"step {state.step:>6}/{args.steps}  length {curriculum.level:>3}  "
+            f"solved {curriculum.solved:>3}  {unit} {row['errors_per_seq']:.3f}  "
+            f"loss {row['train_loss']:.4f}")
+    if row["sg_loss"] is not None:
+        line += f"  sg_loss {row['sg_loss']:.3g}"
+    if row["aux_loss"] is not None:
+        line += f"  aux_loss {row['aux_loss']:.3g}"
+    bar.write(f"{line}  {state.train_seconds:.0f}s", file=sys.stdout)
+    sys.stdout.flush()
+    state.window = {"loss": 0.0, "errors": 0.0, "sg": 0.0, "aux": 0.0, "n": 0}
+
+
+def _write_summary(args, state: RunState, curriculum: Curriculum, out_dir: Path,
+                   device) -> dict:
+    """summary.json of the finished run."""
+    summary = {
+        "task": args.task, "method": args.method, "truncation": args.truncation,
+        "max_length_solved": curriculum.solved, "steps": state.step,
+        "train_seconds": state.train_seconds, "final_length": curriculum.level,
+        "steps_per_s": state.step / state.train_seconds if state.train_seconds else math.nan,
+        "levels": state.levels, "seed": args.seed, "batch_size": args.batch_size,
+        "hidden": args.hidden, "core": args.core, "lr": args.lr, "synth_lr": args.synth_lr,
+        "synthesizer": args.synthesizer, "grad_scale": args.grad_scale,
+        "aux_weight": args.aux_weight, "device": str(device), "argv": sys.argv,
+    }
+    write_json(out_dir / "summary.json", summary)
+    print(f"{args.task} {args.method} T={args.truncation}: longest length solved "
+          f"{curriculum.solved} in {state.step} steps ({state.train_seconds:.1f}s); "
+          f"run records in {out_dir}", flush=True)
+    return summary

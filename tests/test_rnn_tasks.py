@@ -1,0 +1,156 @@
+"""rnn_tasks.py and its loop (experiment/rnn_train.py): summary, one-line errors for bad flags,
+divergence, and exact resume after SIGTERM."""
+
+import csv
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from experiment.errors import RunInterrupted, UserError
+from experiment.rnn_train import parse_args, train
+
+TINY = ["--steps", "12", "--batch-size", "4", "--hidden", "8", "--device", "cpu",
+        "--log-every", "4", "--threads", "1"]
+
+
+def assert_one_error_line(result):
+    assert result.returncode not in (0, None)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_script_writes_summary(run_script, tmp_path):
+    result = run_script("rnn_tasks.py", *TINY, "--task", "copy", "--method", "dni",
+                        "--truncation", "2", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("task", "method", "truncation", "max_length_solved", "steps", "train_seconds"):
+        assert key in summary
+    assert (summary["task"], summary["method"], summary["truncation"]) == ("copy", "dni", 2)
+    assert summary["steps"] == 12 and summary["train_seconds"] > 0
+    assert "length" in result.stdout and "solved" in result.stdout
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [4, 8, 12]
+    assert rows[0]["sg_loss"] != "" and rows[0]["aux_loss"] == ""
+    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "config.json").exists()
+
+
+@pytest.mark.parametrize("task, method, core", [("repeat_copy", "dni_aux", "lstm"),
+                                                ("add", "bptt", "gru"), ("argmax", "dni", "rnn")])
+def test_every_task_and_method_trains(tmp_path, task, method, core):
+    summary = train(parse_args([*TINY, "--task", task, "--method", method, "--core", core,
+                                "--max-length", "16", "--out", str(tmp_path)]))
+    assert (summary["task"], summary["method"], summary["core"]) == (task, method, core)
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert (rows[-1]["aux_loss"] != "") == (method == "dni_aux")
+    assert (rows[-1]["sg_loss"] != "") == (method != "bptt")
+
+
+BAD = {
+    "truncation zero": ["--truncation", "0"],
+    "steps negative": ["--steps", "-3"],
+    "unknown task": ["--task", "sort"],
+    "unknown method": ["--method", "sgd"],
+    "lr zero": ["--lr", "0"],
+    "grad scale negative": ["--grad-scale", "-1"],
+    "grad scale not a number": ["--grad-scale", "big"],
+    "batch size zero": ["--batch-size", "0"],
+    "hidden not a number": ["--hidden", "x"],
+    "unknown synthesizer": ["--synthesizer", "conv"],
+    "log every negative": ["--log-every", "-1"],
+    "threads negative": ["--threads", "-2"],
+    "unknown device": ["--device", "tpu"],
+    "unknown flag": ["--bogus"],
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_flags_give_one_error_line(case):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(BAD[case])
+    assert exit_info.value.code == 2
+
+
+def test_bad_flag_through_the_script(run_script):
+    result = run_script("rnn_tasks.py", "--truncation", "0")
+    assert_one_error_line(result)
+    assert result.returncode == 2 and "--truncation" in result.stderr
+
+
+def test_resume_of_a_missing_run(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        train(parse_args(["--resume", str(tmp_path / "none")]))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
+def test_cuda_without_gpu(tmp_path):
+    with pytest.raises(UserError, match="cuda"):
+        train(parse_args(["--device", "cuda", "--out", str(tmp_path)]))
+
+
+def tiny_args(out, *extra):
+    return parse_args([*TINY, "--steps", "9", "--log-every", "2", "--checkpoint-every", "4",
+                       "--out", str(out), *extra])
+
+
+def records(out):
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    summary = json.loads((out / "summary.json").read_text())
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    return rows, summary, state
+
+
+@pytest.mark.parametrize("stop_after, extra", [
+    (3, ["--method", "dni", "--truncation", "2"]),
+    (4, ["--method", "dni_aux", "--truncation", "3", "--synthesizer", "rnn"]),
+    (8, ["--method", "bptt", "--task", "repeat_copy", "--core", "gru"]),
+])
+def test_sigterm_then_resume_is_exact(tmp_path, stop_after, extra):
+    extra = [*extra, "--bits", "2", "--threshold", "6", "--window", "2"]  # levels grow
+    train(tiny_args(tmp_path / "ref", *extra))
+    want_rows, want_summary, want_state = records(tmp_path / "ref")
+    assert want_summary["final_length"] > 1
+
+    def kill(step):
+        if step == stop_after:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(RunInterrupted) as info:
+        train(tiny_args(tmp_path / "cut", *extra), on_step=kill)
+    assert info.value.exit_code == 128 + signal.SIGTERM
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    train(parse_args(["--resume", str(tmp_path / "cut")]))
+    rows, summary, state = records(tmp_path / "cut")
+    for key in want_state:
+        assert torch.equal(state[key], want_state[key]), key
+    drop = ("wall_seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in want_rows]
+    for key in ("max_length_solved", "final_length", "levels", "steps"):
+        assert summary[key] == want_summary[key]
+
+
+def test_divergence_stops_with_one_line(tmp_path, monkeypatch):
+    from experiment import sequence_tasks
+
+    sample = sequence_tasks.Copy.sample
+    calls = {"n": 0}
+
+    def poisoned(self, *a, **k):
+        batch = sample(self, *a, **k)
+        calls["n"] += 1
+        if calls["n"] == 6:
+            batch.inputs[0] = float("nan")
+        return batch
+
+    monkeypatch.setattr(sequence_tasks.Copy, "sample", poisoned)
+    with pytest.raises(UserError, match="diverged: non-finite loss at step 5; the last good"):
+        train(tiny_args(tmp_path))
+    assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "summary.json").exists()
