@@ -133,3 +133,42 @@ def draw_figures(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     by_epoch.legend()
     save(fig, "test_acc.png")
     return written
+
+
+def _rnn_label(run_dir: Path) -> str:
+    """'copy DNI T=3 seed 0' from an rnn_tasks.py run's config.json."""
+    try:
+        args = json.loads((run_dir / "config.json").read_text())["args"]
+    except (OSError, ValueError, KeyError):
+        return run_dir.name
+    method = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux"}.get(args.get("method"), "?")
+    return f"{args.get('task')} {method} T={args.get('truncation')} seed {args.get('seed')}"
+
+
+def draw_length_curves(run_dirs: list[str | Path], out_path: str | Path) -> Path:
+    """One figure of the curriculum length reached against training step for several
+    rnn_tasks.py runs (their metrics.csv `level` column); return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    palette = sns.color_palette("tab10")
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, run_dir in enumerate(map(Path, run_dirs)):
+        steps = load_run(run_dir).steps
+        xs, ys = _series(steps, "step", "level")
+        style = ("-", "--", ":", "-.")[(i // 10) % 4]
+        ax.plot(xs, ys, style, drawstyle="steps-post", color=palette[i % 10],
+                label=_rnn_label(run_dir))
+    ax.set(title="Sequence length reached (curriculum)", xlabel="training step",
+           ylabel="length N")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,132 @@
+"""The longest sequence solved by truncated BPTT, DNI and DNI+Aux on copy and repeat copy at
+several truncations T, over seeds (median and range), as a markdown table.
+
+Each run is `rnn_tasks.py` in its own folder under --results; a folder with summary.json is
+finished and skipped, one with only a checkpoint is resumed. Subsets by flags, so the table can
+be filled a few runs at a time (--max-runs). Every run uses one CPU thread.
+
+Usage: python bench/rnn.py [--tasks copy repeat_copy] [--methods bptt dni dni_aux]
+       [--truncations 2 3 4 5 8] [--seeds 0 1 2] [--max-runs K] [--table-only]
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from experiment.cli import Parser, positive_int, run
+
+LABELS = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux"}
+
+
+def run_name(task: str, method: str, truncation: int, seed: int) -> str:
+    """The folder of one run."""
+    return f"{task}-{method}-T{truncation}-s{seed}"
+
+
+def train_one(folder: Path, task: str, method: str, truncation: int, seed: int,
+              extra: list[str]) -> dict:
+    """Run (or resume) one rnn_tasks.py run on one thread; return its summary."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
+    if (folder / "checkpoint.pt").exists():
+        argv = ["--resume", str(folder)]
+    else:
+        argv = ["--task", task, "--method", method, "--truncation", str(truncation),
+                "--seed", str(seed), "--out", str(folder), *extra]
+    cmd = [sys.executable, str(ROOT / "rnn_tasks.py"), *argv, "--threads", "1",
+           "--device", "cpu", "--log-every", "100"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr[-2000:])
+        raise SystemExit(f"error: run {folder.name} failed (exit {result.returncode})")
+    return json.loads((folder / "summary.json").read_text())
+
+
+def cell(values: list[int]) -> str:
+    """'median (min-max)' of the seeds' lengths, '-' when none finished."""
+    if not values:
+        return "-"
+    med = statistics.median(values)
+    text = f"{med:g}"
+    return f"{text} ({min(values)}-{max(values)})" if len(values) > 1 else text
+
+
+def table(results: Path, tasks, methods, truncations, seeds) -> str:
+    """The markdown table of the finished runs."""
+    head = "| task | T | " + " | ".join(LABELS[m] for m in methods) + " | seeds | s/run |"
+    lines = [head, "|" + "---|" * (len(methods) + 4)]
+    for task in tasks:
+        for t in truncations:
+            cells, seconds, counts = [], [], []
+            for method in methods:
+                values = []
+                for seed in seeds:
+                    path = results / run_name(task, method, t, seed) / "summary.json"
+                    if path.exists():
+                        summary = json.loads(path.read_text())
+                        values.append(summary["max_length_solved"])
+                        seconds.append(summary["train_seconds"])
+                cells.append(cell(values))
+                counts.append(len(values))
+            per_run = f"{statistics.mean(seconds):.0f}" if seconds else "-"
+            lines.append(f"| {task} | {t} | " + " | ".join(cells)
+                         + f" | {min(counts)} | {per_run} |")
+    return "\n".join(lines)
+
+
+def main():
+    """Run what is missing (up to --max-runs), then print the table."""
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", nargs="+", choices=["copy", "repeat_copy"],
+                        default=["copy", "repeat_copy"], help="tasks")
+    parser.add_argument("--methods", nargs="+", choices=list(LABELS),
+                        default=list(LABELS), help="methods")
+    parser.add_argument("--truncations", nargs="+", type=positive_int, default=[2, 3, 4, 5, 8],
+                        help="truncations T")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds")
+    parser.add_argument("--results", default=str(ROOT / "runs" / "bench-rnn"),
+                        help="folder of the run folders")
+    parser.add_argument("--max-runs", type=int, default=0,
+                        help="start at most this many unfinished runs, then print (0: all)")
+    parser.add_argument("--table-only", action="store_true", help="run nothing; print")
+    parser.add_argument("--figure", default=None, metavar="PNG",
+                        help="also draw length reached against steps for the seed-0 runs")
+    args, extra = parser.parse_known_args()
+    if any(not e.startswith("--") for e in extra[:1]):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    started = 0
+    if not args.table_only:
+        for task in args.tasks:
+            for t in args.truncations:
+                for seed in args.seeds:
+                    for method in args.methods:
+                        folder = results / run_name(task, method, t, seed)
+                        if (folder / "summary.json").exists():
+                            continue
+                        if args.max_runs and started >= args.max_runs:
+                            continue
+                        started += 1
+                        tick = time.perf_counter()
+                        summary = train_one(folder, task, method, t, seed, extra)
+                        print(f"{folder.name}: length {summary['max_length_solved']} "
+                              f"({time.perf_counter() - tick:.0f}s)", flush=True)
+    print(table(results, args.tasks, args.methods, args.truncations, args.seeds))
+    if args.figure:
+        from experiment.figures import draw_length_curves
+
+        folders = [results / run_name(task, m, t, 0) for task in args.tasks
+                   for t in args.truncations for m in args.methods]
+        draw_length_curves([f for f in folders if (f / "metrics.csv").exists()], args.figure)
+
+
+if __name__ == "__main__":
+    run(main)
