@@ -105,9 +105,9 @@ def main():
     results.mkdir(parents=True, exist_ok=True)
     started = 0
     if not args.table_only:
-        for task in args.tasks:
-            for t in args.truncations:
-                for seed in args.seeds:
+        for seed in args.seeds:                  # seed by seed: every cell gets a first run
+            for task in args.tasks:
+                for t in args.truncations:
                     for method in args.methods:
                         folder = results / run_name(task, method, t, seed)
                         if (folder / "summary.json").exists():

@@ -59,7 +59,7 @@ def build_parser() -> Parser:
                         "dni_aux: + the auxiliary task")
     p.add_argument("--truncation", type=positive_int, default=3,
                    help="T, the steps of each BPTT chunk")
-    p.add_argument("--steps", type=positive_int, default=4000, help="optimizer steps (batches)")
+    p.add_argument("--steps", type=positive_int, default=3000, help="optimizer steps (batches)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch")
     p.add_argument("--hidden", type=positive_int, default=128, help="units of the RNN core")
     p.add_argument("--core", choices=sorted(CORES), default="lstm", help="the RNN core")
@@ -70,7 +70,7 @@ def build_parser() -> Parser:
                    help="synthesizer on the flattened state (LSTM: [h, c])")
     p.add_argument("--synth-hidden", type=positive_int, default=256,
                    help="hidden units of the mlp / rnn synthesizer")
-    p.add_argument("--grad-scale", type=nonnegative_float, default=0.1,
+    p.add_argument("--grad-scale", type=nonnegative_float, default=0.5,
                    help="scale (and bootstrap discount) of the synthetic gradient")
     p.add_argument("--aux-weight", type=nonnegative_float, default=1.0,
                    help="weight of the DNI+Aux auxiliary loss (dni_aux only)")
