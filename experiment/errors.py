@@ -8,10 +8,11 @@ class UserError(Exception):
 class RunInterrupted(Exception):
     """A signal stopped training after a step; the checkpoint to resume from is saved."""
 
-    def __init__(self, signum: int, checkpoint, epoch: int, step: int):
+    def __init__(self, signum: int, checkpoint, epoch: int | None, step: int):
         import signal
 
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
-        super().__init__(f"stopped by {name} in epoch {epoch} after step {step}; checkpoint "
+        where = f" in epoch {epoch}" if epoch is not None else ""
+        super().__init__(f"stopped by {name}{where} after step {step}; checkpoint "
                          f"saved to {checkpoint}; continue with --resume {checkpoint.parent}")

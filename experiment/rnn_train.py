@@ -5,6 +5,7 @@ periodic atomic checkpoints, SIGINT/SIGTERM -> save and exit, exact --resume) an
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import time
@@ -44,9 +45,13 @@ COLUMNS = ["level", "max_length_solved", "errors_per_seq", "sg_loss", "aux_loss"
 
 def nonnegative_float(text: str) -> float:
     """argparse type: a finite float >= 0."""
-    if text.strip().lower() in ("0", "0.0"):
-        return 0.0
-    return positive_float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
 
 
 def build_parser() -> Parser:
@@ -241,7 +246,7 @@ def train(args, on_step: Callable[[int], None] | None = None) -> dict:
                 on_step(state.step)
             if stop.signum is not None:
                 bar.close()
-                raise RunInterrupted(stop.signum, save(), 1, state.step)
+                raise RunInterrupted(stop.signum, save(), None, state.step)
             if state.step % args.checkpoint_every == 0 and state.step < args.steps:
                 save()
     bar.close()

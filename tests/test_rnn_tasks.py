@@ -60,6 +60,7 @@ BAD = {
     "lr zero": ["--lr", "0"],
     "grad scale negative": ["--grad-scale", "-1"],
     "grad scale not a number": ["--grad-scale", "big"],
+    "grad scale infinite": ["--grad-scale", "inf"],
     "batch size zero": ["--batch-size", "0"],
     "hidden not a number": ["--hidden", "x"],
     "unknown synthesizer": ["--synthesizer", "conv"],
@@ -75,6 +76,11 @@ def test_bad_flags_give_one_error_line(case):
     with pytest.raises(SystemExit) as exit_info:
         parse_args(BAD[case])
     assert exit_info.value.code == 2
+
+
+def test_zero_grad_scale_and_aux_weight_are_allowed():
+    args = parse_args(["--grad-scale", "0.0", "--aux-weight", "0"])
+    assert args.grad_scale == 0.0 and args.aux_weight == 0.0
 
 
 def test_bad_flag_through_the_script(run_script):
@@ -125,6 +131,7 @@ def test_sigterm_then_resume_is_exact(tmp_path, stop_after, extra):
     with pytest.raises(RunInterrupted) as info:
         train(tiny_args(tmp_path / "cut", *extra), on_step=kill)
     assert info.value.exit_code == 128 + signal.SIGTERM
+    assert f"after step {stop_after};" in str(info.value) and "epoch" not in str(info.value)
     assert not (tmp_path / "cut" / "summary.json").exists()
     train(parse_args(["--resume", str(tmp_path / "cut")]))
     rows, summary, state = records(tmp_path / "cut")
