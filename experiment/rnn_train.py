@@ -77,7 +77,7 @@ def build_parser() -> Parser:
                    help="hidden units of the mlp / rnn synthesizer")
     p.add_argument("--grad-scale", type=nonnegative_float, default=0.5,
                    help="scale (and bootstrap discount) of the synthetic gradient")
-    p.add_argument("--aux-weight", type=nonnegative_float, default=1.0,
+    p.add_argument("--aux-weight", type=nonnegative_float, default=0.1,
                    help="weight of the DNI+Aux auxiliary loss (dni_aux only)")
     p.add_argument("--clip", type=nonnegative_float, default=0.0,
                    help="clip the gradient norm of the core and readout (0: off)")
