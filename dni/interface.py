@@ -123,19 +123,24 @@ class Interface(nn.Module):
         """Send the synthetic gradient into h's block now; return the next block's input."""
         synthetic = self.predict(h, context)
         unit = self.unit(h)
-        applied = synthetic.detach() * (self.grad_scale / unit)
-        if h.requires_grad:
-            _delivery_scales.append(self.grad_scale)
-            try:
-                h.backward(applied)
-            finally:
-                _delivery_scales.pop()
+        applied = self.send_gradient(h, synthetic)
         value = h.detach()
         if self.input_synthesizer is not None:
             value = self._synthetic_input(net_input, context, value)
         if not synthetic.requires_grad:  # synthesizer without trainable parameters
             return value
         return _Bridge.apply(value, synthetic, applied, self, unit)
+
+    def send_gradient(self, h: torch.Tensor, synthetic: torch.Tensor) -> torch.Tensor:
+        """Back-propagate grad_scale * S / unit into h's block now; return that gradient."""
+        applied = synthetic.detach() * (self.grad_scale / self.unit(h))
+        if h.requires_grad:
+            _delivery_scales.append(self.grad_scale)  # for the interfaces this passes through
+            try:
+                h.backward(applied)
+            finally:
+                _delivery_scales.pop()
+        return applied
 
     def _synthetic_input(self, net_input: torch.Tensor | None, context: torch.Tensor | None,
                          h: torch.Tensor) -> torch.Tensor:
