@@ -16,6 +16,7 @@ from experiment.cli import (
     training_parser,
 )
 from experiment.figures import draw_figures
+from experiment.pipeline_train import train_as_pipeline, world_size_from_env
 from experiment.train import Probe, fit
 from model import MODEL_TYPES, add_model_arguments, attach_dni, build_network
 
@@ -51,8 +52,21 @@ def parse_args():
     parser.add_argument("--baseline", nargs="+", default=None, metavar="RUN_DIR",
                         help="at the end, draw the figures of this run beside these runs "
                              "(e.g. an mlp.py run) into the run folder")
+    parser.add_argument("--stages", type=positive_int, nargs="+", default=None, metavar="BLOCKS",
+                        help="under torchrun: blocks per pipeline stage, one number per process "
+                             "(default: balanced by counted operations)")
+    parser.add_argument("--staleness", type=int, default=1,
+                        help="under torchrun: how many mini-batches a stage's synthesizer update "
+                             "may lag behind its blocks (0: lockstep, equal to one process)")
+    parser.add_argument("--timeout", type=positive_float, default=60.0,
+                        help="under torchrun: seconds to wait for a neighbouring stage before "
+                             "stopping with an error")
     add_model_arguments(parser)
     args = parse_training_args(parser)
+    if args.staleness < 0:
+        parser.error(f"argument --staleness: must be 0 or more, got {args.staleness}")
+    if world_size_from_env() > 1 and args.forward_unlock:
+        parser.error("--forward-unlock is not available in a pipeline (torchrun)")
     if args.synth_lr is None:
         args.synth_lr = 1e-3 if args.conditioned else 1e-2
     if args.synthesizer is None:
@@ -88,23 +102,28 @@ def interface_probe(model, conditioned: bool) -> Probe:
 
 
 def main():
-    """Build the DNI model and train it."""
+    """Build the DNI model and train it (as a pipeline of processes under torchrun)."""
     args = parse_args()
+    options = {k: v for k, v in (("hidden_size", args.synth_hidden),
+                                 ("num_layers", args.synth_layers)) if v is not None}
+    method = "cdni" if args.conditioned else "dni"
+    extra = {"synthesizer": args.synthesizer, "synth_lr": args.synth_lr,
+             "grad_scale": args.grad_scale, "forward_unlock": args.forward_unlock}
+    if world_size_from_env() > 1:
+        train_as_pipeline(args, lambda: build_network(args.model_type, args),
+                          model_name=args.model_type, method=method,
+                          synthesizer_options=options, extra_summary=extra)
+        return
     device, out_dir, data, checkpoint = prepare_run(args, "main.py")
     net = build_network(args.model_type, args).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
-    options = {k: v for k, v in (("hidden_size", args.synth_hidden),
-                                 ("num_layers", args.synth_layers)) if v is not None}
     model = attach_dni(net, optimizer, data.train_x[:2], synthesizer=args.synthesizer,
                        conditioned=args.conditioned, synthesizer_lr=args.synth_lr,
                        grad_scale=args.grad_scale, forward_unlock=args.forward_unlock,
                        **options)
     fit(model, optimizer, data, args, script="main.py", model_name=args.model_type,
-        method="cdni" if args.conditioned else "dni", out_dir=out_dir,
-        probe=interface_probe(model, args.conditioned), checkpoint=checkpoint,
-        extra_summary={"synthesizer": args.synthesizer, "synth_lr": args.synth_lr,
-                       "grad_scale": args.grad_scale, "forward_unlock": args.forward_unlock,
-                       "interfaces": model.block_names})
+        method=method, out_dir=out_dir, probe=interface_probe(model, args.conditioned),
+        checkpoint=checkpoint, extra_summary={**extra, "interfaces": model.block_names})
     if args.baseline:
         for path in draw_figures([out_dir, *args.baseline], out_dir):
             print(f"figure: {path}")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -123,7 +124,7 @@ def resolve_device(name: str) -> torch.device:
 def prepare_out_dir(out: str | None, script: str) -> Path:
     """Create the run folder (default runs/<script>-<time>) and check it is writable."""
     path = Path(out) if out else Path("runs") / f"{script}-{time.strftime('%Y%m%d-%H%M%S')}"
-    probe = path / ".write-test"
+    probe = path / f".write-test-{os.getpid()}"  # several processes may check at once
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_text("")
@@ -151,16 +152,18 @@ def run(main: Callable[[], None]) -> None:
         sys.stderr.flush()
 
 
-def prepare_run(args, script: str):
-    """Seed, device, run folder (config.json written), MNIST, and the checkpoint to resume
-    from (None for a new run): (device, out_dir, data, checkpoint)."""
+def prepare_run(args, script: str, *, primary: bool = True, checkpoint_name: str | None = None):
+    """Seed, device, run folder (config.json written by the `primary` process), MNIST, and the
+    checkpoint to resume from (None for a new run): (device, out_dir, data, checkpoint)."""
     from experiment.data import load_mnist
-    from experiment.records import load_checkpoint, write_config
+    from experiment.records import CHECKPOINT, load_checkpoint, write_config
 
     device = resolve_device(args.device)
-    checkpoint = load_checkpoint(Path(args.resume), device) if args.resume else None
+    checkpoint = (load_checkpoint(Path(args.resume), device, checkpoint_name or CHECKPOINT)
+                  if args.resume else None)
     out_dir = prepare_out_dir(args.out, script.removesuffix(".py"))
     data = load_mnist(args.data_dir, device, args.train_size)
-    write_config(out_dir, script, args, device)
+    if primary:
+        write_config(out_dir, script, args, device)
     torch.manual_seed(args.seed)
     return device, out_dir, data, checkpoint

@@ -86,20 +86,21 @@ class MetricsLog:
         self.rows += 1
 
 
-def save_checkpoint(out_dir: Path, payload: dict) -> Path:
-    """Write checkpoint.pt atomically (temporary file, then rename)."""
-    path = out_dir / CHECKPOINT
-    tmp = out_dir / f".{CHECKPOINT}.tmp"
+def save_checkpoint(out_dir: Path, payload: dict, name: str = CHECKPOINT) -> Path:
+    """Write the checkpoint (checkpoint.pt by default) atomically: temporary file, rename."""
+    path = out_dir / name
+    tmp = out_dir / f".{name}.tmp"
     torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
     os.replace(tmp, path)
     return path
 
 
-def load_checkpoint(run_dir: Path, device: torch.device) -> dict:
-    """Read checkpoint.pt; a missing, truncated or foreign file is a UserError."""
-    path = run_dir / CHECKPOINT
+def load_checkpoint(run_dir: Path, device: torch.device, name: str = CHECKPOINT) -> dict:
+    """Read a checkpoint (checkpoint.pt by default); a missing, truncated or foreign file is a
+    UserError."""
+    path = run_dir / name
     if not path.exists():
-        raise UserError(f"--resume {run_dir}: no {CHECKPOINT} there")
+        raise UserError(f"--resume {run_dir}: no {name} there")
     try:
         payload = torch.load(path, map_location=device, weights_only=True)
     except Exception:  # noqa: BLE001 (torch raises many kinds for a damaged file)

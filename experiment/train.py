@@ -100,11 +100,18 @@ def first_nonfinite_gradient(named_params: list[tuple[str, torch.nn.Parameter]])
     return next(n for (n, _), norm in zip(with_grad, norms) if not torch.isfinite(norm))
 
 
+# a signal this soon after the first is the same request delivered twice (Ctrl-C reaches
+# every process of the terminal's group, and torchrun forwards it to its workers as well)
+DUPLICATE_SIGNAL_SECONDS = 1.0
+
+
 class _StopRequest:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step."""
+    """Turns SIGINT/SIGTERM into a request to stop after the current step; a second one,
+    later than DUPLICATE_SIGNAL_SECONDS, stops at once."""
 
     def __init__(self):
         self.signum: int | None = None
+        self.since = 0.0
         self.previous = {}
 
     def __enter__(self):
@@ -113,13 +120,40 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.signum is not None:  # a second signal: stop at once
-            raise KeyboardInterrupt
-        self.signum = signum
+        now = time.monotonic()
+        if self.signum is not None and now - self.since > DUPLICATE_SIGNAL_SECONDS:
+            raise KeyboardInterrupt  # asked again: stop at once
+        if self.signum is None:
+            self.signum, self.since = signum, now
 
     def __exit__(self, *exc):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+
+
+def restore_training(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler, generator: torch.Generator, device: torch.device
+                     ) -> tuple[LoopState, torch.Tensor | None]:
+    """Load model, optimizer, schedule and RNG states from `checkpoint`; learning rates set
+    by this run's flags take over at the saved point of the schedule. Returns the loop state
+    and the epoch's batch order."""
+    flag_lrs = [group["lr"] for group in optimizer.param_groups]  # from this run's flags
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise UserError(f"the checkpoint does not fit this model ({str(exc)[:120]}...)"
+                        ) from None
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    scheduler.base_lrs = flag_lrs
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    for group, base in zip(optimizer.param_groups, flag_lrs):
+        group["initial_lr"], group["lr"] = base, base * factor
+    torch.set_rng_state(checkpoint["rng_torch"].cpu())
+    generator.set_state(checkpoint["rng_data"].cpu())
+    if device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(checkpoint["rng_cuda"].cpu(), device)
+    return LoopState(**checkpoint["state"]), checkpoint["order"]
 
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST, args,
@@ -138,25 +172,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST, a
     named_params = list(model.named_parameters())
     state, order = LoopState(), None
     if checkpoint is not None:
-        flag_lrs = [group["lr"] for group in optimizer.param_groups]  # from this run's flags
-        try:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"the checkpoint does not fit this model ({str(exc)[:120]}...)"
-                            ) from None
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        # learning rates given beside --resume take over, on the same cosine position
-        scheduler.base_lrs = flag_lrs
-        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-        for group, base in zip(optimizer.param_groups, flag_lrs):
-            group["initial_lr"], group["lr"] = base, base * factor
-        state = LoopState(**checkpoint["state"])
-        order = checkpoint["order"]
-        torch.set_rng_state(checkpoint["rng_torch"].cpu())
-        generator.set_state(checkpoint["rng_data"].cpu())
-        if device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng_cuda"].cpu(), device)
+        state, order = restore_training(checkpoint, model, optimizer, scheduler, generator,
+                                        device)
     log = MetricsLog(out_dir / "metrics.csv", probe.columns,
                      keep_rows=checkpoint["metrics_rows"] if checkpoint else None)
 
@@ -226,22 +243,23 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST, a
                     bar.close()
                     raise RunInterrupted(stop.signum, save(), state.epoch, state.step)
             bar.close()
-            _finish_epoch(model, data, args, state, log)
+            finish_epoch(args, state, log, *evaluate(model, data.test_x, data.test_y))
             state.epoch, state.batch, order = state.epoch + 1, 0, None
             path = save()
             if stop.signum is not None:
                 raise RunInterrupted(stop.signum, path, state.epoch - 1, state.step)
-    return _write_summary(state, args, out_dir, device, script=script, model_name=model_name,
+    return write_summary(state, args, out_dir, device, script=script, model_name=model_name,
                           method=method, extra=extra_summary or {})
 
 
-def _finish_epoch(model, data: MNIST, args, state: LoopState, log: MetricsLog) -> None:
-    """Evaluate, print the epoch line, record the epoch row, and reset the epoch's sums."""
+def finish_epoch(args, state: LoopState, log: MetricsLog, test_loss: float, test_acc: float
+                 ) -> None:
+    """Print the epoch line, record the epoch row, and reset the epoch's sums."""
     if state.epoch_samples == 0:
         raise UserError("no training batch in this epoch")
     train_loss = state.loss_sum / state.epoch_samples
-    test_loss, test_acc = evaluate(model, data.test_x, data.test_y)
-    extras = {n: state.metric_sums[n] / state.metric_counts[n] for n in state.metric_sums}
+    extras = {n: state.metric_sums[n] / state.metric_counts[n]
+              for n in sorted(state.metric_sums, key=log.columns.index)}
     record = {"epoch": state.epoch, "train_loss": train_loss, "test_loss": test_loss,
               "test_acc": test_acc, "wall_seconds": state.wall_seconds,
               "train_seconds": state.train_seconds, **extras}
@@ -257,7 +275,7 @@ def _finish_epoch(model, data: MNIST, args, state: LoopState, log: MetricsLog) -
     state.metric_sums, state.metric_counts = {}, {}
 
 
-def _write_summary(state: LoopState, args, out_dir: Path, device, *, script: str,
+def write_summary(state: LoopState, args, out_dir: Path, device, *, script: str,
                    model_name: str, method: str, extra: dict) -> dict:
     """summary.json from the finished run's state."""
     last = state.history[-1]

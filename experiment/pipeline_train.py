@@ -1,0 +1,230 @@
+"""main.py under torchrun: the MNIST network as a pipeline of `dni.pipeline.PipelineStage`s,
+one per process. Every rank runs the same loop; stage 0 draws the mini-batches, the last
+stage computes the loss and keeps the run records (metrics.csv, summary.json, the epoch
+lines). Each stage writes its own checkpoint, and `--resume` restarts them together."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dni.pipeline import PipelineError, PipelineStage
+from experiment.data import MNIST, batch_order, batches, num_batches
+from experiment.errors import RunInterrupted, UserError
+from experiment.records import MetricsLog, save_checkpoint
+from experiment.train import (
+    LoopState,
+    _StopRequest,
+    cosine_schedule,
+    finish_epoch,
+    restore_training,
+    write_summary,
+)
+
+
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def start_process_group(device: torch.device, timeout: float) -> None:
+    """Join the process group torchrun describes: gloo on CPU, NCCL on CUDA."""
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+            raise UserError("NCCL needs one GPU per stage on a machine; run with --device cpu")
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+
+
+def shared_out_dir(out: str | None) -> str:
+    """The run folder every rank agrees on: rank 0's choice (its default name has a time)."""
+    chosen = [out or f"runs/main-{time.strftime('%Y%m%d-%H%M%S')}"]
+    dist.broadcast_object_list(chosen, src=0)
+    return chosen[0]
+
+
+def stage_checkpoint_name(rank: int) -> str:
+    """File name of one stage's checkpoint in the run folder."""
+    return f"checkpoint-stage{rank}.pt"
+
+
+def evaluate_pipeline(stage: PipelineStage, data: MNIST, batch_size: int
+                      ) -> tuple[float, float] | None:
+    """Test loss and accuracy through the pipeline (every rank calls it; the last stage
+    returns the figures, the others None)."""
+    stage.eval()
+    total_loss, correct = 0.0, 0
+    for x, y in batches(data.test_x, data.test_y, batch_size):
+        result = stage.eval_step(x, y) if stage.is_first else stage.eval_step()
+        if result is not None:
+            out, labels = result
+            total_loss += F.cross_entropy(out, labels, reduction="sum").item()
+            correct += (out.argmax(1) == labels).sum().item()
+    stage.train()
+    if not stage.is_last:
+        return None
+    return total_loss / len(data.test_x), correct / len(data.test_x)
+
+
+def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: MNIST, args, *,
+                 model_name: str, method: str, out_dir: Path, checkpoint: dict | None,
+                 extra_summary: dict) -> dict | None:
+    """Train this rank's stage for args.epochs (cosine decay); the last stage prints the epoch
+    lines and writes metrics.csv and summary.json, which it returns (others return None)."""
+    device = data.train_x.device
+    generator = torch.Generator().manual_seed(args.seed)
+    steps_per_epoch = num_batches(len(data.train_x), args.batch_size)
+    scheduler = cosine_schedule(optimizer, args.epochs * steps_per_epoch)
+    checkpoint_name = stage_checkpoint_name(stage.rank)
+    collectives = dist.new_group(backend="gloo")  # for the few collectives, apart from p2p
+    state, order = LoopState(), None
+    if checkpoint is not None:
+        if checkpoint.get("counts") != stage.counts:
+            raise UserError(f"{out_dir / checkpoint_name} was written with stages "
+                            f"{checkpoint.get('counts')}, not {stage.counts}")
+        state, order = restore_training(checkpoint, stage, optimizer, scheduler, generator,
+                                        device)
+    steps = [None] * stage.world_size
+    dist.all_gather_object(steps, state.step, group=collectives)
+    if len(set(steps)) != 1:
+        raise UserError(f"the stage checkpoints in {out_dir} are from different steps {steps}; "
+                        "they cannot be resumed together")
+    interfaces = stage.block_range[1] - 1  # at the last stage: every interface is below
+    columns = [f"sg_loss{i}" for i in range(1, interfaces + 1)] if stage.is_last else []
+    log = (MetricsLog(out_dir / "metrics.csv", columns,
+                      keep_rows=checkpoint["metrics_rows"] if checkpoint else None)
+           if stage.is_last else None)
+
+    def save() -> Path:
+        stage.collect_targets()
+        return save_checkpoint(out_dir, {
+            "model": stage.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "state": asdict(state), "order": order,
+            "rng_torch": torch.get_rng_state(), "rng_data": generator.get_state(),
+            "rng_cuda": None, "metrics_rows": log.rows if log else 0, "counts": stage.counts,
+            "world_size": stage.world_size}, name=checkpoint_name)
+
+    session_start = time.perf_counter()
+    wall_base = state.wall_seconds
+    try:
+        with _StopRequest() as stop:
+            while state.epoch <= args.epochs:
+                stage.train()
+                if order is None:
+                    order = batch_order(len(data.train_x), generator, device)
+                stream = batches(data.train_x, data.train_y, args.batch_size, order, state.batch)
+                bar = tqdm(total=steps_per_epoch, initial=state.batch, leave=False,
+                           disable=None if stage.is_last else True, file=sys.stderr,
+                           desc=f"epoch {state.epoch}/{args.epochs}")
+                tick = time.perf_counter()
+                while state.batch < steps_per_epoch:
+                    x, y = next(stream)
+                    if stop.signum is not None:
+                        stage.request_stop(stop.signum)
+                    logged = args.log_every > 0 and state.step % args.log_every == 0
+                    loss = stage.train_step(optimizer, x, y, report=logged)
+                    if stage.stopped is not None:
+                        bar.close()
+                        raise RunInterrupted(stage.stopped, save(), state.epoch, state.step)
+                    scheduler.step()
+                    if stage.is_last:
+                        _record_step(state, log, loss, len(y), logged,
+                                     stage.upstream_synthesizer_losses()
+                                     + stage.synthesizer_losses())
+                    state.step += 1
+                    state.batch += 1
+                    bar.update()
+                    now = time.perf_counter()
+                    state.train_seconds += now - tick
+                    state.wall_seconds = wall_base + now - session_start
+                    tick = now
+                bar.close()
+                figures = evaluate_pipeline(stage, data, args.batch_size)
+                if stage.is_last:
+                    finish_epoch(args, state, log, *figures)
+                state.epoch, state.batch, order = state.epoch + 1, 0, None
+                save()
+        stage.flush()
+    except PipelineError as exc:
+        raise UserError(f"stage {stage.rank}: {exc}; this stage stops too") from None
+    times = [None] * stage.world_size
+    dist.all_gather_object(times, {"rank": stage.rank, "blocks": list(stage.block_range),
+                                   "total_s": stage.times.total, "wait_s": stage.times.wait,
+                                   "comm_s": stage.times.comm,
+                                   "compute_s": stage.times.compute}, group=collectives)
+    if not stage.is_last:
+        return None
+    extra = {**extra_summary, "stages": stage.counts, "staleness": stage.staleness,
+             "processes": stage.world_size, "stage_times": times}
+    return write_summary(state, args, out_dir, device, script="main.py", model_name=model_name,
+                         method=method, extra=extra)
+
+
+def _record_step(state: LoopState, log: MetricsLog, loss: float | None, batch: int,
+                 logged: bool, sg_losses: list[float]) -> None:
+    """The last stage's bookkeeping of one step: loss sums, and a metrics row when logged."""
+    if loss is None or not math.isfinite(loss):
+        raise UserError(f"training diverged: non-finite loss at step {state.step} "
+                        f"(epoch {state.epoch}); lower --lr")
+    state.loss_sum += loss * batch
+    state.epoch_samples += batch
+    state.window_loss += loss
+    state.window_steps += 1
+    if logged:
+        # an edge synthesizer not trained yet (staleness) reports nan: left out
+        row = {f"sg_loss{i}": v for i, v in enumerate(sg_losses, start=1) if math.isfinite(v)}
+        for name, v in row.items():
+            state.metric_sums[name] = state.metric_sums.get(name, 0.0) + v
+            state.metric_counts[name] = state.metric_counts.get(name, 0) + 1
+        log.write({**row, "kind": "step", "step": state.step, "epoch": state.epoch,
+                   "train_loss": state.window_loss / state.window_steps,
+                   "wall_seconds": state.wall_seconds})
+        state.window_loss, state.window_steps = 0.0, 0
+
+
+def train_as_pipeline(args, build_net, *, model_name: str, method: str, synthesizer_options: dict,
+                      extra_summary: dict) -> None:
+    """main.py under torchrun: join the process group, build this rank's stage of
+    `build_net()` (called after seeding, identically on every rank) and train it."""
+    from experiment.cli import prepare_run, resolve_device
+
+    device = resolve_device(args.device)
+    start_process_group(device, args.timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        args.out = shared_out_dir(args.out)
+        device, out_dir, data, checkpoint = prepare_run(
+            args, "main.py", primary=rank == 0, checkpoint_name=stage_checkpoint_name(rank))
+        net = build_net().to(device)
+        try:
+            stage = PipelineStage(net, data.train_x[:2], synthesizer=args.synthesizer,
+                                  counts=args.stages, context_size=10 if args.conditioned else 0,
+                                  grad_scale=args.grad_scale, staleness=args.staleness,
+                                  timeout=args.timeout, max_batch=args.batch_size,
+                                  **synthesizer_options)
+        except ValueError as exc:  # the same on every rank: one of them says it
+            if rank == 0:
+                raise UserError(f"--stages: {exc} ({world} processes)") from None
+            raise SystemExit(1) from None
+        optimizer = torch.optim.Adam(stage.param_groups(args.lr, args.synth_lr))
+        fit_pipeline(stage, optimizer, data, args, model_name=model_name, method=method,
+                     out_dir=out_dir, checkpoint=checkpoint,
+                     extra_summary={**extra_summary, "stage_blocks": stage.counts})
+    except RunInterrupted as exc:
+        if rank != world - 1:  # the last stage, which keeps the records, says where to resume
+            raise SystemExit(exc.exit_code) from None
+        raise
+    finally:
+        dist.destroy_process_group()
