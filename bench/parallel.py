@@ -1,0 +1,292 @@
+"""Update-unlocked DNI stages across processes against backprop, PyTorch's synchronous pipeline
+schedules and DDP: samples/s (and the ratio to one-process backprop on all cores), test
+accuracy after the same epochs, and where each DNI stage's time goes. All rows train the same
+MLP on the same data with the same global batch, one after another in one run.
+
+Usage: python bench/parallel.py [--stages 2] [--epochs 1] [--width 256]
+       [--wide-width 2048] [--wide-train-size 10240] [--rows ...]
+Rows: (a) bp: one process, backprop, all cores; (b) dni-1core / dni-allcores: one-process DNI;
+(c) dni-pipeline: N stages, one process (one core) each, main.py under torchrun; (d) gpipe,
+1f1b, zero-bubble: the same split under torch.distributed.pipelining, one core each;
+(e) ddp: DistributedDataParallel over N processes, one core each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+ROWS = ("bp", "dni-1core", "dni-allcores", "dni-pipeline", "gpipe", "1f1b", "zero-bubble", "ddp")
+BATCH = 256
+SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
+             "zero-bubble": "ScheduleInterleavedZeroBubble"}
+
+
+def cores() -> int:
+    """CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def script_run(argv: list[str], threads: int, out: Path, torchrun: int = 0) -> dict:
+    """Run a project script (under torchrun with `torchrun` processes) and return its summary."""
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 "--nproc_per_node", str(torchrun)] if torchrun else [sys.executable])
+    cmd = [*launcher, *argv, "--out", str(out), "--log-every", "0", "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    print("$", f"OMP_NUM_THREADS={threads}", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "summary.json").read_text())
+
+
+def worker_run(kind: str, args, processes: int, out: Path) -> dict:
+    """Run this file's own worker for `kind` (pipelining schedules, DDP) under torchrun."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           str(processes), __file__, "--worker", kind, "--result", str(out / "result.json"),
+           "--epochs", str(args.epochs), "--width", str(args.width), "--train-size",
+           str(args.train_size), "--stage-blocks", *map(str, args.stage_blocks),
+           "--microbatches", str(args.microbatches)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    print("$", "OMP_NUM_THREADS=1", " ".join(cmd[1:]), flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        lines = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]
+        return {"failed": (lines[-1] if lines else done.stderr[-300:]).strip()[:200]}
+    return json.loads((out / "result.json").read_text())
+
+
+# -- workers (run under torchrun) ---------------------------------------------------------
+def _worker(args) -> None:
+    """One rank of a pipelining-schedule or DDP run; the last rank writes the result."""
+    from experiment.data import batch_order, batches, load_mnist
+    from experiment.train import cosine_schedule, evaluate
+    from model import FCN
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    data = load_mnist("data", torch.device("cpu"), args.train_size)
+    torch.manual_seed(0)
+    net = FCN(width=args.width)
+    steps = args.epochs * (len(data.train_x) // BATCH)
+    generator = torch.Generator().manual_seed(0)
+    if args.worker == "ddp":
+        model = nn.parallel.DistributedDataParallel(net)
+        params, step = model.parameters(), None
+    else:
+        step, params = _schedule(args, net, rank, world)
+        # the schedules' first step also runs a stage on an unfilled buffer, which poisons
+        # BatchNorm's running statistics: take that step untimed, then start them afresh
+        step(data.train_x[:BATCH], data.train_y[:BATCH])
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                module.reset_running_stats()
+        net.zero_grad(set_to_none=True)
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    scheduler = cosine_schedule(optimizer, steps)
+    train_seconds = 0.0
+    for _ in range(args.epochs):
+        order = batch_order(len(data.train_x), generator, torch.device("cpu"))
+        dist.barrier()
+        start = time.perf_counter()
+        for x, y in batches(data.train_x, data.train_y, BATCH, order):
+            optimizer.zero_grad(set_to_none=True)
+            if step is None:  # DDP: each rank takes its share of the global batch
+                share = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+                F.cross_entropy(model(x[share]), y[share]).backward()
+            else:
+                step(x, y)
+            optimizer.step()
+            scheduler.step()
+        dist.barrier()
+        train_seconds += time.perf_counter() - start
+    states = [None] * world
+    dist.all_gather_object(states, {k: v for k, v in net.state_dict().items()})
+    if rank == world - 1:
+        full = FCN(width=args.width)
+        merged = {}
+        for state in states:  # every rank holds the whole FCN; pipeline ranks train a part
+            merged.update(state)
+        if args.worker != "ddp":
+            merged = {}
+            for r, state in enumerate(states):
+                first = sum(args.stage_blocks[:r])
+                owned = {str(i) for i in range(first, first + args.stage_blocks[r])}
+                if args.worker == "zero-bubble":
+                    owned = {str(i) for i in _virtual_blocks(args.stage_blocks, r, world)}
+                merged.update({k: v for k, v in state.items() if k.split(".")[0] in owned})
+        full.load_state_dict(merged)
+        _, accuracy = evaluate(full, data.test_x, data.test_y)
+        samples = args.epochs * (len(data.train_x) // BATCH) * BATCH
+        Path(args.result).write_text(json.dumps({
+            "samples_per_s": samples / train_seconds, "test_acc": accuracy,
+            "train_seconds": train_seconds}))
+    dist.destroy_process_group()
+
+
+def _virtual_blocks(counts, rank, world) -> list[int]:
+    """Blocks of rank `rank` in an interleaved schedule: one block per virtual stage, rank r
+    holding stages r, r + world, ..."""
+    return list(range(rank, sum(counts), world))
+
+
+def _schedule(args, net: nn.Sequential, rank: int, world: int):
+    """This rank's part of `net` under a torch.distributed.pipelining schedule: returns
+    (step(x, y), parameters)."""
+    from torch.distributed import pipelining
+
+    blocks = list(net.children())
+    schedule_class = getattr(pipelining, SCHEDULES[args.worker])
+    cpu = torch.device("cpu")
+    # each block's input and output for one microbatch, given to the stages so they do not
+    # infer shapes with a forward pass of their own (which ran BatchNorm on empty tensors)
+    shapes = [torch.zeros(BATCH // args.microbatches, 1, 28, 28)]
+    with torch.no_grad():
+        net.eval()
+        for block in blocks:
+            shapes.append(block(shapes[-1]))
+        net.train()
+    if args.worker == "zero-bubble":  # interleaved: several virtual stages per rank
+        mine = _virtual_blocks(args.stage_blocks, rank, world)
+        stages = [pipelining.PipelineStage(blocks[i], i, len(blocks), cpu, input_args=shapes[i])
+                  for i in mine]
+        schedule = schedule_class(stages, args.microbatches, loss_fn=F.cross_entropy)
+        params = [p for i in mine for p in blocks[i].parameters()]
+        first, last = 0 in mine, len(blocks) - 1 in mine
+    else:
+        start = sum(args.stage_blocks[:rank])
+        part = nn.Sequential(*blocks[start:start + args.stage_blocks[rank]])
+        stage = pipelining.PipelineStage(part, rank, world, cpu, input_args=shapes[start])
+        schedule = schedule_class(stage, args.microbatches, loss_fn=F.cross_entropy)
+        params = list(part.parameters())
+        first, last = rank == 0, rank == world - 1
+
+    def step(x, y):
+        kwargs = {"target": y, "losses": []} if last else {}
+        if first:
+            schedule.step(x, **kwargs)
+        else:
+            schedule.step(**kwargs)
+
+    return step, params
+
+
+# -- the table ----------------------------------------------------------------------------
+def run_variant(args, width: int, train_size: int, rows: list[str], work: Path) -> dict:
+    """Every row for one network width; returns {row: result}."""
+    n = args.stages
+    common = ["--epochs", str(args.epochs), "--batch-size", str(BATCH),
+              "--train-size", str(train_size), "--width", str(width)]
+    dni = ["main.py", "--model_type", "mlp", *common]
+    results = {}
+    sub = argparse.Namespace(**{**vars(args), "width": width, "train_size": train_size})
+    for row in rows:
+        out = work / f"{width}-{row}"
+        if row == "bp":
+            results[row] = script_run(["mlp.py", *common], cores(), out)
+        elif row == "dni-1core":
+            results[row] = script_run(dni, 1, out)
+        elif row == "dni-allcores":
+            results[row] = script_run(dni, cores(), out)
+        elif row == "dni-pipeline":
+            results[row] = script_run([*dni, "--stages", *map(str, args.stage_blocks)], 1, out,
+                                      torchrun=n)
+        elif row == "ddp":
+            results[row] = worker_run("ddp", sub, n, out)
+        else:
+            results[row] = worker_run(row, sub, n, out)
+        print(f"  {row}: {results[row].get('samples_per_s', 0):.0f} samples/s", flush=True)
+    return results
+
+
+def print_table(title: str, results: dict) -> None:
+    """Markdown table of samples/s, ratio to backprop, accuracy, and DNI stage times."""
+    base = results.get("bp", {}).get("samples_per_s")
+    print(f"\n{title}\n")
+    print("| row | samples/s | vs bp (all cores) | test acc | stage time: compute / wait / "
+          "comm (% of wall) |")
+    print("|---|---|---|---|---|")
+    for row, r in results.items():
+        if "failed" in r:
+            print(f"| {row} | failed: {r['failed']} | | | |")
+            continue
+        ratio = f"{r['samples_per_s'] / base:.2f}x" if base else ""
+        stages = ""
+        for t in r.get("stage_times", []):
+            total = t["total_s"] or 1.0
+            stages += (f"s{t['rank']}: {100 * t['compute_s'] / total:.0f} / "
+                       f"{100 * t['wait_s'] / total:.0f} / {100 * t['comm_s'] / total:.0f}  ")
+        print(f"| {row} | {r['samples_per_s']:.0f} | {ratio} | {100 * r['test_acc']:.2f}% | "
+              f"{stages.strip()} |")
+    one = results.get("dni-1core", {}).get("samples_per_s")
+    pipe = results.get("dni-pipeline", {}).get("samples_per_s")
+    if one and pipe:
+        print(f"\nDNI pipeline / one-process DNI on one core: {pipe / one:.2f}x")
+
+
+def main() -> None:
+    """Parse flags; run as a worker under torchrun, or run every row and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stages", type=int, default=2, help="processes (pipeline stages)")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs per row (default 1)")
+    parser.add_argument("--width", type=int, default=256, help="MLP width (default 256)")
+    parser.add_argument("--train-size", type=int, default=59904,
+                        help="training examples, a multiple of 256 so every batch is full "
+                             "(default 59904)")
+    parser.add_argument("--wide-width", type=int, default=2048,
+                        help="width of the wide variant (0: skip; default 2048)")
+    parser.add_argument("--wide-train-size", type=int, default=10240,
+                        help="training examples of the wide variant (default 10240)")
+    parser.add_argument("--microbatches", type=int, default=4,
+                        help="microbatches per batch for the pipelining schedules (default 4)")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
+                        help="rows to run (default: all)")
+    parser.add_argument("--stage-blocks", type=int, nargs="+", default=None,
+                        help="blocks per stage (default: the DNI pipeline's balanced split)")
+    parser.add_argument("--worker", choices=[*SCHEDULES, "ddp"], default=None,
+                        help=argparse.SUPPRESS)
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        _worker(args)
+        return
+    if args.stage_blocks is None:
+        from dni.pipeline import balanced_stages, block_costs
+        from dni.wrapper import synthesizer_factory
+        from model import FCN
+
+        costs = block_costs(list(FCN(width=args.width).children()), torch.randn(BATCH, 784),
+                            synthesizer_factory("linear"))
+        args.stage_blocks = balanced_stages(costs, args.stages)
+    print(f"# {platform.machine()}, {cores()} cores, torch {torch.__version__}, "
+          f"{platform.python_version()}; MLP 3x{args.width}, batch {BATCH}, "
+          f"{args.epochs} epoch(s), stages {args.stage_blocks}", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        results = run_variant(args, args.width, args.train_size, args.rows, work)
+        print_table(f"MLP 3x{args.width}, {args.train_size} examples, {args.epochs} epoch(s)",
+                    results)
+        if args.wide_width:
+            wide = run_variant(args, args.wide_width, args.wide_train_size, args.rows, work)
+            print_table(f"Wide MLP 3x{args.wide_width}, {args.wide_train_size} examples, "
+                        f"{args.epochs} epoch(s)", wide)
+
+
+if __name__ == "__main__":
+    main()
