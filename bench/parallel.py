@@ -190,6 +190,17 @@ def _schedule(args, net: nn.Sequential, rank: int, world: int):
 def run_variant(args, width: int, train_size: int, rows: list[str], work: Path) -> dict:
     """Every row for one network width; returns {row: result}."""
     n = args.stages
+    if args.split is None:  # the DNI pipeline's own balanced split, for every row alike
+        from dni.pipeline import balanced_stages, block_costs
+        from dni.wrapper import synthesizer_factory
+        from model import FCN
+
+        costs = block_costs(list(FCN(width=width).children()), torch.randn(BATCH, 784),
+                            synthesizer_factory("linear"))
+        args.stage_blocks = balanced_stages(costs, n)
+    else:
+        args.stage_blocks = args.split
+    print(f"# MLP 3x{width}: stages {args.stage_blocks}", flush=True)
     common = ["--epochs", str(args.epochs), "--batch-size", str(BATCH),
               "--train-size", str(train_size), "--width", str(width)]
     dni = ["main.py", "--model_type", "mlp", *common]
@@ -257,8 +268,10 @@ def main() -> None:
                         help="microbatches per batch for the pipelining schedules (default 4)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                         help="rows to run (default: all)")
-    parser.add_argument("--stage-blocks", type=int, nargs="+", default=None,
+    parser.add_argument("--split", type=int, nargs="+", default=None,
                         help="blocks per stage (default: the DNI pipeline's balanced split)")
+    parser.add_argument("--stage-blocks", type=int, nargs="+", default=None,
+                        help=argparse.SUPPRESS)  # a worker's split, set by the runner
     parser.add_argument("--worker", choices=[*SCHEDULES, "ddp"], default=None,
                         help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
@@ -266,25 +279,16 @@ def main() -> None:
     if args.worker:
         _worker(args)
         return
-    if args.stage_blocks is None:
-        from dni.pipeline import balanced_stages, block_costs
-        from dni.wrapper import synthesizer_factory
-        from model import FCN
-
-        costs = block_costs(list(FCN(width=args.width).children()), torch.randn(BATCH, 784),
-                            synthesizer_factory("linear"))
-        args.stage_blocks = balanced_stages(costs, args.stages)
     print(f"# {platform.machine()}, {cores()} cores, torch {torch.__version__}, "
-          f"{platform.python_version()}; MLP 3x{args.width}, batch {BATCH}, "
-          f"{args.epochs} epoch(s), stages {args.stage_blocks}", flush=True)
+          f"{platform.python_version()}; batch {BATCH}, {args.epochs} epoch(s)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         results = run_variant(args, args.width, args.train_size, args.rows, work)
-        print_table(f"MLP 3x{args.width}, {args.train_size} examples, {args.epochs} epoch(s)",
+        print_table(f"MLP 3x{args.width}, stages {args.stage_blocks}, {args.train_size} examples, {args.epochs} epoch(s)",
                     results)
         if args.wide_width:
             wide = run_variant(args, args.wide_width, args.wide_train_size, args.rows, work)
-            print_table(f"Wide MLP 3x{args.wide_width}, {args.wide_train_size} examples, "
+            print_table(f"Wide MLP 3x{args.wide_width}, stages {args.stage_blocks}, {args.wide_train_size} examples, "
                         f"{args.epochs} epoch(s)", wide)
 
 

@@ -15,8 +15,8 @@ For mini-batch t, stage s does:
     send (h, y) to stage s+1                       the last stage: loss(h, y).backward()
     h.backward(scale * S(h, c) / B)                synthetic gradient: all gradients are ready
     send d = h_in.grad to stage s-1                the target of stage s-1's synthesizer
+    grad of ||S(h, c) - B d||^2 on batch t - k     d came back from stage s+1 meanwhile
     optimizer.step()                               update-unlocked: nobody above is awaited
-    train S on batch t - k: ||S(h, c) - B d||^2    d came back from stage s+1 meanwhile
 
 k is the staleness. With k = 0 a stage waits for batch t's own target before its next batch,
 and the parameters follow one-process `DNI` exactly (the same arithmetic per parameter). With
@@ -411,11 +411,11 @@ class PipelineStage(nn.Module):
             grad = h_in.grad if delivered == 1.0 else h_in.grad / delivered
             flags = torch.tensor([float(self.step), float(self._stop_request)], dtype=grad.dtype)
             self._feedback.send([flags.to(grad.device), grad])
-        optimizer.step()
         if not self.is_last:
             self._pending.append(_Pending(self.step, h.detach(), context))
             while len(self._pending) > self.staleness:
-                self._train_synthesizer(optimizer)
+                self.fit_synthesizer()
+        optimizer.step()  # blocks on batch t, the edge synthesizer on batch t - k: one step
         self.step += 1
         return None if loss is None else loss.item()
 
@@ -430,18 +430,23 @@ class PipelineStage(nn.Module):
             self.request_stop(signal)
         entry.target = message[2:2 + entry.h.numel()].view_as(entry.h).clone()
 
-    def _train_synthesizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Train the edge synthesizer on the oldest pending mini-batch's target."""
+    def fit_synthesizer(self) -> None:
+        """Add the edge synthesizer's regression gradient on the oldest pending mini-batch
+        (waiting for its target if it is still travelling); the next optimizer step applies
+        it."""
         entry = self._pending.popleft()
         if entry.target is None:
             self._receive_target(entry)
         edge = self.interfaces[-1]
-        optimizer.zero_grad(set_to_none=True)
         target = entry.target * edge.unit(entry.h)   # per-example units, as S predicts
         synthetic = edge.predict(entry.h, entry.context)
         synthesizer_loss(synthetic, target).backward()
-        optimizer.step()
         self._edge_fit = (synthetic.detach(), target)
+
+    @property
+    def pending(self) -> int:
+        """Mini-batches whose synthesizer update still waits."""
+        return len(self._pending)
 
     def synthesizer_losses(self) -> list[float]:
         """This stage's synthesizer regression losses on their last training step, inner

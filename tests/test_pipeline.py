@@ -80,8 +80,10 @@ def _worker(rank, world, port, out, options):
         for x, y in batches:
             losses.append(stage.train_step(opt, x, y))
         stage.collect_targets()
-        while stage._pending:  # the updates still owed at the end
-            stage._train_synthesizer(opt)
+        while stage.pending:  # the updates still owed at the end
+            opt.zero_grad(set_to_none=True)
+            stage.fit_synthesizer()
+            opt.step()
         stage.eval()
         outputs = [stage.eval_step(x, y) for x, y in batches]
         torch.save({"blocks": [p.detach() for p in stage.block_parameters()],
