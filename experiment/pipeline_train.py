@@ -139,10 +139,7 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: M
                         bar.close()
                         raise RunInterrupted(stage.stopped, save(), state.epoch, state.step)
                     scheduler.step()
-                    if stage.is_last:
-                        _record_step(state, log, loss, len(y), logged,
-                                     stage.upstream_synthesizer_losses()
-                                     + stage.synthesizer_losses())
+                    row = _record_step(state, loss, len(y), logged, stage) if log else None
                     state.step += 1
                     state.batch += 1
                     bar.update()
@@ -150,6 +147,8 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: M
                     state.train_seconds += now - tick
                     state.wall_seconds = wall_base + now - session_start
                     tick = now
+                    if row:
+                        log.write({**row, "wall_seconds": state.wall_seconds})
                 bar.close()
                 figures = evaluate_pipeline(stage, data, args.batch_size)
                 if stage.is_last:
@@ -172,26 +171,19 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: M
                          method=method, extra=extra)
 
 
-def _record_step(state: LoopState, log: MetricsLog, loss: float | None, batch: int,
-                 logged: bool, sg_losses: list[float]) -> None:
-    """The last stage's bookkeeping of one step: loss sums, and a metrics row when logged."""
+def _record_step(state: LoopState, loss: float | None, batch: int, logged: bool,
+                 stage: PipelineStage) -> dict | None:
+    """The last stage's bookkeeping of one step: loss sums, and the metrics row when logged."""
     if loss is None or not math.isfinite(loss):
         raise UserError(f"training diverged: non-finite loss at step {state.step} "
                         f"(epoch {state.epoch}); lower --lr")
-    state.loss_sum += loss * batch
-    state.epoch_samples += batch
-    state.window_loss += loss
-    state.window_steps += 1
-    if logged:
-        # an edge synthesizer not trained yet (staleness) reports nan: left out
-        row = {f"sg_loss{i}": v for i, v in enumerate(sg_losses, start=1) if math.isfinite(v)}
-        for name, v in row.items():
-            state.metric_sums[name] = state.metric_sums.get(name, 0.0) + v
-            state.metric_counts[name] = state.metric_counts.get(name, 0) + 1
-        log.write({**row, "kind": "step", "step": state.step, "epoch": state.epoch,
-                   "train_loss": state.window_loss / state.window_steps,
-                   "wall_seconds": state.wall_seconds})
-        state.window_loss, state.window_steps = 0.0, 0
+    state.record_loss(loss, batch)
+    if not logged:
+        return None
+    losses = stage.upstream_synthesizer_losses() + stage.synthesizer_losses()
+    # an edge synthesizer not trained yet (staleness) reports nan: left out
+    return state.logged_row({f"sg_loss{i}": v for i, v in enumerate(losses, start=1)
+                             if math.isfinite(v)})
 
 
 def train_as_pipeline(args, build_net, *, model_name: str, method: str, synthesizer_options: dict,

@@ -36,7 +36,7 @@ from experiment.records import (
     write_json,
 )
 from experiment.sequence_tasks import TASKS, Curriculum, make_task
-from experiment.train import _StopRequest, first_nonfinite_gradient
+from experiment.train import _StopRequest, first_nonfinite_gradient, load_model_and_optimizer
 
 METHODS = ("bptt", "dni", "dni_aux")
 CORES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -185,13 +185,7 @@ def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     curriculum = Curriculum(args.threshold, args.window, max_level=args.max_length)
     state = RunState()
     if checkpoint is not None:
-        flag_lrs = [group["lr"] for group in optimizer.param_groups]
-        try:
-            model.load_state_dict(checkpoint["model"])
-            optimizer.load_state_dict(checkpoint["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as exc:
-            raise UserError(f"the checkpoint does not fit this model ({str(exc)[:120]}...)"
-                            ) from None
+        flag_lrs = load_model_and_optimizer(checkpoint, model, optimizer)
         for group, lr in zip(optimizer.param_groups, flag_lrs):  # flags given now win
             group["lr"] = lr
         state = RunState(**checkpoint["state"])

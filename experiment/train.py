@@ -60,6 +60,24 @@ class LoopState:
     wall_seconds: float = 0.0
     history: list = field(default_factory=list)
 
+    def record_loss(self, value: float, batch: int) -> None:
+        """Add one step's training loss to the epoch's and the logging window's sums."""
+        self.loss_sum += value * batch
+        self.epoch_samples += batch
+        self.window_loss += value
+        self.window_steps += 1
+
+    def logged_row(self, figures: dict[str, float]) -> dict:
+        """Add a logged step's figures to the epoch's sums and close the logging window;
+        return the step's metrics.csv row (without wall_seconds)."""
+        for name, v in figures.items():
+            self.metric_sums[name] = self.metric_sums.get(name, 0.0) + v
+            self.metric_counts[name] = self.metric_counts.get(name, 0) + 1
+        row = {**figures, "kind": "step", "step": self.step, "epoch": self.epoch,
+               "train_loss": self.window_loss / self.window_steps}
+        self.window_loss, self.window_steps = 0.0, 0
+        return row
+
 
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
              batch_size: int = 1000) -> tuple[float, float]:
@@ -131,19 +149,27 @@ class _StopRequest:
             signal.signal(signum, handler)
 
 
-def restore_training(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler, generator: torch.Generator, device: torch.device
-                     ) -> tuple[LoopState, torch.Tensor | None]:
-    """Load model, optimizer, schedule and RNG states from `checkpoint`; learning rates set
-    by this run's flags take over at the saved point of the schedule. Returns the loop state
-    and the epoch's batch order."""
-    flag_lrs = [group["lr"] for group in optimizer.param_groups]  # from this run's flags
+def load_model_and_optimizer(checkpoint: dict, model: torch.nn.Module,
+                             optimizer: torch.optim.Optimizer) -> list[float]:
+    """Load the model's and optimizer's states from `checkpoint` (a mismatch is a UserError);
+    return the learning rates the optimizer had before, i.e. this run's flags."""
+    flag_lrs = [group["lr"] for group in optimizer.param_groups]
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise UserError(f"the checkpoint does not fit this model ({str(exc)[:120]}...)"
                         ) from None
+    return flag_lrs
+
+
+def restore_training(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler, generator: torch.Generator, device: torch.device
+                     ) -> tuple[LoopState, torch.Tensor | None]:
+    """Load model, optimizer, schedule and RNG states from `checkpoint`; learning rates set
+    by this run's flags take over at the saved point of the schedule. Returns the loop state
+    and the epoch's batch order."""
+    flag_lrs = load_model_and_optimizer(checkpoint, model, optimizer)
     scheduler.load_state_dict(checkpoint["scheduler"])
     scheduler.base_lrs = flag_lrs
     factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
@@ -216,19 +242,11 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST, a
                                     f"(epoch {state.epoch}){kept}; lower --lr")
                 optimizer.step()
                 scheduler.step()
-                value = loss.item()
-                state.loss_sum += value * len(y)
-                state.epoch_samples += len(y)
-                state.window_loss += value
-                state.window_steps += 1
+                state.record_loss(loss.item(), len(y))
                 if logged:
                     if probe.after_step:
                         row.update(probe.after_step(model))
-                    for name, v in row.items():
-                        state.metric_sums[name] = state.metric_sums.get(name, 0.0) + v
-                        state.metric_counts[name] = state.metric_counts.get(name, 0) + 1
-                    row.update(kind="step", step=state.step, epoch=state.epoch,
-                               train_loss=state.window_loss / state.window_steps)
+                    row = state.logged_row(row)
                 state.step += 1
                 state.batch += 1
                 bar.update()
@@ -238,7 +256,6 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST, a
                 tick = now
                 if logged:
                     log.write({**row, "wall_seconds": state.wall_seconds})
-                    state.window_loss, state.window_steps = 0.0, 0
                 if stop.signum is not None:
                     bar.close()
                     raise RunInterrupted(stop.signum, save(), state.epoch, state.step)
