@@ -24,6 +24,7 @@ mean errors per sequence over the last `window` batches fall below `threshold`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +157,21 @@ def one_hot_digits(n: int, b: int, digits: int, generator, device) -> tuple[torc
     return values, F.one_hot(values, digits).float()
 
 
+def digit_query_batch(n: int, b: int, digits: int, generator, device,
+                      answer: Callable[[torch.Tensor], torch.Tensor]) -> Batch:
+    """N one-hot digits then a query flag (input size digits + 1); the target, scored at the
+    query step only, is `answer(values)` of the (N, B) digit values."""
+    values, hot = one_hot_digits(n, b, digits, generator, device)
+    inputs = torch.zeros(n + 1, b, digits + 1, device=device)
+    inputs[:n, :, :digits] = hot
+    inputs[n, :, digits] = 1.0
+    targets = torch.zeros(n + 1, b, 1, device=device)
+    targets[n, :, 0] = answer(values).float()
+    mask = torch.zeros(n + 1, dtype=torch.bool, device=device)
+    mask[n] = True
+    return Batch(inputs, targets, mask, n)
+
+
 class Add(SequenceTask):
     """Adding: read N one-hot digits, then at the query step output their sum."""
 
@@ -168,16 +184,8 @@ class Add(SequenceTask):
 
     def sample(self, level, batch_size, generator, device):
         """Inputs: digits then the query flag; target at the query: the sum."""
-        n, b = level, batch_size
-        values, hot = one_hot_digits(n, b, self.digits, generator, device)
-        inputs = torch.zeros(n + 1, b, self.input_size, device=device)
-        inputs[:n, :, :self.digits] = hot
-        inputs[n, :, self.digits] = 1.0
-        targets = torch.zeros(n + 1, b, 1, device=device)
-        targets[n, :, 0] = values.sum(0).float()
-        mask = torch.zeros(n + 1, dtype=torch.bool, device=device)
-        mask[n] = True
-        return Batch(inputs, targets, mask, level)
+        return digit_query_batch(level, batch_size, self.digits, generator, device,
+                                 answer=lambda values: values.sum(0))
 
     def step_loss(self, prediction, target):
         """Squared error of the sum."""
@@ -204,16 +212,9 @@ class Argmax(SequenceTask):
         """Inputs: digits then the query flag; target at the query: the position."""
         if level > self.max_length:
             raise ValueError(f"argmax positions go up to max_length={self.max_length}")
-        n, b = level, batch_size
-        values, hot = one_hot_digits(n, b, self.digits, generator, device)
-        inputs = torch.zeros(n + 1, b, self.input_size, device=device)
-        inputs[:n, :, :self.digits] = hot
-        inputs[n, :, self.digits] = 1.0
-        targets = torch.zeros(n + 1, b, 1, device=device)
-        targets[n, :, 0] = values.argmax(0).float()   # the first largest (torch documents it)
-        mask = torch.zeros(n + 1, dtype=torch.bool, device=device)
-        mask[n] = True
-        return Batch(inputs, targets, mask, level)
+        # the first largest (torch documents that argmax returns the first)
+        return digit_query_batch(level, batch_size, self.digits, generator, device,
+                                 answer=lambda values: values.argmax(0))
 
     def step_loss(self, prediction, target):
         """Cross-entropy over positions."""
