@@ -116,19 +116,13 @@ def _worker(args) -> None:
         dist.barrier()
         train_seconds += time.perf_counter() - start
     states = [None] * world
-    dist.all_gather_object(states, {k: v for k, v in net.state_dict().items()})
+    dist.all_gather_object(states, net.state_dict())
     if rank == world - 1:
         full = FCN(width=args.width)
-        merged = {}
-        for state in states:  # every rank holds the whole FCN; pipeline ranks train a part
-            merged.update(state)
-        if args.worker != "ddp":
-            merged = {}
+        merged = dict(states[-1])  # DDP: every rank holds the same whole network
+        if args.worker != "ddp":   # a schedule: each rank trained only its own blocks
             for r, state in enumerate(states):
-                first = sum(args.stage_blocks[:r])
-                owned = {str(i) for i in range(first, first + args.stage_blocks[r])}
-                if args.worker == "zero-bubble":
-                    owned = {str(i) for i in _virtual_blocks(args.stage_blocks, r, world)}
+                owned = {str(i) for i in _rank_blocks(args, r, world)}
                 merged.update({k: v for k, v in state.items() if k.split(".")[0] in owned})
         full.load_state_dict(merged)
         _, accuracy = evaluate(full, data.test_x, data.test_y)
@@ -137,6 +131,14 @@ def _worker(args) -> None:
             "samples_per_s": samples / train_seconds, "test_acc": accuracy,
             "train_seconds": train_seconds}))
     dist.destroy_process_group()
+
+
+def _rank_blocks(args, rank: int, world: int) -> list[int]:
+    """The blocks rank `rank` trains under args.worker's schedule."""
+    if args.worker == "zero-bubble":
+        return _virtual_blocks(args.stage_blocks, rank, world)
+    first = sum(args.stage_blocks[:rank])
+    return list(range(first, first + args.stage_blocks[rank]))
 
 
 def _virtual_blocks(counts, rank, world) -> list[int]:
@@ -161,17 +163,16 @@ def _schedule(args, net: nn.Sequential, rank: int, world: int):
         for block in blocks:
             shapes.append(block(shapes[-1]))
         net.train()
+    mine = _rank_blocks(args, rank, world)
     if args.worker == "zero-bubble":  # interleaved: several virtual stages per rank
-        mine = _virtual_blocks(args.stage_blocks, rank, world)
         stages = [pipelining.PipelineStage(blocks[i], i, len(blocks), cpu, input_args=shapes[i])
                   for i in mine]
         schedule = schedule_class(stages, args.microbatches, loss_fn=F.cross_entropy)
         params = [p for i in mine for p in blocks[i].parameters()]
         first, last = 0 in mine, len(blocks) - 1 in mine
     else:
-        start = sum(args.stage_blocks[:rank])
-        part = nn.Sequential(*blocks[start:start + args.stage_blocks[rank]])
-        stage = pipelining.PipelineStage(part, rank, world, cpu, input_args=shapes[start])
+        part = nn.Sequential(*(blocks[i] for i in mine))
+        stage = pipelining.PipelineStage(part, rank, world, cpu, input_args=shapes[mine[0]])
         schedule = schedule_class(stage, args.microbatches, loss_fn=F.cross_entropy)
         params = list(part.parameters())
         first, last = rank == 0, rank == world - 1

@@ -269,7 +269,6 @@ class PipelineStage(nn.Module):
         self._pending: deque[_Pending] = deque()
         # the edge synthesizer's last (S, B d), or its loss once restored from a checkpoint
         self._edge_fit: tuple[torch.Tensor, torch.Tensor] | float | None = None
-        self.timeout = timeout
         forward_size = [self.header + self.max_batch * (1 + math.prod(shape))
                         for shape in (self.input_shape, self.output_shape)]
         backward_size = [2 + self.max_batch * math.prod(shape)
@@ -304,12 +303,6 @@ class PipelineStage(nn.Module):
         if synth:
             groups.append({"params": synth, "lr": synthesizer_lr or lr})
         return groups
-
-    @property
-    def interface_names(self) -> list[int]:
-        """Global numbers (1-based) of the interfaces this stage owns."""
-        first = self.block_range[0]
-        return [first + i + 1 for i in range(len(self.interfaces))]
 
     # -- training -------------------------------------------------------------------------
     def request_stop(self, signum: int) -> None:
