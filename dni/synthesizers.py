@@ -105,19 +105,36 @@ class MLP_DNI(DNI_Network):
         return self.net(append_context(input, context)), None
 
 
+CONTEXT_MODES = ("map", "bias", "channels")
+
+
 class Conv_DNI(DNI_Network):
     """Shape-preserving conv synthesizer for feature maps (B, C, H, W): `num_layers - 1` hidden
     kxk convs with BatchNorm and ReLU, then a zero-initialised kxk conv back to C channels.
-    The context enters as an additive per-channel projection after the first conv (or as
-    extra constant channels with `context_as_channels=True`)."""
+
+    The context c (cDNI) enters in one of three ways (`context_mode`):
+    - "map": a zero-initialised linear map from c onto the whole output map (C, H, W), added
+      to the conv stack's output; it can give every class its own spatial template, as the
+      gradient W^T y under a linear head is. Needs `map_size=(H, W)`.
+    - "bias": a projection of c added per channel after the first conv (constant over space).
+    - "channels": c as extra constant input channels.
+    Usage: `Conv_DNI(64, context_size=10, map_size=(7, 7))`.
+    """
 
     def __init__(self, input_size: int, hidden_size: int = 64, output_size: int | None = None,
                  context_size: int = 0, num_layers: int = 3, kernel_size: int = 5,
-                 context_as_channels: bool = False):
+                 context_mode: str | None = None, map_size: tuple[int, int] | None = None):
         super().__init__(input_size, hidden_size, output_size, context_size)
-        self.context_as_channels = context_as_channels and context_size > 0
+        if context_mode is None:
+            context_mode = "map" if map_size is not None else "bias"
+        if context_mode not in CONTEXT_MODES:
+            raise ValueError(f"context_mode must be one of {CONTEXT_MODES}, got {context_mode!r}")
+        if context_mode == "map" and map_size is None:
+            raise ValueError("context_mode='map' needs map_size=(H, W)")
+        self.context_mode = context_mode if context_size else None
+        self.map_size = None if map_size is None else tuple(map_size)
         pad = kernel_size // 2
-        in_ch = input_size + (context_size if self.context_as_channels else 0)
+        in_ch = input_size + (context_size if self.context_mode == "channels" else 0)
         self.hidden = nn.ModuleList()
         for _ in range(num_layers - 1):
             self.hidden.append(nn.Sequential(nn.Conv2d(in_ch, hidden_size, kernel_size,
@@ -125,24 +142,35 @@ class Conv_DNI(DNI_Network):
                                              nn.BatchNorm2d(hidden_size), nn.ReLU()))
             in_ch = hidden_size
         self.out = zero_init_(nn.Conv2d(in_ch, self.output_size, kernel_size, padding=pad))
-        first_width = hidden_size if num_layers > 1 else self.output_size
-        self.context_proj = (nn.Linear(context_size, first_width, bias=False)
-                             if context_size and not self.context_as_channels else None)
+        self.context_proj: nn.Linear | None = None
+        if self.context_mode == "bias":
+            first_width = hidden_size if num_layers > 1 else self.output_size
+            self.context_proj = nn.Linear(context_size, first_width, bias=False)
+        elif self.context_mode == "map":
+            height, width = self.map_size
+            self.context_proj = zero_init_(nn.Linear(context_size,
+                                                     self.output_size * height * width,
+                                                     bias=False))
 
     def forward(self, input, hidden=None, context=None):
         """Return (conv stack on the feature map with the context mixed in, None)."""
         x = input
-        if context is not None and self.context_as_channels:
-            planes = context.reshape(len(context), -1, 1, 1).to(x.dtype)
-            x = torch.cat([x, planes.expand(-1, -1, *x.shape[2:])], dim=1)
+        mode = self.context_mode if context is not None else None
+        if mode is not None:
+            context = context.reshape(len(context), -1).to(x.dtype)
+        if mode == "channels":
+            planes = context[:, :, None, None].expand(-1, -1, *x.shape[2:])
+            x = torch.cat([x, planes], dim=1)
         layers = list(self.hidden) + [self.out]
         for i, layer in enumerate(layers):
-            if i == 0 and self.context_proj is not None and context is not None:
+            if i == 0 and mode == "bias":
                 conv = layer[0] if isinstance(layer, nn.Sequential) else layer
-                y = conv(x) + self.context_proj(context.to(x.dtype))[:, :, None, None]
+                y = conv(x) + self.context_proj(context)[:, :, None, None]
                 x = layer[1:](y) if isinstance(layer, nn.Sequential) else y
             else:
                 x = layer(x)
+        if mode == "map":
+            x = x + self.context_proj(context).view(len(x), self.output_size, *self.map_size)
         return x, None
 
 

@@ -62,7 +62,7 @@ def synthesizer_factory(kind: str, **options) -> SynthesizerFactory:
         if cls is Conv_DNI:
             if len(shape) != 3:
                 raise ValueError(f"the conv synthesizer needs (C, H, W) activations, got {shape}")
-            return Conv_DNI(shape[0], context_size=context_size, **options)
+            return Conv_DNI(shape[0], context_size=context_size, map_size=shape[1:], **options)
         synthesizer = cls(math.prod(shape), context_size=context_size, **options)
         return synthesizer if len(shape) == 1 else _Flat(synthesizer, shape)
 

@@ -57,10 +57,10 @@ def test_linear_sigmoid_is_bounded():
     assert out.abs().max() <= 0.5
 
 
-@pytest.mark.parametrize("as_channels", [False, True])
-def test_conv_synthesizer_keeps_feature_map_shape_and_uses_context(as_channels):
-    synth = Conv_DNI(4, hidden_size=6, context_size=3, kernel_size=3,
-                     context_as_channels=as_channels)
+@pytest.mark.parametrize("mode", ["map", "bias", "channels"])
+def test_conv_synthesizer_keeps_feature_map_shape_and_uses_context(mode):
+    synth = Conv_DNI(4, hidden_size=6, context_size=3, kernel_size=3, context_mode=mode,
+                     map_size=(7, 7))
     h = torch.randn(2, 4, 7, 7)
     out, _ = synth(h, None, context=torch.eye(3)[[0, 1]])
     assert out.shape == h.shape and torch.count_nonzero(out) == 0
@@ -69,6 +69,24 @@ def test_conv_synthesizer_keeps_feature_map_shape_and_uses_context(as_channels):
     a, _ = synth(h, None, context=torch.eye(3)[[0, 0]])
     b, _ = synth(h, None, context=torch.eye(3)[[2, 2]])
     assert not torch.allclose(a, b)
+
+
+def test_conv_context_map_gives_each_class_its_own_spatial_template():
+    # the top CNN gradient under a linear head, W^T (p - y), holds a (C, H, W) template per
+    # class: the map projection must be able to produce any of them, whatever the input
+    synth = Conv_DNI(2, hidden_size=3, context_size=4, kernel_size=3, map_size=(5, 5))
+    assert synth.context_mode == "map"
+    templates = torch.randn(4, 2, 5, 5)
+    with torch.no_grad():
+        synth.context_proj.weight.copy_(templates.reshape(4, -1).T)
+    labels = torch.tensor([3, 0, 2])
+    out, _ = synth(torch.randn(3, 2, 5, 5), None, context=torch.eye(4)[labels])
+    torch.testing.assert_close(out, templates[labels])  # the conv stack's output is still 0
+
+
+def test_conv_context_map_needs_its_size():
+    with pytest.raises(ValueError, match="map_size"):
+        Conv_DNI(2, context_size=4, context_mode="map")
 
 
 def test_single_layer_conv_synthesizer():
