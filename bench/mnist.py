@@ -2,8 +2,9 @@
 cost of a training step relative to backprop, measured side by side in the same process.
 
 Usage: python bench/mnist.py [--models mlp cnn] [--methods bp dni cdni] [--epochs 20]
-       [--train-size N] [--steps-only]
-Each accuracy run is the real script (mlp.py / cnn.py / main.py) with the settings in SETTINGS.
+       [--cnn-epochs N] [--train-size N] [--results DIR] [--steps-only]
+Each accuracy run is the real script (mlp.py / cnn.py / main.py) with the settings in SETTINGS,
+in its own folder under --results: finished runs are read back, interrupted ones resumed.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -39,14 +39,20 @@ SETTINGS = {
 
 def accuracy_run(model: str, method: str, epochs: int, train_size: int | None, out: Path
                  ) -> dict:
-    """Run the script for (model, method) and return its summary."""
-    argv = [sys.executable, *SETTINGS[(model, method)], "--epochs", str(epochs), "--out", str(out),
-            "--device", "cpu"]
-    if train_size:
-        argv += ["--train-size", str(train_size)]
+    """Run the script for (model, method) in `out` and return its summary; a finished run is
+    read back, an interrupted one resumed from its checkpoint."""
+    summary = out / "summary.json"
+    if summary.exists():
+        return json.loads(summary.read_text())
+    if (out / "checkpoint.pt").exists():
+        argv = [sys.executable, SETTINGS[(model, method)][0], "--resume", str(out)]
+    else:
+        argv = [sys.executable, *SETTINGS[(model, method)], "--epochs", str(epochs),
+                "--out", str(out), "--device", "cpu"]
+        argv += ["--train-size", str(train_size)] if train_size else []
     print("$", " ".join(argv[1:]), flush=True)
     subprocess.run(argv, cwd=ROOT, check=True)
-    return json.loads((out / "summary.json").read_text())
+    return json.loads(summary.read_text())
 
 
 def step_costs(model: str, batch_size: int = 256, repeats: int = 30, steps: int = 10
@@ -82,22 +88,31 @@ def step_costs(model: str, batch_size: int = 256, repeats: int = 30, steps: int 
 
 def main() -> None:
     """Run the accuracy table and the step-cost table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["mlp", "cnn"])
-    parser.add_argument("--methods", nargs="+", default=["bp", "dni", "cdni"])
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--train-size", type=int, default=None)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=["mlp", "cnn"], default=["mlp", "cnn"],
+                        help="networks")
+    parser.add_argument("--methods", nargs="+", choices=["bp", "dni", "cdni"],
+                        default=["bp", "dni", "cdni"], help="training methods")
+    parser.add_argument("--epochs", type=int, default=20, help="epochs of every run")
+    parser.add_argument("--cnn-epochs", type=int, default=None,
+                        help="epochs of the CNN runs (None: as --epochs)")
+    parser.add_argument("--train-size", type=int, default=None,
+                        help="first N training examples only (None: all 60000)")
+    parser.add_argument("--results", type=Path, default=ROOT / "runs" / "bench-mnist",
+                        help="folder of the run folders, kept between invocations")
     parser.add_argument("--steps-only", action="store_true", help="only the step-cost table")
     args = parser.parse_args()
     print(f"hardware: {platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}")
     rows = []
     if not args.steps_only:
-        with tempfile.TemporaryDirectory() as tmp:
-            for model in args.models:
-                for method in args.methods:
-                    out = Path(tmp) / f"{model}-{method}"
-                    rows.append(accuracy_run(model, method, args.epochs, args.train_size, out))
+        for model in args.models:
+            epochs = args.cnn_epochs if model == "cnn" and args.cnn_epochs else args.epochs
+            for method in args.methods:
+                size = f"-n{args.train_size}" if args.train_size else ""
+                out = args.results / f"{model}-{method}-e{epochs}{size}"
+                rows.append(accuracy_run(model, method, epochs, args.train_size, out))
     print("\n| model | method | epochs | test acc | best epoch acc | samples/s | acc by epoch |")
     print("|---|---|---|---|---|---|---|")
     for s in rows:
