@@ -26,7 +26,9 @@ SYNTHESIZER_CHOICES = ("linear", "linear_sigmoid", "mlp", "conv")
 def parse_args():
     """The baseline flags plus the DNI ones."""
     parser = training_parser(
-        __doc__, epochs=20, batch_size=256, lr=1e-3,
+        __doc__, epochs=20, batch_size=None, lr=1e-3,
+        batch_size_help="examples per mini-batch (default: 256 for mlp, 64 for cnn, as mlp.py "
+                        "and cnn.py)",
         log_every_help="every N steps, write a metrics.csv row and measure each interface's "
                        "synthetic-gradient loss and cosine to the true gradient (0: never)")
     parser.add_argument("--model_type", "--model-type", choices=MODEL_TYPES, default="mlp",
@@ -40,10 +42,11 @@ def parse_args():
                         help="synthesizer hidden width or channels (default: the kind's own)")
     parser.add_argument("--synth-layers", type=positive_int, default=None,
                         help="synthesizer layers, the zero-initialised output layer included "
-                             "(default: the kind's own: 1 linear, 3 mlp/conv)")
+                             "(default: 1 linear and conv, 3 mlp)")
     parser.add_argument("--synth-lr", type=positive_float, default=None,
                         help="Adam learning rate of the synthesizers, cosine-decayed to 0 "
-                             "(default: 1e-2 for DNI, 1e-3 for cDNI; see bench/README.md)")
+                             "(default: mlp 1e-2 for DNI, 1e-3 for cDNI; cnn 1e-3 for DNI, "
+                             "1e-4 for cDNI; see bench/README.md)")
     parser.add_argument("--grad-scale", type=positive_float, default=1.0,
                         help="multiplier on every synthetic gradient a block receives")
     parser.add_argument("--forward-unlock", type=boolean, nargs="?", const=True, default=False,
@@ -67,10 +70,15 @@ def parse_args():
         parser.error(f"argument --staleness: must be 0 or more, got {args.staleness}")
     if world_size_from_env() > 1 and args.forward_unlock:
         parser.error("--forward-unlock is not available in a pipeline (torchrun)")
+    cnn = args.model_type == "cnn"
+    if args.batch_size is None:
+        args.batch_size = 64 if cnn else 256
     if args.synth_lr is None:
-        args.synth_lr = 1e-3 if args.conditioned else 1e-2
+        args.synth_lr = (1e-3 if args.conditioned else 1e-2) / (10 if cnn else 1)
     if args.synthesizer is None:
-        args.synthesizer = "conv" if args.model_type == "cnn" else "linear"
+        args.synthesizer = "conv" if cnn else "linear"
+    if args.synthesizer == "conv" and args.synth_layers is None:
+        args.synth_layers = 1
     if args.synthesizer == "conv" and args.model_type != "cnn":
         parser.error("--synthesizer conv needs --model_type cnn (feature-map activations)")
     return args

@@ -55,14 +55,17 @@ def accuracy_run(model: str, method: str, epochs: int, train_size: int | None, o
     return json.loads(summary.read_text())
 
 
-def step_costs(model: str, batch_size: int = 256, repeats: int = 30, steps: int = 10
-               ) -> dict[str, float]:
-    """Median seconds per training step of bp, DNI and cDNI (linear synthesizers for the MLP,
-    conv for the CNN), interleaved so machine noise hits all alike."""
+# main.py's defaults per model: batch size and synthesizer (kind, options)
+STEP_SETTINGS = {"mlp": (256, "linear", {}), "cnn": (64, "conv", {"num_layers": 1})}
+
+
+def step_costs(model: str, repeats: int = 30, steps: int = 10) -> dict[str, float]:
+    """Median seconds per training step of bp, DNI and cDNI with main.py's default batch and
+    synthesizers, interleaved so machine noise hits all alike."""
+    batch_size, synthesizer, options = STEP_SETTINGS[model]
     torch.manual_seed(0)
     x = torch.randn(batch_size, 1, 28, 28)
     y = torch.randint(0, 10, (batch_size,))
-    synthesizer = "conv" if model == "cnn" else "linear"
 
     def build(method):
         net = CNN() if model == "cnn" else FCN()
@@ -70,7 +73,7 @@ def step_costs(model: str, batch_size: int = 256, repeats: int = 30, steps: int 
         if method == "bp":
             return net, opt, {}
         wrapped = attach_dni(net, opt, x[:2], synthesizer=synthesizer,
-                             conditioned=method == "cdni")
+                             conditioned=method == "cdni", **options)
         return wrapped, opt, ({"context": y} if method == "cdni" else {})
 
     arms = {method: build(method) for method in ("bp", "dni", "cdni")}
@@ -120,11 +123,11 @@ def main() -> None:
         print(f"| {s['model']} | {s['method']} | {s['epochs']} | {100 * s['test_acc']:.2f}% | "
               f"{100 * max(accs):.2f}% | {s['samples_per_s']:.0f} | "
               f"{' '.join(f'{100 * a:.1f}' for a in accs)} |")
-    print("\n| model | bp ms/step | DNI ms/step | cDNI ms/step | DNI / bp | cDNI / bp |")
-    print("|---|---|---|---|---|---|")
+    print("\n| model | batch | bp ms/step | DNI ms/step | cDNI ms/step | DNI / bp | cDNI / bp |")
+    print("|---|---|---|---|---|---|---|")
     for model in args.models:
         cost = step_costs(model)
-        print(f"| {model} | {1000 * cost['bp']:.2f} | {1000 * cost['dni']:.2f} | "
+        print(f"| {model} | {STEP_SETTINGS[model][0]} | {1000 * cost['bp']:.2f} | {1000 * cost['dni']:.2f} | "
               f"{1000 * cost['cdni']:.2f} | {cost['dni'] / cost['bp']:.2f}x | "
               f"{cost['cdni'] / cost['bp']:.2f}x |", flush=True)
 

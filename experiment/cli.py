@@ -68,15 +68,17 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def training_parser(description: str, *, epochs: int, batch_size: int, lr: float,
+def training_parser(description: str, *, epochs: int, batch_size: int | None, lr: float,
                     log_every_help: str = "write a metrics.csv row every N steps "
-                                          "(0: epoch rows only)") -> Parser:
-    """A parser with the flags every training script shares, defaults as given."""
+                                          "(0: epoch rows only)",
+                    batch_size_help: str = "examples per mini-batch") -> Parser:
+    """A parser with the flags every training script shares, defaults as given (a None
+    default is the script's to resolve; its help then says what it becomes)."""
     parser = Parser(description=description)
     parser.add_argument("--epochs", type=positive_int, default=epochs,
                         help="passes over the training set")
     parser.add_argument("--batch-size", type=positive_int, default=batch_size,
-                        help="examples per mini-batch")
+                        help=batch_size_help)
     parser.add_argument("--lr", type=positive_float, default=lr,
                         help="Adam learning rate of the network (cosine-decayed to 0)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (CPU runs repeat exactly)")

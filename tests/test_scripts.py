@@ -136,3 +136,19 @@ def test_main_runs_dni_and_cdni(run_script, tmp_path, argv, method, interfaces):
         assert summary[f"sg_loss{i}"] >= 0 and -1 <= summary[f"cos{i}"] <= 1
         assert f"cos{i}" in result.stdout
     assert f"cos{interfaces + 1}" not in summary
+
+
+@pytest.mark.parametrize("argv, batch_size, synth_lr, synth_layers", [
+    (["--model_type", "mlp"], 256, 1e-2, None),
+    (["--model_type", "mlp", "--conditioned"], 256, 1e-3, None),
+    (["--model_type", "cnn", "--channels", "4", "8"], 64, 1e-3, 1),
+    (["--model_type", "cnn", "--channels", "4", "8", "--conditioned"], 64, 1e-4, 1),
+])
+def test_main_defaults_depend_on_the_model(run_script, tmp_path, argv, batch_size, synth_lr,
+                                           synth_layers):
+    result = run_script("main.py", "--epochs", "1", "--train-size", "300", "--device", "cpu",
+                        "--log-every", "0", *argv, "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    args = json.loads((tmp_path / "config.json").read_text())["args"]
+    assert (args["batch_size"], args["synth_lr"], args["synth_layers"]) == \
+        (batch_size, synth_lr, synth_layers)
