@@ -60,11 +60,39 @@ class RidgeSynthesizer(DNI_Network):
         self.weight.copy_(torch.cholesky_solve(self.cross.T, factor).T)
 
 
+class NoiseSynthesizer(DNI_Network):
+    """A control, not a synthesizer: Gaussian noise of a fixed size in place of a gradient,
+    to tell a learned signal from a mere perturbation of the blocks below."""
+
+    def __init__(self, size: int, std: float = 0.01):
+        super().__init__(size)
+        self.std = std
+        self.anchor = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input, hidden=None, context=None):
+        """Return (noise of input's shape, None)."""
+        return torch.randn_like(input) * self.std + self.anchor, None
+
+
+class NoiseBelowTop:
+    """Builds, in interface order, noise controls for interfaces 1 and 2 and a linear
+    synthesizer for interface 3 (the top one)."""
+
+    def __init__(self):
+        self.built = 0
+
+    def __call__(self, size: int) -> nn.Module:
+        self.built += 1
+        return NoiseSynthesizer(size) if self.built % 3 else Linear_DNI(size)
+
+
 # name: (synthesizer factory or kind, per-block lr multipliers, synthesizer lr, network lr)
 VARIANTS = {
     "linear": ("linear", (1, 1, 1), 1e-2, 1e-3),
     "frozen hidden blocks": ("linear", (0, 0, 0), 1e-2, 1e-3),
     "only block 3 learns": ("linear", (0, 0, 1), 1e-2, 1e-3),
+    "noise into blocks 1 and 2": (NoiseBelowTop(), (1, 1, 1), 1e-2, 1e-3),
+    "noise into all blocks": (NoiseSynthesizer, (1, 1, 1), 1e-2, 1e-3),
     "linear, synth lr 3e-2": ("linear", (1, 1, 1), 3e-2, 1e-3),
     "linear, lr 2e-3": ("linear", (1, 1, 1), 1e-2, 2e-3),
     "linear, lr 3e-3": ("linear", (1, 1, 1), 1e-2, 3e-3),
