@@ -74,10 +74,12 @@ def worker_run(kind: str, args, processes: int, out: Path) -> dict:
 def _worker(args) -> None:
     """One rank of a pipelining-schedule or DDP run; the last rank writes the result."""
     from experiment.data import batch_order, batches, load_mnist
+    from experiment.pipeline_train import pin_to_cores
     from experiment.train import cosine_schedule, evaluate
     from model import FCN
 
     torch.set_num_threads(1)
+    pin_to_cores()  # as the DNI pipeline's stages are
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     data = load_mnist("data", torch.device("cpu"), args.train_size)

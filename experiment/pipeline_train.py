@@ -37,9 +37,29 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def pin_to_cores() -> list[int] | None:
+    """Give this local rank its own share of the CPU cores it may use (torchrun's LOCAL_RANK of
+    LOCAL_WORLD_SIZE), so stages do not migrate between cores; return them (None: not pinned,
+    where the platform cannot pin or there are fewer cores than local ranks)."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < ranks:
+        return None
+    share = len(cores) // ranks
+    mine = cores[local * share:(local + 1) * share]
+    os.sched_setaffinity(0, mine)
+    return mine
+
+
 def start_process_group(device: torch.device, timeout: float) -> None:
-    """Join the process group torchrun describes: gloo on CPU, NCCL on CUDA."""
+    """Join the process group torchrun describes: gloo on CPU (each rank pinned to its own
+    cores), NCCL on CUDA."""
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cpu":
+        pin_to_cores()
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):

@@ -166,3 +166,24 @@ def test_bad_stages_give_one_error_line(argv, world, message, tmp_path, mnist_ro
     assert all(p.returncode != 0 for p in procs)
     errors = [line for _, err in results for line in err.splitlines()]
     assert len(errors) == 1 and errors[0].startswith(message), results
+
+
+@pytest.mark.parametrize("rank, ranks, cores, expected", [
+    (0, 2, [0, 1], [0]),
+    (1, 2, [0, 1], [1]),
+    (1, 2, [4, 5, 6, 7], [6, 7]),
+    (2, 3, [0, 1], None),          # fewer cores than ranks: left as it is
+])
+def test_each_local_rank_gets_its_own_cores(monkeypatch, rank, ranks, cores, expected):
+    import os
+
+    from experiment.pipeline_train import pin_to_cores
+
+    pinned = []
+    monkeypatch.setenv("LOCAL_RANK", str(rank))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(cores), raising=False)
+    monkeypatch.setattr(os, "sched_setaffinity", lambda pid, mine: pinned.append(list(mine)),
+                        raising=False)
+    assert pin_to_cores() == expected
+    assert pinned == ([] if expected is None else [expected])
