@@ -108,6 +108,19 @@ def state_size(core: nn.RNNBase) -> int:
     return flatten_state(zero_state(core, 1)).shape[1]
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity going forward; multiplies the gradient by `scale` going backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad * ctx.scale, None
+
+
 @dataclass
 class SequenceReport:
     """What one call of `TruncatedBPTT` did to one batch of sequences."""
@@ -157,6 +170,43 @@ class TruncatedBPTT(nn.Module):
         and the synthesizer's new hidden state (None unless it is recurrent)."""
         out = self.synthesizer(state.detach(), hidden)
         return out if isinstance(out, tuple) else (out, None)
+
+    def future_gradients(self, inputs: torch.Tensor, chunk_loss: ChunkLoss,
+                         state: State | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(synthetic, true) gradient of the future at every inner chunk edge, both (B, state
+        width) in the loss's units, by one untruncated pass that leaves every .grad as it was.
+
+        "True" is what the synthesizer is trained towards without its own errors: the gradient
+        of the losses after the edge, each further edge crossed discounting it by grad_scale
+        (grad_scale 1: the full gradient of the future). A diagnostic for logged steps.
+        """
+        if self.synthesizer is None:
+            raise ValueError("future_gradients needs a synthesizer")
+        length, batch = inputs.shape[0], inputs.shape[1]
+        unit = float(batch) if self.batch_mean else 1.0
+        if state is None:
+            state = zero_state(self.core, batch, inputs.device, inputs.dtype)
+        start = flatten_state(state).detach()
+        edges, total = [], inputs.new_zeros(())
+        with torch.enable_grad():
+            for t0 in range(0, length, self.truncation):
+                if t0 > 0:
+                    edge = _ScaleGradient.apply(flatten_state(state), self.grad_scale)
+                    edges.append(edge)
+                    state = unflatten_state(edge, state)
+                y, state = self.core(inputs[t0:t0 + self.truncation], state)
+                prediction = self.readout(y) if self.readout is not None else y
+                total = total + chunk_loss(prediction, t0, min(t0 + self.truncation, length))
+            true = (torch.autograd.grad(total, edges, allow_unused=True)
+                    if edges and total.requires_grad else [None] * len(edges))
+        pairs = []
+        with torch.no_grad():
+            _, hidden = self.synthetic_gradient(start, None)  # S(s_0), as in training
+            for edge, grad in zip(edges, true):
+                synthetic, hidden = self.synthetic_gradient(edge, hidden)
+                pairs.append((synthetic / unit,
+                              torch.zeros_like(edge) if grad is None else grad))
+        return pairs
 
     def forward(self, inputs: torch.Tensor, chunk_loss: ChunkLoss,
                 state: State | None = None) -> SequenceReport:

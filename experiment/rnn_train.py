@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -40,7 +41,7 @@ from experiment.train import _StopRequest, first_nonfinite_gradient, load_model_
 
 METHODS = ("bptt", "dni", "dni_aux")
 CORES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-COLUMNS = ["level", "max_length_solved", "errors_per_seq", "sg_loss", "aux_loss"]
+COLUMNS = ["level", "max_length_solved", "errors_per_seq", "sg_loss", "aux_loss", "sg_cos"]
 
 
 def nonnegative_float(text: str) -> float:
@@ -235,7 +236,9 @@ def train(args, on_step: Callable[[int], None] | None = None) -> dict:
             bar.update()
             if args.log_every > 0 and (state.step % args.log_every == 0
                                        or state.step == args.steps):
-                _log_line(args, state, curriculum, log, bar)
+                cosine = (future_gradient_cosine(model.trainer, batch.inputs, task.loss_of(batch))
+                          if args.method != "bptt" else None)
+                _log_line(args, state, curriculum, log, bar, cosine)
             if on_step is not None:
                 on_step(state.step)
             if stop.signum is not None:
@@ -263,15 +266,28 @@ def _check_finite(report, network, step: int, out_dir: Path) -> None:
                         "lower --lr or --grad-scale")
 
 
-def _log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog, bar) -> None:
-    """One metrics.csv row and one printed line for the steps since the last one."""
+def future_gradient_cosine(trainer, inputs: torch.Tensor, chunk_loss) -> float | None:
+    """Cosine between the synthetic and the true (discounted) gradient of the future, the
+    batch as one vector, averaged over the chunk edges of this batch (None without an edge)."""
+    pairs = trainer.future_gradients(inputs, chunk_loss)
+    if not pairs:
+        return None
+    return sum(F.cosine_similarity(g.flatten(), t.flatten(), dim=0).item()
+               for g, t in pairs) / len(pairs)
+
+
+def _log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog, bar,
+              cosine: float | None = None) -> None:
+    """One metrics.csv row and one printed line for the steps since the last one; `cosine`
+    is the synthetic gradient's cosine to the true one on the last batch."""
     w = state.window
     n = max(w["n"], 1)
     row = {"kind": "step", "step": state.step, "wall_seconds": state.wall_seconds,
            "train_loss": w["loss"] / n, "level": curriculum.level,
            "max_length_solved": curriculum.solved, "errors_per_seq": w["errors"] / n,
            "sg_loss": w["sg"] / n if args.method != "bptt" else None,
-           "aux_loss": w["aux"] / n if args.method == "dni_aux" else None}
+           "aux_loss": w["aux"] / n if args.method == "dni_aux" else None,
+           "sg_cos": cosine}
     log.write(row)
     unit = "bits/seq" if args.task in ("copy", "repeat_copy") else "errors/seq"
     line = (f"step {state.step:>6}/{args.steps}  length {curriculum.level:>3}  "
@@ -281,6 +297,8 @@ def _log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog, ba
         line += f"  sg_loss {row['sg_loss']:.3g}"
     if row["aux_loss"] is not None:
         line += f"  aux_loss {row['aux_loss']:.3g}"
+    if cosine is not None:
+        line += f"  sg_cos {cosine:.3f}"
     bar.write(f"{line}  {state.train_seconds:.0f}s", file=sys.stdout)
     sys.stdout.flush()
     state.window = {"loss": 0.0, "errors": 0.0, "sg": 0.0, "aux": 0.0, "n": 0}

@@ -241,3 +241,40 @@ def test_bad_options():
         TruncatedBPTT(core, 2, synthesizer=Linear_DNI(2 * H), grad_scale=-1.0)
     with pytest.raises(ValueError):
         TruncatedBPTT(core, 2, aux_weight=1.0)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("grad_scale", [1.0, 0.5])
+def test_future_gradient_is_the_discounted_gradient_of_the_losses_after_the_edge(kind,
+                                                                                  grad_scale):
+    T = 2
+    bptt = build(kind, truncation=T, grad_scale=grad_scale, random_synth=True)
+    x, y = sequence()
+    loss = chunk_loss(y)
+    pairs = bptt.future_gradients(x, loss)
+    assert len(pairs) == (L - 1) // T                     # edges at t = 2, 4, 6
+    # reference: run the whole sequence, keep the state at each edge, then from a leaf copy of
+    # that state re-run the rest; the chunk j edges later weighs grad_scale ** j
+    with torch.no_grad():
+        edge_states, state = [], zero_state(bptt.core, B)
+        for t0 in range(0, L, T):
+            if t0 > 0:
+                edge_states.append((t0, flatten_state(state)))
+            _, state = bptt.core(x[t0:t0 + T], state)
+    for (synthetic, true), (t_edge, flat) in zip(pairs, edge_states):
+        leaf = flat.clone().requires_grad_()
+        state, future = unflatten_state(leaf, zero_state(bptt.core, B)), 0.0
+        for j, t0 in enumerate(range(t_edge, L, T)):
+            out, state = bptt.core(x[t0:t0 + T], state)
+            future = future + grad_scale ** j * loss(bptt.readout(out), t0, min(t0 + T, L))
+        expected, = torch.autograd.grad(future, leaf)
+        torch.testing.assert_close(true, expected)
+        torch.testing.assert_close(synthetic, bptt.synthesizer(flat, None)[0] / B)
+    assert all(p.grad is None for p in bptt.parameters())   # a diagnostic: nothing accumulated
+
+
+def test_future_gradient_of_an_untrained_synthesizer_is_zero():
+    bptt = build(truncation=3)
+    pairs = bptt.future_gradients(*[sequence()[0], chunk_loss(sequence()[1])])
+    assert pairs and all(torch.count_nonzero(s) == 0 and torch.count_nonzero(t) > 0
+                         for s, t in pairs)
