@@ -4,7 +4,7 @@ accuracy after the same epochs, and where each DNI stage's time goes. All rows t
 MLP on the same data with the same global batch, one after another in one run.
 
 Usage: python bench/parallel.py [--stages 2] [--epochs 1] [--width 256]
-       [--wide-width 2048] [--wide-train-size 10240] [--rows ...]
+       [--wide-width 2048] [--wide-depth 4] [--wide-train-size 10240] [--rows ...]
 Rows: (a) bp: one process, backprop, all cores; (b) dni-1core / dni-allcores: one-process DNI;
 (c) dni-pipeline: N stages, one process (one core) each, main.py under torchrun; (d) gpipe,
 1f1b, zero-bubble: the same split under torch.distributed.pipelining, one core each;
@@ -59,7 +59,7 @@ def worker_run(kind: str, args, processes: int, out: Path) -> dict:
            str(processes), __file__, "--worker", kind, "--result", str(out / "result.json"),
            "--epochs", str(args.epochs), "--width", str(args.width), "--train-size",
            str(args.train_size), "--stage-blocks", *map(str, args.stage_blocks),
-           "--microbatches", str(args.microbatches)]
+           "--microbatches", str(args.microbatches), "--depth", str(args.depth)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     print("$", "OMP_NUM_THREADS=1", " ".join(cmd[1:]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -84,7 +84,7 @@ def _worker(args) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     data = load_mnist("data", torch.device("cpu"), args.train_size)
     torch.manual_seed(0)
-    net = FCN(width=args.width)
+    net = FCN(depth=args.depth, width=args.width)
     steps = args.epochs * (len(data.train_x) // BATCH)
     generator = torch.Generator().manual_seed(0)
     if args.worker == "ddp":
@@ -120,7 +120,7 @@ def _worker(args) -> None:
     states = [None] * world
     dist.all_gather_object(states, net.state_dict())
     if rank == world - 1:
-        full = FCN(width=args.width)
+        full = FCN(depth=args.depth, width=args.width)
         merged = dict(states[-1])  # DDP: every rank holds the same whole network
         if args.worker != "ddp":   # a schedule: each rank trained only its own blocks
             for r, state in enumerate(states):
@@ -143,10 +143,22 @@ def _rank_blocks(args, rank: int, world: int) -> list[int]:
     return list(range(first, first + args.stage_blocks[rank]))
 
 
+def _virtual_stages(num_blocks: int, world: int) -> list[list[int]]:
+    """Contiguous groups of blocks, a multiple of `world` of them (interleaved schedules give
+    every rank the same number of virtual stages): one block each where the count allows,
+    the last blocks merged otherwise."""
+    groups = max(num_blocks // world, 1) * world
+    sizes = [1] * groups
+    sizes[-1] += num_blocks - groups
+    starts = [sum(sizes[:i]) for i in range(groups)]
+    return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
+
+
 def _virtual_blocks(counts, rank, world) -> list[int]:
-    """Blocks of rank `rank` in an interleaved schedule: one block per virtual stage, rank r
-    holding stages r, r + world, ..."""
-    return list(range(rank, sum(counts), world))
+    """Blocks of rank `rank` in an interleaved schedule: rank r holds virtual stages r,
+    r + world, ..."""
+    stages = _virtual_stages(sum(counts), world)
+    return [block for group in stages[rank::world] for block in group]
 
 
 def _schedule(args, net: nn.Sequential, rank: int, world: int):
@@ -167,8 +179,10 @@ def _schedule(args, net: nn.Sequential, rank: int, world: int):
         net.train()
     mine = _rank_blocks(args, rank, world)
     if args.worker == "zero-bubble":  # interleaved: several virtual stages per rank
-        stages = [pipelining.PipelineStage(blocks[i], i, len(blocks), cpu, input_args=shapes[i])
-                  for i in mine]
+        groups = _virtual_stages(len(blocks), world)
+        stages = [pipelining.PipelineStage(nn.Sequential(*(blocks[i] for i in groups[v])), v,
+                                           len(groups), cpu, input_args=shapes[groups[v][0]])
+                  for v in range(rank, len(groups), world)]
         schedule = schedule_class(stages, args.microbatches, loss_fn=F.cross_entropy)
         params = [p for i in mine for p in blocks[i].parameters()]
         first, last = 0 in mine, len(blocks) - 1 in mine
@@ -190,25 +204,27 @@ def _schedule(args, net: nn.Sequential, rank: int, world: int):
 
 
 # -- the table ----------------------------------------------------------------------------
-def run_variant(args, width: int, train_size: int, rows: list[str], work: Path) -> dict:
-    """Every row for one network width; returns {row: result}."""
+def run_variant(args, width: int, train_size: int, rows: list[str], work: Path,
+                depth: int = 3) -> dict:
+    """Every row for one network (depth hidden blocks of width units); returns {row: result}."""
     n = args.stages
     if args.split is None:  # the DNI pipeline's own balanced split, for every row alike
         from dni.pipeline import balanced_stages, block_costs
         from dni.wrapper import synthesizer_factory
         from model import FCN
 
-        costs = block_costs(list(FCN(width=width).children()), torch.randn(BATCH, 784),
+        costs = block_costs(list(FCN(depth=depth, width=width).children()), torch.randn(BATCH, 784),
                             synthesizer_factory("linear"))
         args.stage_blocks = balanced_stages(costs, n)
     else:
         args.stage_blocks = args.split
-    print(f"# MLP 3x{width}: stages {args.stage_blocks}", flush=True)
+    print(f"# MLP {depth}x{width}: stages {args.stage_blocks}", flush=True)
     common = ["--epochs", str(args.epochs), "--batch-size", str(BATCH),
-              "--train-size", str(train_size), "--width", str(width)]
+              "--train-size", str(train_size), "--width", str(width), "--depth", str(depth)]
     dni = ["main.py", "--model_type", "mlp", *common]
     results = {}
-    sub = argparse.Namespace(**{**vars(args), "width": width, "train_size": train_size})
+    sub = argparse.Namespace(**{**vars(args), "width": width, "train_size": train_size,
+                                "depth": depth})
     for row in rows:
         out = work / f"{width}-{row}"
         if row == "bp":
@@ -265,6 +281,9 @@ def main() -> None:
                              "(default 59904)")
     parser.add_argument("--wide-width", type=int, default=2048,
                         help="width of the wide variant (0: skip; default 2048)")
+    parser.add_argument("--wide-depth", type=int, default=4,
+                        help="hidden blocks of the wide variant; 4 lets two stages balance "
+                             "(default 4)")
     parser.add_argument("--wide-train-size", type=int, default=10240,
                         help="training examples of the wide variant (default 10240)")
     parser.add_argument("--microbatches", type=int, default=4,
@@ -273,6 +292,7 @@ def main() -> None:
                         help="rows to run (default: all)")
     parser.add_argument("--split", type=int, nargs="+", default=None,
                         help="blocks per stage (default: the DNI pipeline's balanced split)")
+    parser.add_argument("--depth", type=int, default=3, help=argparse.SUPPRESS)  # a worker's
     parser.add_argument("--stage-blocks", type=int, nargs="+", default=None,
                         help=argparse.SUPPRESS)  # a worker's split, set by the runner
     parser.add_argument("--worker", choices=[*SCHEDULES, "ddp"], default=None,
@@ -290,8 +310,9 @@ def main() -> None:
         print_table(f"MLP 3x{args.width}, stages {args.stage_blocks}, {args.train_size} examples, {args.epochs} epoch(s)",
                     results)
         if args.wide_width:
-            wide = run_variant(args, args.wide_width, args.wide_train_size, args.rows, work)
-            print_table(f"Wide MLP 3x{args.wide_width}, stages {args.stage_blocks}, {args.wide_train_size} examples, "
+            wide = run_variant(args, args.wide_width, args.wide_train_size, args.rows, work,
+                               depth=args.wide_depth)
+            print_table(f"Wide MLP {args.wide_depth}x{args.wide_width}, stages {args.stage_blocks}, {args.wide_train_size} examples, "
                         f"{args.epochs} epoch(s)", wide)
 
 
