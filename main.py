@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from experiment.cli import (
     boolean,
+    nonnegative_int,
     parse_training_args,
     positive_float,
     positive_int,
@@ -58,7 +59,7 @@ def parse_args():
     parser.add_argument("--stages", type=positive_int, nargs="+", default=None, metavar="BLOCKS",
                         help="under torchrun: blocks per pipeline stage, one number per process "
                              "(default: balanced by counted operations)")
-    parser.add_argument("--staleness", type=int, default=1,
+    parser.add_argument("--staleness", type=nonnegative_int, default=1,
                         help="under torchrun: how many mini-batches a stage's synthesizer update "
                              "may lag behind its blocks (0: lockstep, equal to one process)")
     parser.add_argument("--timeout", type=positive_float, default=60.0,
@@ -66,8 +67,6 @@ def parse_args():
                              "stopping with an error")
     add_model_arguments(parser)
     args = parse_training_args(parser)
-    if args.staleness < 0:
-        parser.error(f"argument --staleness: must be 0 or more, got {args.staleness}")
     if world_size_from_env() > 1 and args.forward_unlock:
         parser.error("--forward-unlock is not available in a pipeline (torchrun)")
     cnn = args.model_type == "cnn"

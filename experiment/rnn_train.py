@@ -5,7 +5,6 @@ periodic atomic checkpoints, SIGINT/SIGTERM -> save and exit, exact --resume) an
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -22,6 +21,9 @@ from dni.recurrent import TruncatedBPTT, state_size
 from dni.synthesizers import MLP_DNI, RNN_DNI, Linear_DNI
 from experiment.cli import (
     Parser,
+    add_run_arguments,
+    nonnegative_float,
+    nonnegative_int,
     parse_training_args,
     positive_float,
     positive_int,
@@ -42,17 +44,6 @@ from experiment.train import _StopRequest, first_nonfinite_gradient, load_model_
 METHODS = ("bptt", "dni", "dni_aux")
 CORES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 COLUMNS = ["level", "max_length_solved", "errors_per_seq", "sg_loss", "aux_loss", "sg_cos"]
-
-
-def nonnegative_float(text: str) -> float:
-    """argparse type: a finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
 def build_parser() -> Parser:
@@ -91,20 +82,15 @@ def build_parser() -> Parser:
     p.add_argument("--bits", type=positive_int, default=8, help="copy tasks: bits per vector")
     p.add_argument("--max-repeats", type=positive_int, default=2,
                    help="repeat_copy: repeats drawn from 1..this")
-    p.add_argument("--seed", type=int, default=0, help="random seed (CPU runs repeat exactly)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: CUDA when available, else CPU")
-    p.add_argument("--threads", type=int, default=0,
+    p.add_argument("--threads", type=nonnegative_int, default=0,
                    help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default=None,
                    help="run folder (default: runs/rnn_tasks-<time>)")
-    p.add_argument("--log-every", type=int, default=200,
+    p.add_argument("--log-every", type=nonnegative_int, default=200,
                    help="print a line and write a metrics.csv row every N steps (0: never)")
     p.add_argument("--checkpoint-every", type=positive_int, default=500,
                    help="save checkpoint.pt every N steps (and at the end and on a signal)")
-    p.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run in DIR from its checkpoint, with its flags "
-                        "(flags given beside it override them)")
+    add_run_arguments(p)
     return p
 
 
@@ -112,8 +98,6 @@ def parse_args(argv: list[str] | None = None):
     """Parse and check the flags (with --resume, the run's saved flags are the defaults)."""
     parser = build_parser()
     args = parse_training_args(parser, argv)
-    if args.threads < 0:
-        parser.error(f"argument --threads: must be 0 or positive, got {args.threads}")
     if args.task == "argmax" and args.max_length > 512:
         parser.error("argument --max-length: argmax names positions, at most 512")
     return args
