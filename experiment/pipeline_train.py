@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from dni.pipeline import PipelineError, PipelineStage
@@ -28,6 +27,7 @@ from experiment.train import (
     cosine_schedule,
     finish_epoch,
     restore_training,
+    score,
     write_summary,
 )
 
@@ -85,17 +85,11 @@ def evaluate_pipeline(stage: PipelineStage, data: MNIST, batch_size: int
     """Test loss and accuracy through the pipeline (every rank calls it; the last stage
     returns the figures, the others None)."""
     stage.eval()
-    total_loss, correct = 0.0, 0
-    for x, y in batches(data.test_x, data.test_y, batch_size):
-        result = stage.eval_step(x, y) if stage.is_first else stage.eval_step()
-        if result is not None:
-            out, labels = result
-            total_loss += F.cross_entropy(out, labels, reduction="sum").item()
-            correct += (out.argmax(1) == labels).sum().item()
+    results = (stage.eval_step(x, y) if stage.is_first else stage.eval_step()
+               for x, y in batches(data.test_x, data.test_y, batch_size))
+    figures = score((r for r in results if r is not None), len(data.test_x))
     stage.train()
-    if not stage.is_last:
-        return None
-    return total_loss / len(data.test_x), correct / len(data.test_x)
+    return figures if stage.is_last else None
 
 
 def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: MNIST, args, *,

@@ -9,7 +9,7 @@ import math
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,19 +79,26 @@ class LoopState:
         return row
 
 
+def score(outputs: Iterable[tuple[torch.Tensor, torch.Tensor]], count: int
+          ) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (fraction) over (output, labels) batches that cover
+    `count` examples."""
+    total_loss, correct = 0.0, 0
+    for out, labels in outputs:
+        total_loss += F.cross_entropy(out, labels, reduction="sum").item()
+        correct += (out.argmax(1) == labels).sum().item()
+    return total_loss / count, correct / count
+
+
 def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
              batch_size: int = 1000) -> tuple[float, float]:
     """Mean cross-entropy and accuracy (fraction) of the model in eval mode."""
     was_training = model.training
     model.eval()
-    total_loss, correct = 0.0, 0
     with torch.no_grad():
-        for xb, yb in batches(x, y, batch_size):
-            out = model(xb)
-            total_loss += F.cross_entropy(out, yb, reduction="sum").item()
-            correct += (out.argmax(1) == yb).sum().item()
+        figures = score(((model(xb), yb) for xb, yb in batches(x, y, batch_size)), len(x))
     model.train(was_training)
-    return total_loss / len(x), correct / len(x)
+    return figures
 
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int
