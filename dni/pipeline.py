@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from time import perf_counter
@@ -48,7 +49,7 @@ from torch import nn
 
 from dni.interface import Interface, synthesizer_loss
 from dni.synthesizers import one_hot
-from dni.wrapper import SynthesizerFactory, synthesizer_factory
+from dni.wrapper import SynthesizerFactory, eval_mode, synthesizer_factory
 
 TRAIN, EVAL, STOP = 1.0, 2.0, 3.0    # forward message kinds
 FORWARD_TAG, BACKWARD_TAG = 11, 12
@@ -81,12 +82,11 @@ def block_costs(blocks: Sequence[nn.Module], example_input: torch.Tensor,
     from torch.utils.flop_counter import FlopCounterMode
 
     costs, h = [], example_input
-    modes = [b.training for b in blocks]
     # a forked random stream: counting must not change the weights built after it
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), ExitStack() as modes:
         try:
             for i, block in enumerate(blocks):
-                block.eval()
+                modes.enter_context(eval_mode(block))
                 with FlopCounterMode(display=False) as counter:
                     x = h.detach().requires_grad_(i > 0)
                     out = block(x)
@@ -101,8 +101,6 @@ def block_costs(blocks: Sequence[nn.Module], example_input: torch.Tensor,
                 costs.append(float(counter.get_total_flops()))
                 h = out.detach()
         finally:
-            for block, mode in zip(blocks, modes):
-                block.train(mode)
             for block in blocks:
                 block.zero_grad(set_to_none=True)
     return costs
@@ -524,14 +522,8 @@ def check_counts(counts: Sequence[int], num_blocks: int, num_stages: int) -> lis
 def _output_shapes(net: nn.Sequential, example_input: torch.Tensor) -> list[tuple]:
     """Each child's output shape (without the batch dimension), from one eval-mode pass."""
     shapes, h = [], example_input
-    modes = {m: m.training for m in net.modules()}
-    try:
-        net.eval()
-        with torch.no_grad():
-            for block in net.children():
-                h = block(h)
-                shapes.append(tuple(h.shape[1:]))
-    finally:
-        for module, mode in modes.items():
-            module.training = mode
+    with eval_mode(net), torch.no_grad():
+        for block in net.children():
+            h = block(h)
+            shapes.append(tuple(h.shape[1:]))
     return shapes

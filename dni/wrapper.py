@@ -14,7 +14,8 @@ their own Adam, `net.synthesizer_optimizer`, which the caller steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,18 @@ def synthesizer_factory(kind: str, **options) -> SynthesizerFactory:
         return synthesizer if len(shape) == 1 else _Flat(synthesizer, shape)
 
     return build
+
+
+@contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """Run `net` in eval mode inside the block; every submodule's own mode is restored after."""
+    modes = {m: m.training for m in net.modules()}
+    try:
+        net.eval()
+        yield net
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
 
 
 @dataclass
@@ -166,16 +179,12 @@ class DNI(nn.Module):
             return hook
 
         handles = [self.net.get_submodule(n).register_forward_hook(record(n)) for n in candidates]
-        modes = {m: m.training for m in self.net.modules()}
         try:
-            self.net.eval()
-            with torch.no_grad():
+            with eval_mode(self.net), torch.no_grad():
                 self.net(example_input)
         finally:
             for handle in handles:
                 handle.remove()
-            for module, mode in modes.items():
-                module.training = mode
         repeated = [n for n in order if calls[n] > 1]
         if repeated:
             raise ValueError(f"blocks {repeated} are called more than once in a forward pass; an "
