@@ -19,7 +19,7 @@ from experiment.cli import (
 from experiment.figures import draw_figures
 from experiment.pipeline_train import train_as_pipeline, world_size_from_env
 from experiment.train import Probe, fit
-from model import MODEL_TYPES, add_model_arguments, attach_dni, build_network
+from model import MODEL_TYPES, add_model_arguments, attach_dni, build_network, dni_defaults
 
 SYNTHESIZER_CHOICES = ("linear", "linear_sigmoid", "mlp", "conv")
 
@@ -69,15 +69,12 @@ def parse_args():
     args = parse_training_args(parser)
     if world_size_from_env() > 1 and args.forward_unlock:
         parser.error("--forward-unlock is not available in a pipeline (torchrun)")
-    cnn = args.model_type == "cnn"
-    if args.batch_size is None:
-        args.batch_size = 64 if cnn else 256
-    if args.synth_lr is None:
-        args.synth_lr = (1e-3 if args.conditioned else 1e-2) / (10 if cnn else 1)
-    if args.synthesizer is None:
-        args.synthesizer = "conv" if cnn else "linear"
-    if args.synthesizer == "conv" and args.synth_layers is None:
-        args.synth_layers = 1
+    defaults = dni_defaults(args.model_type, args.conditioned)
+    for name in ("batch_size", "synth_lr", "synthesizer"):
+        if getattr(args, name) is None:
+            setattr(args, name, defaults[name])
+    if args.synthesizer == defaults["synthesizer"] and args.synth_layers is None:
+        args.synth_layers = defaults["synth_layers"]
     if args.synthesizer == "conv" and args.model_type != "cnn":
         parser.error("--synthesizer conv needs --model_type cnn (feature-map activations)")
     return args

@@ -60,6 +60,16 @@ def build_network(model_type: str, args) -> nn.Sequential:
     return CNN(channels=tuple(args.channels))
 
 
+def dni_defaults(model_type: str, conditioned: bool) -> dict:
+    """main.py's defaults for a network, from the search in bench/README.md: batch_size,
+    synthesizer, synth_layers (None: the synthesizer kind's own) and synth_lr."""
+    if model_type == "cnn":
+        return {"batch_size": 64, "synthesizer": "conv", "synth_layers": 1,
+                "synth_lr": 1e-4 if conditioned else 1e-3}
+    return {"batch_size": 256, "synthesizer": "linear", "synth_layers": None,
+            "synth_lr": 1e-3 if conditioned else 1e-2}
+
+
 def attach_dni(net: nn.Sequential, optimizer, example_input, *, synthesizer: str = "linear",
                conditioned: bool = False, num_classes: int = 10, **options):
     """Wrap a network from this module with an interface after every hidden block (every

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 import torch.nn.functional as F
 
-from model import CNN, FCN, attach_dni
+from model import CNN, FCN, attach_dni, dni_defaults
 
 # the flags each (model, method) runs with; see bench/README.md for how they were chosen
 SETTINGS = {
@@ -55,14 +55,12 @@ def accuracy_run(model: str, method: str, epochs: int, train_size: int | None, o
     return json.loads(summary.read_text())
 
 
-# main.py's defaults per model: batch size and synthesizer (kind, options)
-STEP_SETTINGS = {"mlp": (256, "linear", {}), "cnn": (64, "conv", {"num_layers": 1})}
-
-
 def step_costs(model: str, repeats: int = 30, steps: int = 10) -> dict[str, float]:
     """Median seconds per training step of bp, DNI and cDNI with main.py's default batch and
     synthesizers, interleaved so machine noise hits all alike."""
-    batch_size, synthesizer, options = STEP_SETTINGS[model]
+    defaults = dni_defaults(model, conditioned=False)
+    batch_size, synthesizer = defaults["batch_size"], defaults["synthesizer"]
+    options = {"num_layers": defaults["synth_layers"]} if defaults["synth_layers"] else {}
     torch.manual_seed(0)
     x = torch.randn(batch_size, 1, 28, 28)
     y = torch.randint(0, 10, (batch_size,))
@@ -127,7 +125,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for model in args.models:
         cost = step_costs(model)
-        print(f"| {model} | {STEP_SETTINGS[model][0]} | {1000 * cost['bp']:.2f} | {1000 * cost['dni']:.2f} | "
+        print(f"| {model} | {dni_defaults(model, False)['batch_size']} | {1000 * cost['bp']:.2f} | {1000 * cost['dni']:.2f} | "
               f"{1000 * cost['cdni']:.2f} | {cost['dni'] / cost['bp']:.2f}x | "
               f"{cost['cdni'] / cost['bp']:.2f}x |", flush=True)
 
