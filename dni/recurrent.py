@@ -41,11 +41,18 @@ chunk's steps) joins the chunk's loss. The core gets no gradient from it except 
 state into one that predicts its future gradient. This is our reading of the paper's
 auxiliary task; the paper's exact form may differ.
 
+Target synthesizer (`target_decay > 0`): as with the target network of deep Q-learning, the
+synthetic gradient sent into each chunk's end (and so into the bootstrapped target) comes from a
+slow copy of S whose parameters follow S's by an exponential moving average,
+S_bar <- decay * S_bar + (1 - decay) * S, updated at the start of every training call. S itself
+is still fitted at the chunk's start. Without it, S regresses onto its own moving output.
+
 Gradients accumulate over all chunks; the caller steps the optimizer once per sequence batch.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -145,7 +152,7 @@ class TruncatedBPTT(nn.Module):
     def __init__(self, core: nn.Module, truncation: int, synthesizer: nn.Module | None = None,
                  readout: nn.Module | None = None, grad_scale: float = 1.0,
                  aux_weight: float = 0.0, aux_input_size: int | None = None,
-                 batch_mean: bool = True):
+                 batch_mean: bool = True, target_decay: float = 0.0):
         super().__init__()
         if truncation < 1:
             raise ValueError(f"truncation must be at least 1, got {truncation}")
@@ -153,9 +160,15 @@ class TruncatedBPTT(nn.Module):
             raise ValueError(f"grad_scale must be 0 or positive, got {grad_scale}")
         if aux_weight < 0 or (aux_weight > 0 and synthesizer is None):
             raise ValueError("aux_weight > 0 needs a synthesizer (and must not be negative)")
+        if not 0.0 <= target_decay < 1.0 or (target_decay > 0 and synthesizer is None):
+            raise ValueError("target_decay must be in [0, 1) and needs a synthesizer")
         self.core, self.readout, self.synthesizer = core, readout, synthesizer
         self.truncation, self.grad_scale = truncation, grad_scale
         self.aux_weight, self.batch_mean = aux_weight, batch_mean
+        self.target_decay = target_decay
+        self.target_synthesizer = None
+        if target_decay > 0:
+            self.target_synthesizer = copy.deepcopy(synthesizer).requires_grad_(False)
         self.aux_head = None
         if aux_weight > 0:
             width = aux_input_size or getattr(core, "hidden_size", None)
@@ -170,6 +183,20 @@ class TruncatedBPTT(nn.Module):
         and the synthesizer's new hidden state (None unless it is recurrent)."""
         out = self.synthesizer(state.detach(), hidden)
         return out if isinstance(out, tuple) else (out, None)
+
+    def _sent_gradient(self, state: torch.Tensor, hidden=None):
+        """The synthetic gradient sent into a chunk's end (detached; the target synthesizer's
+        when there is one) and that synthesizer's new hidden state."""
+        with torch.no_grad():
+            out = self.target_synthesizer(state.detach(), hidden)
+        return out if isinstance(out, tuple) else (out, None)
+
+    @torch.no_grad()
+    def update_target(self) -> None:
+        """Move the target synthesizer's parameters towards S's by (1 - target_decay)."""
+        for target, online in zip(self.target_synthesizer.parameters(),
+                                  self.synthesizer.parameters()):
+            target.lerp_(online, 1.0 - self.target_decay)
 
     def future_gradients(self, inputs: torch.Tensor, chunk_loss: ChunkLoss,
                          state: State | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -218,9 +245,13 @@ class TruncatedBPTT(nn.Module):
         if state is None:
             state = zero_state(self.core, batch, inputs.device, inputs.dtype)
         start = flatten_state(state).detach()
-        synthetic, synth_hidden = None, None
+        synthetic, synth_hidden, target_hidden = None, None, None
+        if self.target_synthesizer is not None and self.training and torch.is_grad_enabled():
+            self.update_target()
         if self.synthesizer is not None:
             synthetic, synth_hidden = self.synthetic_gradient(start, None)  # S(s_0)
+            if self.target_synthesizer is not None:
+                _, target_hidden = self._sent_gradient(start, None)
         outputs, fits, targets, aux_losses = [], [], [], []
         total = inputs.new_zeros(())
         for t0 in range(0, length, self.truncation):
@@ -234,10 +265,13 @@ class TruncatedBPTT(nn.Module):
             next_synthetic = None
             if self.synthesizer is not None and t1 < length:
                 next_synthetic, synth_hidden = self.synthetic_gradient(end, synth_hidden)
-                g_end = next_synthetic.detach() * (self.grad_scale / unit)
+                sent = next_synthetic.detach()
+                if self.target_synthesizer is not None:
+                    sent, target_hidden = self._sent_gradient(end, target_hidden)
+                g_end = sent * (self.grad_scale / unit)
                 objective = objective + (g_end * end).sum()   # <g_end, e>: the future
             if self.aux_head is not None:
-                future = (next_synthetic.detach() if next_synthetic is not None
+                future = (sent if next_synthetic is not None
                           else end.new_zeros(end.shape))   # 0 after the end
                 aux_k = synthesizer_loss(self.aux_head(y).flatten(0, 1),
                                          future.repeat(y.shape[0], 1))

@@ -69,6 +69,10 @@ def build_parser() -> Parser:
                    help="hidden units of the mlp / rnn synthesizer")
     p.add_argument("--grad-scale", type=nonnegative_float, default=0.5,
                    help="scale (and bootstrap discount) of the synthetic gradient")
+    p.add_argument("--target-decay", type=nonnegative_float, default=0.0,
+                   help="send the synthetic gradient from a slow copy of the synthesizer "
+                        "whose weights follow it by this moving-average decay, e.g. 0.99 "
+                        "(0: off; the synthesizer itself)")
     p.add_argument("--aux-weight", type=nonnegative_float, default=0.1,
                    help="weight of the DNI+Aux auxiliary loss (dni_aux only)")
     p.add_argument("--clip", type=nonnegative_float, default=0.0,
@@ -98,6 +102,8 @@ def parse_args(argv: list[str] | None = None):
     """Parse and check the flags (with --resume, the run's saved flags are the defaults)."""
     parser = build_parser()
     args = parse_training_args(parser, argv)
+    if args.target_decay >= 1:
+        parser.error("argument --target-decay: must be below 1")
     if args.task == "argmax" and args.max_length > 512:
         parser.error("argument --max-length: argmax names positions, at most 512")
     return args
@@ -122,7 +128,8 @@ class SequenceModel(nn.Module):
             core, args.truncation, synthesizer=synthesizer,
             readout=nn.Linear(args.hidden, output_size), grad_scale=args.grad_scale,
             aux_weight=args.aux_weight if args.method == "dni_aux" else 0.0,
-            aux_input_size=args.hidden)
+            aux_input_size=args.hidden,
+            target_decay=args.target_decay if synthesizer is not None else 0.0)
 
     def network_parameters(self) -> list[nn.Parameter]:
         """Core, readout and aux head: everything but the synthesizer."""
@@ -299,6 +306,7 @@ def _write_summary(args, state: RunState, curriculum: Curriculum, out_dir: Path,
         "levels": state.levels, "seed": args.seed, "batch_size": args.batch_size,
         "hidden": args.hidden, "core": args.core, "lr": args.lr, "synth_lr": args.synth_lr,
         "synthesizer": args.synthesizer, "grad_scale": args.grad_scale,
+        "target_decay": args.target_decay,
         "aux_weight": args.aux_weight, "device": str(device), "argv": sys.argv,
     }
     write_json(out_dir / "summary.json", summary)

@@ -148,6 +148,45 @@ def test_synthesizer_target_is_autograd_gradient_at_chunk_start(kind, grad_scale
     assert torch.allclose(report.synthesizer_loss, fit.detach() / len(starts), atol=1e-6)
 
 
+def test_target_synthesizer_sends_the_gradient_and_follows_by_moving_average():
+    """With target_decay, the bootstrapped target uses the slow copy's S_bar(e), the online S
+    is fitted on it, and S_bar <- d * S_bar + (1 - d) * S at the start of each call."""
+    T, decay, scale = 3, 0.9, 0.5
+    x, y = sequence(5)
+    dni = build("lstm", truncation=T, grad_scale=scale, random_synth=True, target_decay=decay)
+    S, S_bar = dni.synthesizer, dni.target_synthesizer
+    assert all(torch.equal(a, b) for a, b in zip(S.parameters(), S_bar.parameters()))
+    with torch.no_grad():                       # make the two differ, as after some steps
+        for p in S.parameters():
+            p.add_(0.2)
+    before = [p.clone() for p in S_bar.parameters()]
+    dni.zero_grad()
+    report = dni(x, chunk_loss(y))
+    for b, p, q in zip(before, S.parameters(), S_bar.parameters()):
+        assert torch.allclose(q, decay * b + (1 - decay) * p, atol=1e-6)
+        assert not q.requires_grad and q.grad is None
+    got_synth_grads = [p.grad.clone() for p in S.parameters()]
+    like = zero_state(dni.core, B)
+    s = flatten_state(like)
+    fit = 0.0
+    for k, t0 in enumerate(range(0, L, T)):
+        t1 = min(t0 + T, L)
+        s = s.detach().requires_grad_()
+        out, end_state = dni.core(x[t0:t1], unflatten_state(s, like))
+        e = flatten_state(end_state)
+        objective = chunk_loss(y)(dni.readout(out), t0, t1)
+        if t1 < L:
+            objective = objective + (scale * S_bar(e.detach())[0].detach() / B * e).sum()
+        (ds,) = torch.autograd.grad(objective, s)
+        assert torch.allclose(report.targets[k], B * ds, atol=1e-6)
+        fit = fit + (S(s.detach())[0] - B * ds).pow(2).sum() / B
+        s = e
+    for g, w in zip(got_synth_grads, torch.autograd.grad(fit, list(S.parameters()))):
+        assert torch.allclose(g, w, atol=1e-5)
+    with pytest.raises(ValueError):
+        build("lstm", truncation=T, target_decay=1.0)
+
+
 def test_synthetic_gradient_is_zero_after_the_end():
     """The last chunk's objective has no synthetic term: its target is the local gradient."""
     x, y = sequence(3)
