@@ -4,7 +4,7 @@ accuracy after the same epochs, and where each DNI stage's time goes. All rows t
 MLP on the same data with the same global batch, one after another in one run.
 
 Usage: python bench/parallel.py [--stages 2] [--epochs 1] [--width 256]
-       [--wide-width 2048] [--wide-depth 4] [--wide-train-size 10240] [--rows ...]
+       [--wide-width 2048] [--wide-depth 6] [--wide-train-size 10240] [--rows ...]
 Rows: (a) bp: one process, backprop, all cores; (b) dni-1core / dni-allcores: one-process DNI;
 (c) dni-pipeline: N stages, one process (one core) each, main.py under torchrun; (d) gpipe,
 1f1b, zero-bubble: the same split under torch.distributed.pipelining, one core each;
@@ -204,43 +204,78 @@ def _schedule(args, net: nn.Sequential, rank: int, world: int):
 
 
 # -- the table ----------------------------------------------------------------------------
+def measured_split(depth: int, width: int, stages: int) -> tuple[list[int], list[float]]:
+    """The split balanced by each block's measured step time on one thread (forward,
+    synthesizer, backward, Adam: `dni.pipeline.measured_block_costs`), and those times."""
+    from dni.pipeline import balanced_stages, measured_block_costs
+    from dni.wrapper import synthesizer_factory
+    from model import FCN
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # as each stage runs
+    try:
+        costs = measured_block_costs(list(FCN(depth=depth, width=width).children()),
+                                     torch.randn(BATCH, 784), synthesizer_factory("linear"))
+    finally:
+        torch.set_num_threads(threads)
+    return balanced_stages(costs, stages), costs
+
+
+def split_bound(costs: list[float], counts: list[int]) -> tuple[float, float]:
+    """What block granularity allows a split: the largest speed-up over one stage doing all
+    blocks (sum / slowest stage) and the idle share of the fastest stage, from measured costs."""
+    sums, first = [], 0
+    for c in counts:
+        sums.append(sum(costs[first:first + c]))
+        first += c
+    return sum(costs) / max(sums), 1 - min(sums) / max(sums)
+
+
 def run_variant(args, width: int, train_size: int, rows: list[str], work: Path,
                 depth: int = 3) -> dict:
-    """Every row for one network (depth hidden blocks of width units); returns {row: result}."""
+    """Every row for one network (depth hidden blocks of width units); returns {row: result}
+    and, under "bound", the split's measured block costs and ceiling."""
     n = args.stages
-    if args.split is None:  # the DNI pipeline's own balanced split, for every row alike
-        from dni.pipeline import balanced_stages, block_costs
-        from dni.wrapper import synthesizer_factory
-        from model import FCN
-
-        costs = block_costs(list(FCN(depth=depth, width=width).children()), torch.randn(BATCH, 784),
-                            synthesizer_factory("linear"))
-        args.stage_blocks = balanced_stages(costs, n)
-    else:
-        args.stage_blocks = args.split
-    print(f"# MLP {depth}x{width}: stages {args.stage_blocks}", flush=True)
+    split, costs = measured_split(depth, width, n)
+    args.stage_blocks = args.split or split   # every row uses the same split
+    ceiling, idle = split_bound(costs, args.stage_blocks)
+    print(f"# MLP {depth}x{width}: stages {args.stage_blocks}; measured block step times (ms, "
+          f"one thread): {' '.join(f'{1e3 * c:.2f}' for c in costs)}; this split allows at "
+          f"most {ceiling:.2f}x one stage doing every block, with the faster stage idle "
+          f"{100 * idle:.0f}%", flush=True)
     common = ["--epochs", str(args.epochs), "--batch-size", str(BATCH),
               "--train-size", str(train_size), "--width", str(width), "--depth", str(depth)]
     dni = ["main.py", "--model_type", "mlp", *common]
     results = {}
     sub = argparse.Namespace(**{**vars(args), "width": width, "train_size": train_size,
                                 "depth": depth})
-    for row in rows:
-        out = work / f"{width}-{row}"
+
+    def run(row: str, out: Path) -> dict:
         if row == "bp":
-            results[row] = script_run(["mlp.py", *common], cores(), out)
-        elif row == "dni-1core":
-            results[row] = script_run(dni, 1, out)
-        elif row == "dni-allcores":
-            results[row] = script_run(dni, cores(), out)
-        elif row == "dni-pipeline":
-            results[row] = script_run([*dni, "--stages", *map(str, args.stage_blocks)], 1, out,
-                                      torchrun=n)
-        elif row == "ddp":
-            results[row] = worker_run("ddp", sub, n, out)
-        else:
-            results[row] = worker_run(row, sub, n, out)
+            return script_run(["mlp.py", *common], cores(), out)
+        if row == "dni-1core":
+            return script_run(dni, 1, out)
+        if row == "dni-allcores":
+            return script_run(dni, cores(), out)
+        if row == "dni-pipeline":
+            return script_run([*dni, "--stages", *map(str, args.stage_blocks)], 1, out,
+                              torchrun=n)
+        return worker_run(row, sub, n, out)
+
+    pairs = []
+    for row in rows:
+        results[row] = run(row, work / f"{width}-{row}")
         print(f"  {row}: {results[row].get('samples_per_s', 0):.0f} samples/s", flush=True)
+        if row == "dni-pipeline" and "dni-1core" in results:
+            pairs.append((results["dni-1core"]["samples_per_s"], results[row]["samples_per_s"]))
+            for r in range(1, args.repeats):   # more pairs, side by side, against drift
+                one = run("dni-1core", work / f"{width}-dni-1core-{r}")["samples_per_s"]
+                pipe = run("dni-pipeline", work / f"{width}-dni-pipeline-{r}")["samples_per_s"]
+                pairs.append((one, pipe))
+                print(f"  pair {r + 1}: dni-1core {one:.0f}, dni-pipeline {pipe:.0f} samples/s",
+                      flush=True)
+    results["bound"] = {"costs_ms": [1e3 * c for c in costs], "ceiling": ceiling,
+                        "idle": idle, "pairs": pairs}
     return results
 
 
@@ -252,6 +287,8 @@ def print_table(title: str, results: dict) -> None:
           "comm (% of wall) |")
     print("|---|---|---|---|---|")
     for row, r in results.items():
+        if row == "bound":
+            continue
         if "failed" in r:
             print(f"| {row} | failed: {r['failed']} | | | |")
             continue
@@ -263,10 +300,14 @@ def print_table(title: str, results: dict) -> None:
                        f"{100 * t['wait_s'] / total:.0f} / {100 * t['comm_s'] / total:.0f}  ")
         print(f"| {row} | {r['samples_per_s']:.0f} | {ratio} | {100 * r['test_acc']:.2f}% | "
               f"{stages.strip()} |")
-    one = results.get("dni-1core", {}).get("samples_per_s")
-    pipe = results.get("dni-pipeline", {}).get("samples_per_s")
-    if one and pipe:
-        print(f"\nDNI pipeline / one-process DNI on one core: {pipe / one:.2f}x")
+    bound = results.get("bound", {})
+    pairs = bound.get("pairs", [])
+    if pairs:
+        ratios = sorted(pipe / one for one, pipe in pairs)
+        print(f"\nDNI pipeline / one-process DNI on one core: {ratios[len(ratios) // 2]:.2f}x "
+              f"(median of {len(ratios)} pair(s) run side by side: "
+              f"{', '.join(f'{r:.2f}' for r in ratios)}); the split's ceiling from measured "
+              f"block times: {bound['ceiling']:.2f}x, its idle floor {100 * bound['idle']:.0f}%")
 
 
 def main() -> None:
@@ -281,17 +322,20 @@ def main() -> None:
                              "(default 59904)")
     parser.add_argument("--wide-width", type=int, default=2048,
                         help="width of the wide variant (0: skip; default 2048)")
-    parser.add_argument("--wide-depth", type=int, default=4,
-                        help="hidden blocks of the wide variant; 4 lets two stages balance "
-                             "(default 4)")
+    parser.add_argument("--wide-depth", type=int, default=6,
+                        help="hidden blocks of the wide variant; with 6, two stages balance "
+                             "within about 6%% by measured block times (default 6)")
     parser.add_argument("--wide-train-size", type=int, default=10240,
                         help="training examples of the wide variant (default 10240)")
     parser.add_argument("--microbatches", type=int, default=4,
                         help="microbatches per batch for the pipelining schedules (default 4)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                         help="rows to run (default: all)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="pairs of dni-1core and dni-pipeline runs, side by side; their "
+                             "median ratio is reported (default 3)")
     parser.add_argument("--split", type=int, nargs="+", default=None,
-                        help="blocks per stage (default: the DNI pipeline's balanced split)")
+                        help="blocks per stage (default: balanced by measured block step times)")
     parser.add_argument("--depth", type=int, default=3, help=argparse.SUPPRESS)  # a worker's
     parser.add_argument("--stage-blocks", type=int, nargs="+", default=None,
                         help=argparse.SUPPRESS)  # a worker's split, set by the runner

@@ -106,6 +106,58 @@ def block_costs(blocks: Sequence[nn.Module], example_input: torch.Tensor,
     return costs
 
 
+def measured_block_costs(blocks: Sequence[nn.Module], example_input: torch.Tensor,
+                         factory: SynthesizerFactory | None = None, context_size: int = 0,
+                         batch: int | None = None, repeats: int = 12) -> list[float]:
+    """Seconds of one training step of each block on this machine, as a stage runs it: the
+    forward, its synthesizer's prediction and fit (every block but the last), the backward and
+    an Adam step; the median of `repeats` timed steps on copies, so the blocks are untouched.
+    Unlike counted operations it includes the per-operation overhead that dominates small
+    layers on a CPU. `batch`: rows per step (default: the example's, repeated as needed)."""
+    import copy
+
+    rows = batch or len(example_input)
+    h = example_input[torch.arange(rows, device=example_input.device) % len(example_input)]
+    costs = []
+    with torch.random.fork_rng(devices=[]):
+        for i, original in enumerate(blocks):
+            block = copy.deepcopy(original)
+            params = list(block.parameters())
+            synthesizer = None
+            with torch.no_grad():
+                out = block(h)
+            if factory is not None and i < len(blocks) - 1:
+                synthesizer = factory(tuple(out.shape[1:]), context_size).to(
+                    device=out.device, dtype=out.dtype)
+                params += list(synthesizer.parameters())
+            context = out.new_zeros(len(out), context_size) if context_size else None
+            optimizer = torch.optim.Adam(params, lr=1e-6) if params else None
+            x = h.detach().requires_grad_(i > 0)
+            times = []
+            for r in range(repeats + 2):            # the first two warm up
+                if out.device.type == "cuda":
+                    torch.cuda.synchronize(out.device)
+                start = perf_counter()
+                y = block(x)
+                if synthesizer is not None:
+                    g = synthesizer(y.detach(), None, context=context)[0]
+                    y.backward(g.detach())
+                    synthesizer_loss(synthesizer(y.detach(), None, context=context)[0],
+                                     torch.zeros_like(g)).backward()
+                else:
+                    y.backward(torch.ones_like(y))
+                if optimizer is not None:
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if out.device.type == "cuda":
+                    torch.cuda.synchronize(out.device)
+                if r >= 2:
+                    times.append(perf_counter() - start)
+            costs.append(sorted(times)[len(times) // 2])
+            h = out.detach()
+    return costs
+
+
 def balanced_stages(costs: Sequence[float], num_stages: int) -> list[int]:
     """Block counts of `num_stages` contiguous stages that minimise the largest stage cost."""
     n = len(costs)

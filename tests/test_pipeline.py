@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dni import DNI
-from dni.pipeline import PipelineStage, balanced_stages, block_costs, check_counts
+from dni.pipeline import (
+    PipelineStage,
+    balanced_stages,
+    block_costs,
+    check_counts,
+    measured_block_costs,
+)
 
 STEPS = 6
 BATCH = 16
@@ -185,6 +191,27 @@ def test_block_costs_count_matmul_operations_forward_and_backward():
     synth = 2 * (2 * b * w * w)
     assert costs == [2 * (2 * b * 12 * w) + synth, 3 * (2 * b * w * w) + synth,
                      3 * (2 * b * w * w) + synth, 3 * (2 * b * w * 5)]
+    assert not any(p.grad is not None for p in net.parameters())
+
+
+def test_measured_block_costs_time_copies_and_leave_the_network_and_random_stream_alone():
+    """One time per block, the heavy block the costliest; the blocks' weights, BN statistics
+    and gradients, and the global random stream, are as before."""
+    from dni.wrapper import synthesizer_factory
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU()),
+                        nn.Sequential(nn.Linear(16, 1024), nn.ReLU(), nn.Linear(1024, 16)),
+                        nn.Linear(16, 5))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    x = torch.randn(4, 12)
+    state = torch.get_rng_state()
+    costs = measured_block_costs(list(net.children()), x,
+                                 synthesizer_factory("linear"), batch=64, repeats=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(costs) == 3 and all(c > 0 for c in costs)
+    assert costs[1] > costs[0] and costs[1] > costs[2]
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
     assert not any(p.grad is not None for p in net.parameters())
 
 
