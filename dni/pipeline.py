@@ -263,7 +263,8 @@ class PipelineStage(nn.Module):
 
     Usage: `stage = PipelineStage(net, x[:2], synthesizer="linear")` on every rank after
     `dist.init_process_group`; `counts=[1, 3]` fixes the blocks per stage (default: balanced
-    by counted floating-point operations). `context_size` > 0 makes it cDNI (labels become
+    by counted floating-point operations; `balanced_stages(measured_block_costs(...), N)`
+    balances by measured time instead, computed once and given to every rank alike). `context_size` > 0 makes it cDNI (labels become
     one-hot contexts); `staleness` is how many mini-batches a synthesizer update may lag;
     `max_batch` is the largest batch it will see (default: the example's); targets are class
     indices unless `integer_targets=False`.
