@@ -68,6 +68,8 @@ BAD = {
     "threads negative": ["--threads", "-2"],
     "unknown device": ["--device", "tpu"],
     "unknown flag": ["--bogus"],
+    "target decay one": ["--target-decay", "1"],
+    "target decay negative": ["--target-decay", "-0.5"],
 }
 
 
@@ -114,7 +116,7 @@ def records(out):
 
 
 @pytest.mark.parametrize("stop_after, extra", [
-    (3, ["--method", "dni", "--truncation", "2"]),
+    (3, ["--method", "dni", "--truncation", "2", "--target-decay", "0.9"]),
     (4, ["--method", "dni_aux", "--truncation", "3", "--synthesizer", "rnn"]),
     (8, ["--method", "bptt", "--task", "repeat_copy", "--core", "gru"]),
 ])
