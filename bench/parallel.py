@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from dni.pipeline import check_counts
+from experiment.cli import positive_int
 
 ROWS = ("bp", "dni-1core", "dni-allcores", "dni-pipeline", "gpipe", "1f1b", "zero-bubble", "ddp")
 BATCH = 256
@@ -232,16 +236,21 @@ def split_bound(costs: list[float], counts: list[int]) -> tuple[float, float]:
 
 
 def run_variant(args, width: int, train_size: int, rows: list[str], work: Path,
-                depth: int = 3) -> dict:
+                depth: int = 3, split: list[int] | None = None) -> dict:
     """Every row for one network (depth hidden blocks of width units); returns {row: result}
     and, under "bound", the split's measured block costs and ceiling."""
     n = args.stages
-    split, costs = measured_split(depth, width, n)
-    args.stage_blocks = args.split or split   # every row uses the same split
+    measured, costs = measured_split(depth, width, n)
+    if split is not None:
+        try:
+            check_counts(split, depth + 1, n)
+        except ValueError as exc:
+            raise SystemExit(f"error: the split of the {depth}x{width} MLP: {exc}") from None
+    args.stage_blocks = split or measured   # every row uses the same split
     ceiling, idle = split_bound(costs, args.stage_blocks)
     print(f"# MLP {depth}x{width}: stages {args.stage_blocks}; measured block step times (ms, "
-          f"one thread): {' '.join(f'{1e3 * c:.2f}' for c in costs)}; this split allows at "
-          f"most {ceiling:.2f}x one stage doing every block, with the faster stage idle "
+          f"one thread): {' '.join(f'{1e3 * c:.2f}' for c in costs)}; with no overhead this "
+          f"split would run {ceiling:.2f}x one stage doing every block, the faster stage idle "
           f"{100 * idle:.0f}%", flush=True)
     common = ["--epochs", str(args.epochs), "--batch-size", str(BATCH),
               "--train-size", str(train_size), "--width", str(width), "--depth", str(depth)]
@@ -262,18 +271,19 @@ def run_variant(args, width: int, train_size: int, rows: list[str], work: Path,
                               torchrun=n)
         return worker_run(row, sub, n, out)
 
-    pairs = []
     for row in rows:
         results[row] = run(row, work / f"{width}-{row}")
         print(f"  {row}: {results[row].get('samples_per_s', 0):.0f} samples/s", flush=True)
-        if row == "dni-pipeline" and "dni-1core" in results:
-            pairs.append((results["dni-1core"]["samples_per_s"], results[row]["samples_per_s"]))
-            for r in range(1, args.repeats):   # more pairs, side by side, against drift
-                one = run("dni-1core", work / f"{width}-dni-1core-{r}")["samples_per_s"]
-                pipe = run("dni-pipeline", work / f"{width}-dni-pipeline-{r}")["samples_per_s"]
-                pairs.append((one, pipe))
-                print(f"  pair {r + 1}: dni-1core {one:.0f}, dni-pipeline {pipe:.0f} samples/s",
-                      flush=True)
+    pairs = []
+    if "dni-1core" in results and "dni-pipeline" in results:
+        pairs.append((results["dni-1core"]["samples_per_s"],
+                      results["dni-pipeline"]["samples_per_s"]))
+        for r in range(1, args.repeats):   # more pairs, one right after the other, against drift
+            one = run("dni-1core", work / f"{width}-dni-1core-{r}")["samples_per_s"]
+            pipe = run("dni-pipeline", work / f"{width}-dni-pipeline-{r}")["samples_per_s"]
+            pairs.append((one, pipe))
+            print(f"  pair {r + 1}: dni-1core {one:.0f}, dni-pipeline {pipe:.0f} samples/s",
+                  flush=True)
     results["bound"] = {"costs_ms": [1e3 * c for c in costs], "ceiling": ceiling,
                         "idle": idle, "pairs": pairs}
     return results
@@ -304,10 +314,11 @@ def print_table(title: str, results: dict) -> None:
     pairs = bound.get("pairs", [])
     if pairs:
         ratios = sorted(pipe / one for one, pipe in pairs)
-        print(f"\nDNI pipeline / one-process DNI on one core: {ratios[len(ratios) // 2]:.2f}x "
-              f"(median of {len(ratios)} pair(s) run side by side: "
-              f"{', '.join(f'{r:.2f}' for r in ratios)}); the split's ceiling from measured "
-              f"block times: {bound['ceiling']:.2f}x, its idle floor {100 * bound['idle']:.0f}%")
+        print(f"\nDNI pipeline / one-process DNI on one core: {statistics.median(ratios):.2f}x "
+              f"(median of {len(ratios)} pair(s), each run one right after the other: "
+              f"{', '.join(f'{r:.2f}' for r in ratios)}); the split's estimated ceiling from "
+              f"measured block times: {bound['ceiling']:.2f}x, with the faster stage idle "
+              f"{100 * bound['idle']:.0f}%")
 
 
 def main() -> None:
@@ -323,19 +334,23 @@ def main() -> None:
     parser.add_argument("--wide-width", type=int, default=2048,
                         help="width of the wide variant (0: skip; default 2048)")
     parser.add_argument("--wide-depth", type=int, default=6,
-                        help="hidden blocks of the wide variant; with 6, two stages balance "
-                             "within about 6%% by measured block times (default 6)")
+                        help="hidden blocks of the wide variant; with 6 the best split of "
+                             "two stages, [3, 4], is nearly even (default 6)")
     parser.add_argument("--wide-train-size", type=int, default=10240,
                         help="training examples of the wide variant (default 10240)")
     parser.add_argument("--microbatches", type=int, default=4,
                         help="microbatches per batch for the pipelining schedules (default 4)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                         help="rows to run (default: all)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="pairs of dni-1core and dni-pipeline runs, side by side; their "
-                             "median ratio is reported (default 3)")
+    parser.add_argument("--repeats", type=positive_int, default=3,
+                        help="pairs of dni-1core and dni-pipeline runs, each pair one right "
+                             "after the other; their median ratio is reported (default 3)")
     parser.add_argument("--split", type=int, nargs="+", default=None,
-                        help="blocks per stage (default: balanced by measured block step times)")
+                        help="blocks per stage of the MLP (default: balanced by measured block "
+                             "step times)")
+    parser.add_argument("--wide-split", type=int, nargs="+", default=None,
+                        help="blocks per stage of the wide variant (default: balanced by "
+                             "measured block step times)")
     parser.add_argument("--depth", type=int, default=3, help=argparse.SUPPRESS)  # a worker's
     parser.add_argument("--stage-blocks", type=int, nargs="+", default=None,
                         help=argparse.SUPPRESS)  # a worker's split, set by the runner
@@ -350,12 +365,13 @@ def main() -> None:
           f"{platform.python_version()}; batch {BATCH}, {args.epochs} epoch(s)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        results = run_variant(args, args.width, args.train_size, args.rows, work)
+        results = run_variant(args, args.width, args.train_size, args.rows, work,
+                              split=args.split)
         print_table(f"MLP 3x{args.width}, stages {args.stage_blocks}, {args.train_size} examples, {args.epochs} epoch(s)",
                     results)
         if args.wide_width:
             wide = run_variant(args, args.wide_width, args.wide_train_size, args.rows, work,
-                               depth=args.wide_depth)
+                               depth=args.wide_depth, split=args.wide_split)
             print_table(f"Wide MLP {args.wide_depth}x{args.wide_width}, stages {args.stage_blocks}, {args.wide_train_size} examples, "
                         f"{args.epochs} epoch(s)", wide)
 

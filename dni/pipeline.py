@@ -108,17 +108,20 @@ def block_costs(blocks: Sequence[nn.Module], example_input: torch.Tensor,
 
 def measured_block_costs(blocks: Sequence[nn.Module], example_input: torch.Tensor,
                          factory: SynthesizerFactory | None = None, context_size: int = 0,
-                         batch: int | None = None, repeats: int = 12) -> list[float]:
+                         batch: int | None = None, repeats: int = 15) -> list[float]:
     """Seconds of one training step of each block on this machine, as a stage runs it: the
     forward, its synthesizer's prediction and fit (every block but the last), the backward and
-    an Adam step; the median of `repeats` timed steps on copies, so the blocks are untouched.
-    Unlike counted operations it includes the per-operation overhead that dominates small
-    layers on a CPU. `batch`: rows per step (default: the example's, repeated as needed)."""
+    an Adam step, on copies, so the blocks are untouched. The blocks take turns, one step each
+    per round, so drift in the machine's speed reaches all of them alike; each cost is the
+    median of `repeats` rounds. Unlike counted operations it includes the per-operation
+    overhead that dominates small layers on a CPU; measure with the thread count the stages
+    will use. `batch`: rows per step (default: the example's, repeated as needed)."""
     import copy
+    import statistics
 
     rows = batch or len(example_input)
     h = example_input[torch.arange(rows, device=example_input.device) % len(example_input)]
-    costs = []
+    steps = []
     with torch.random.fork_rng(devices=[]):
         for i, original in enumerate(blocks):
             block = copy.deepcopy(original)
@@ -133,29 +136,44 @@ def measured_block_costs(blocks: Sequence[nn.Module], example_input: torch.Tenso
             context = out.new_zeros(len(out), context_size) if context_size else None
             optimizer = torch.optim.Adam(params, lr=1e-6) if params else None
             x = h.detach().requires_grad_(i > 0)
-            times = []
-            for r in range(repeats + 2):            # the first two warm up
-                if out.device.type == "cuda":
-                    torch.cuda.synchronize(out.device)
-                start = perf_counter()
-                y = block(x)
-                if synthesizer is not None:
-                    g = synthesizer(y.detach(), None, context=context)[0]
-                    y.backward(g.detach())
-                    synthesizer_loss(synthesizer(y.detach(), None, context=context)[0],
-                                     torch.zeros_like(g)).backward()
-                else:
-                    y.backward(torch.ones_like(y))
-                if optimizer is not None:
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                if out.device.type == "cuda":
-                    torch.cuda.synchronize(out.device)
-                if r >= 2:
-                    times.append(perf_counter() - start)
-            costs.append(sorted(times)[len(times) // 2])
+            steps.append(_block_step(block, synthesizer, optimizer, x, context))
             h = out.detach()
-    return costs
+        times: list[list[float]] = [[] for _ in blocks]
+        for r in range(repeats + 2):                  # the first two rounds warm up
+            for i, step in enumerate(steps):
+                elapsed = step()
+                if r >= 2:
+                    times[i].append(elapsed)
+    return [statistics.median(t) for t in times]
+
+
+def _block_step(block: nn.Module, synthesizer: nn.Module | None,
+                optimizer: torch.optim.Optimizer | None, x: torch.Tensor,
+                context: torch.Tensor | None) -> Callable[[], float]:
+    """A function that runs one timed training step of `block` and returns its seconds."""
+    cuda = x.device.type == "cuda"
+
+    def step() -> float:
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        start = perf_counter()
+        y = block(x)
+        if y.requires_grad:
+            if synthesizer is not None:
+                g = synthesizer(y.detach(), None, context=context)[0]
+                y.backward(g.detach())
+                synthesizer_loss(synthesizer(y.detach(), None, context=context)[0],
+                                 torch.zeros_like(g)).backward()
+            else:
+                y.backward(torch.ones_like(y))
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        return perf_counter() - start
+
+    return step
 
 
 def balanced_stages(costs: Sequence[float], num_stages: int) -> list[int]:
@@ -264,7 +282,8 @@ class PipelineStage(nn.Module):
     Usage: `stage = PipelineStage(net, x[:2], synthesizer="linear")` on every rank after
     `dist.init_process_group`; `counts=[1, 3]` fixes the blocks per stage (default: balanced
     by counted floating-point operations; `balanced_stages(measured_block_costs(...), N)`
-    balances by measured time instead, computed once and given to every rank alike). `context_size` > 0 makes it cDNI (labels become
+    balances by measured time instead: measure once, with the stages' thread count, and give
+    every rank the same counts). `context_size` > 0 makes it cDNI (labels become
     one-hot contexts); `staleness` is how many mini-batches a synthesizer update may lag;
     `max_batch` is the largest batch it will see (default: the example's); targets are class
     indices unless `integer_targets=False`.

@@ -35,7 +35,8 @@ sees and predicts that vector.
 
 DNI+Aux (`aux_weight > 0`): the paper adds an auxiliary task of predicting synthetic gradients
 further ahead. Here an extra linear head on the core's output at every step of a chunk predicts
-g = S(e) (no grad_scale), the synthetic gradient at the chunk's end, up to T steps in the
+g = S(e) (no grad_scale; the target synthesizer's S_bar(e) when there is one), the synthetic
+gradient sent into the chunk's end, up to T steps in the
 future of that step, and `aux_weight * ||A(y_t) - g||^2` (per example, averaged over the
 chunk's steps) joins the chunk's loss. The core gets no gradient from it except to shape its
 state into one that predicts its future gradient. This is our reading of the paper's
@@ -205,7 +206,8 @@ class TruncatedBPTT(nn.Module):
 
         "True" is what the synthesizer is trained towards without its own errors: the gradient
         of the losses after the edge, each further edge crossed discounting it by grad_scale
-        (grad_scale 1: the full gradient of the future). A diagnostic for logged steps.
+        (grad_scale 1: the full gradient of the future). "Synthetic" is the online S's, also
+        with a target synthesizer. A diagnostic for logged steps.
         """
         if self.synthesizer is None:
             raise ValueError("future_gradients needs a synthesizer")

@@ -132,10 +132,11 @@ class SequenceModel(nn.Module):
             target_decay=args.target_decay if synthesizer is not None else 0.0)
 
     def network_parameters(self) -> list[nn.Parameter]:
-        """Core, readout and aux head: everything but the synthesizer."""
+        """Core, readout and aux head: everything trained but the synthesizer (the target
+        synthesizer follows it by moving average and is not trained)."""
         synth = set(map(id, self.trainer.synthesizer.parameters())) \
             if self.trainer.synthesizer is not None else set()
-        return [p for p in self.parameters() if id(p) not in synth]
+        return [p for p in self.parameters() if id(p) not in synth and p.requires_grad]
 
 
 def make_optimizer(model: SequenceModel, args) -> torch.optim.Optimizer:
@@ -306,7 +307,7 @@ def _write_summary(args, state: RunState, curriculum: Curriculum, out_dir: Path,
         "levels": state.levels, "seed": args.seed, "batch_size": args.batch_size,
         "hidden": args.hidden, "core": args.core, "lr": args.lr, "synth_lr": args.synth_lr,
         "synthesizer": args.synthesizer, "grad_scale": args.grad_scale,
-        "target_decay": args.target_decay,
+        "target_decay": args.target_decay if args.method != "bptt" else 0.0,
         "aux_weight": args.aux_weight, "device": str(device), "argv": sys.argv,
     }
     write_json(out_dir / "summary.json", summary)

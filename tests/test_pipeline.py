@@ -201,13 +201,13 @@ def test_measured_block_costs_time_copies_and_leave_the_network_and_random_strea
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU()),
-                        nn.Sequential(nn.Linear(16, 1024), nn.ReLU(), nn.Linear(1024, 16)),
+                        nn.Sequential(nn.Linear(16, 4096), nn.ReLU(), nn.Linear(4096, 16)),
                         nn.Linear(16, 5))
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x = torch.randn(4, 12)
     state = torch.get_rng_state()
     costs = measured_block_costs(list(net.children()), x,
-                                 synthesizer_factory("linear"), batch=64, repeats=5)
+                                 synthesizer_factory("linear"), batch=256, repeats=5)
     assert torch.equal(torch.get_rng_state(), state)
     assert len(costs) == 3 and all(c > 0 for c in costs)
     assert costs[1] > costs[0] and costs[1] > costs[2]

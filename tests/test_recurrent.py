@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dni import RNN_DNI, Linear_DNI, TruncatedBPTT
+from dni.interface import synthesizer_loss
 from dni.recurrent import flatten_state, state_size, unflatten_state, zero_state
 
 L, B, I, H, O = 7, 5, 3, 6, 2
@@ -148,43 +149,86 @@ def test_synthesizer_target_is_autograd_gradient_at_chunk_start(kind, grad_scale
     assert torch.allclose(report.synthesizer_loss, fit.detach() / len(starts), atol=1e-6)
 
 
-def test_target_synthesizer_sends_the_gradient_and_follows_by_moving_average():
-    """With target_decay, the bootstrapped target uses the slow copy's S_bar(e), the online S
-    is fitted on it, and S_bar <- d * S_bar + (1 - d) * S at the start of each call."""
+@pytest.mark.parametrize("recurrent", [False, True])
+@pytest.mark.parametrize("aux_weight", [0.0, 0.3])
+def test_target_synthesizer_sends_the_gradient_and_follows_by_moving_average(recurrent,
+                                                                          aux_weight):
+    """With target_decay, the gradient sent into each chunk's end (and so the bootstrapped
+    target and the aux head's target) is the slow copy's S_bar(e), which runs its own hidden
+    state; the online S is fitted on those targets; S_bar <- d * S_bar + (1 - d) * S at the
+    start of each training call, and not in eval mode or without gradients."""
     T, decay, scale = 3, 0.9, 0.5
     x, y = sequence(5)
-    dni = build("lstm", truncation=T, grad_scale=scale, random_synth=True, target_decay=decay)
+    torch.manual_seed(1)
+    core, readout = nn.LSTM(I, H), nn.Linear(H, O)
+    synth = RNN_DNI(state_size(core), 8) if recurrent else Linear_DNI(state_size(core))
+    dni = TruncatedBPTT(core, T, synthesizer=synth, readout=readout, grad_scale=scale,
+                        target_decay=decay, aux_weight=aux_weight, aux_input_size=H)
     S, S_bar = dni.synthesizer, dni.target_synthesizer
     assert all(torch.equal(a, b) for a, b in zip(S.parameters(), S_bar.parameters()))
     with torch.no_grad():                       # make the two differ, as after some steps
         for p in S.parameters():
-            p.add_(0.2)
+            p.add_(0.05 * torch.randn_like(p))
+        for p in S_bar.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        if aux_weight:
+            nn.init.normal_(dni.aux_head.weight, std=0.3)
     before = [p.clone() for p in S_bar.parameters()]
+    dni.eval()
+    dni(x, chunk_loss(y))
+    dni.train()
+    with torch.no_grad():
+        dni(x, chunk_loss(y))
+    assert all(torch.equal(a, b) for a, b in zip(before, S_bar.parameters()))
     dni.zero_grad()
     report = dni(x, chunk_loss(y))
     for b, p, q in zip(before, S.parameters(), S_bar.parameters()):
         assert torch.allclose(q, decay * b + (1 - decay) * p, atol=1e-6)
         assert not q.requires_grad and q.grad is None
     got_synth_grads = [p.grad.clone() for p in S.parameters()]
+    got_aux_grads = [p.grad.clone() for p in dni.aux_head.parameters()] if aux_weight else []
     like = zero_state(dni.core, B)
     s = flatten_state(like)
-    fit = 0.0
+    prediction, hidden = S(s, None)
+    _, target_hidden = S_bar(s, None)
+    fit, aux_losses, aux_total = 0.0, [], 0.0
     for k, t0 in enumerate(range(0, L, T)):
         t1 = min(t0 + T, L)
         s = s.detach().requires_grad_()
         out, end_state = dni.core(x[t0:t1], unflatten_state(s, like))
         e = flatten_state(end_state)
         objective = chunk_loss(y)(dni.readout(out), t0, t1)
+        sent = torch.zeros_like(e)
         if t1 < L:
-            objective = objective + (scale * S_bar(e.detach())[0].detach() / B * e).sum()
-        (ds,) = torch.autograd.grad(objective, s)
+            with torch.no_grad():
+                sent, target_hidden = S_bar(e, target_hidden)
+            objective = objective + (scale * sent / B * e).sum()
+        if aux_weight:
+            aux = synthesizer_loss(dni.aux_head(out).flatten(0, 1), sent.repeat(t1 - t0, 1))
+            aux_losses.append(aux.detach())
+            aux_total = aux_total + aux_weight * aux
+            objective = objective + aux_weight * aux
+        (ds,) = torch.autograd.grad(objective, s, retain_graph=True)
         assert torch.allclose(report.targets[k], B * ds, atol=1e-6)
-        fit = fit + (S(s.detach())[0] - B * ds).pow(2).sum() / B
+        fit = fit + (prediction - B * ds).pow(2).sum() / B
+        if t1 < L:
+            prediction, hidden = S(e.detach(), hidden)
         s = e
     for g, w in zip(got_synth_grads, torch.autograd.grad(fit, list(S.parameters()))):
         assert torch.allclose(g, w, atol=1e-5)
+    if aux_weight:
+        assert torch.allclose(report.aux_loss, torch.stack(aux_losses).mean(), atol=1e-6)
+        want = torch.autograd.grad(aux_total, list(dni.aux_head.parameters()))
+        for g, w in zip(got_aux_grads, want):
+            assert torch.allclose(g, w, atol=1e-5)
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1])
+def test_bad_target_decay(decay):
     with pytest.raises(ValueError):
-        build("lstm", truncation=T, target_decay=1.0)
+        build("lstm", truncation=3, target_decay=decay)
+    with pytest.raises(ValueError):
+        build("lstm", truncation=3, synthesizer=False, target_decay=0.5)
 
 
 def test_synthetic_gradient_is_zero_after_the_end():
