@@ -61,18 +61,18 @@ def build_parser() -> Parser:
     p.add_argument("--hidden", type=positive_int, default=128, help="units of the RNN core")
     p.add_argument("--core", choices=sorted(CORES), default="lstm", help="the RNN core")
     p.add_argument("--lr", type=positive_float, default=3e-3, help="Adam learning rate (core)")
-    p.add_argument("--synth-lr", type=positive_float, default=None,
-                   help="Adam learning rate of the synthesizer (default: --lr)")
+    p.add_argument("--synth-lr", type=positive_float, default=1e-3,
+                   help="Adam learning rate of the synthesizer")
     p.add_argument("--synthesizer", choices=["linear", "mlp", "rnn"], default="linear",
                    help="synthesizer on the flattened state (LSTM: [h, c])")
     p.add_argument("--synth-hidden", type=positive_int, default=256,
                    help="hidden units of the mlp / rnn synthesizer")
     p.add_argument("--grad-scale", type=nonnegative_float, default=0.5,
                    help="scale (and bootstrap discount) of the synthetic gradient")
-    p.add_argument("--target-decay", type=nonnegative_float, default=0.0,
+    p.add_argument("--target-decay", type=nonnegative_float, default=0.9,
                    help="send the synthetic gradient from a slow copy of the synthesizer "
-                        "whose weights follow it by this moving-average decay, e.g. 0.99 "
-                        "(0: off; the synthesizer itself)")
+                        "whose weights follow it by this moving-average decay (0: off; the "
+                        "synthesizer itself)")
     p.add_argument("--aux-weight", type=nonnegative_float, default=0.1,
                    help="weight of the DNI+Aux auxiliary loss (dni_aux only)")
     p.add_argument("--clip", type=nonnegative_float, default=0.0,

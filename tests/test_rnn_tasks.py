@@ -116,7 +116,7 @@ def records(out):
 
 
 @pytest.mark.parametrize("stop_after, extra", [
-    (3, ["--method", "dni", "--truncation", "2", "--target-decay", "0.9"]),
+    (3, ["--method", "dni", "--truncation", "2", "--target-decay", "0"]),
     (4, ["--method", "dni_aux", "--truncation", "3", "--synthesizer", "rnn"]),
     (8, ["--method", "bptt", "--task", "repeat_copy", "--core", "gru"]),
 ])
