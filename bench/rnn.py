@@ -7,6 +7,8 @@ be filled a few runs at a time (--max-runs). Every run uses one CPU thread.
 
 Usage: python bench/rnn.py [--tasks copy repeat_copy] [--methods bptt dni dni_aux]
        [--truncations 2 3 4 5 8] [--seeds 0 1 2] [--max-runs K] [--table-only]
+       [--results DIR] [rnn_tasks.py flags, e.g. --steps 30000]
+Flags it does not know go to every rnn_tasks.py run; keep one --results folder per setting.
 """
 
 import json
