@@ -9,6 +9,8 @@ Rows: (a) bp: one process, backprop, all cores; (b) dni-1core / dni-allcores: on
 (c) dni-pipeline: N stages, one process (one core) each, main.py under torchrun; (d) gpipe,
 1f1b, zero-bubble: the same split under torch.distributed.pipelining, one core each;
 (e) ddp: DistributedDataParallel over N processes, one core each.
+Before the rows, for each network: the split's cap, one-process DNI's step on one core for the
+whole network against the last stage's blocks alone (what the split allows without a pipeline).
 """
 
 from __future__ import annotations
@@ -235,6 +237,57 @@ def split_bound(costs: list[float], counts: list[int]) -> tuple[float, float]:
     return sum(costs) / max(sums), 1 - min(sums) / max(sums)
 
 
+def last_stage_alone(depth: int, width: int, counts: list[int], rounds: int = 7,
+                     steps: int = 10) -> tuple[float, float]:
+    """Milliseconds of one training step, on one pinned core, of one-process DNI on the whole
+    network and on the last stage's blocks alone (random activations in, the gradient at its
+    input computed as the stage sends it back), timed in turns, medians over `rounds`.
+    Their ratio is what the split allows with every stage's real per-step work and no pipeline
+    around it: no messages, no waiting."""
+    from model import FCN, attach_dni, dni_defaults
+
+    threads = torch.get_num_threads()
+    pinned = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
+    torch.set_num_threads(1)
+    if pinned:
+        os.sched_setaffinity(0, {min(pinned)})
+    synth_lr = dni_defaults("mlp", conditioned=False)["synth_lr"]
+    labels = torch.randint(0, 10, (BATCH,))
+
+    def trainer(blocks: list[nn.Module], x: torch.Tensor):
+        net = nn.Sequential(*blocks)
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        net = attach_dni(net, optimizer, x[:2].detach(), synthesizer_lr=synth_lr)
+
+        def run() -> float:
+            start = time.perf_counter()
+            for _ in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                F.cross_entropy(net(x), labels).backward()
+                optimizer.step()
+            return (time.perf_counter() - start) / steps
+
+        return run
+
+    try:
+        with torch.random.fork_rng(devices=[]):
+            blocks = list(FCN(depth=depth, width=width).children())
+            whole = trainer(blocks, torch.randn(BATCH, 784))
+            last = trainer(blocks[sum(counts[:-1]):],
+                           torch.randn(BATCH, width, requires_grad=True))
+            times: list[list[float]] = [[], []]
+            for r in range(rounds + 1):          # the first round warms up
+                for i, run in enumerate((whole, last)):
+                    elapsed = run()
+                    if r:
+                        times[i].append(elapsed)
+    finally:
+        torch.set_num_threads(threads)
+        if pinned:
+            os.sched_setaffinity(0, pinned)
+    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
+
+
 def run_variant(args, width: int, train_size: int, rows: list[str], work: Path,
                 depth: int = 3, split: list[int] | None = None) -> dict:
     """Every row for one network (depth hidden blocks of width units); returns {row: result}
@@ -252,6 +305,10 @@ def run_variant(args, width: int, train_size: int, rows: list[str], work: Path,
           f"one thread): {' '.join(f'{1e3 * c:.2f}' for c in costs)}; with no overhead this "
           f"split would run {ceiling:.2f}x one stage doing every block, the faster stage idle "
           f"{100 * idle:.0f}%", flush=True)
+    whole_ms, last_ms = last_stage_alone(depth, width, args.stage_blocks)
+    print(f"# one-process DNI on one core: {whole_ms:.2f} ms/step for the whole network, "
+          f"{last_ms:.2f} for the last stage's blocks alone, so the split allows "
+          f"{whole_ms / last_ms:.2f}x while the last stage is the slower one", flush=True)
     common = ["--epochs", str(args.epochs), "--batch-size", str(BATCH),
               "--train-size", str(train_size), "--width", str(width), "--depth", str(depth)]
     dni = ["main.py", "--model_type", "mlp", *common]
@@ -285,7 +342,7 @@ def run_variant(args, width: int, train_size: int, rows: list[str], work: Path,
             print(f"  pair {r + 1}: dni-1core {one:.0f}, dni-pipeline {pipe:.0f} samples/s",
                   flush=True)
     results["bound"] = {"costs_ms": [1e3 * c for c in costs], "ceiling": ceiling,
-                        "idle": idle, "pairs": pairs}
+                        "idle": idle, "pairs": pairs, "whole_ms": whole_ms, "last_ms": last_ms}
     return results
 
 
@@ -318,7 +375,8 @@ def print_table(title: str, results: dict) -> None:
               f"(median of {len(ratios)} pair(s), each run one right after the other: "
               f"{', '.join(f'{r:.2f}' for r in ratios)}); the split's estimated ceiling from "
               f"measured block times: {bound['ceiling']:.2f}x, with the faster stage idle "
-              f"{100 * bound['idle']:.0f}%")
+              f"{100 * bound['idle']:.0f}%; from the last stage's blocks alone: "
+              f"{bound['whole_ms'] / bound['last_ms']:.2f}x")
 
 
 def main() -> None:
