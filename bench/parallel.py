@@ -16,6 +16,7 @@ whole network against the last stage's blocks alone (what the split allows witho
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -217,13 +219,9 @@ def measured_split(depth: int, width: int, stages: int) -> tuple[list[int], list
     from dni.wrapper import synthesizer_factory
     from model import FCN
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # as each stage runs
-    try:
+    with one_pinned_thread():   # as each stage runs
         costs = measured_block_costs(list(FCN(depth=depth, width=width).children()),
                                      torch.randn(BATCH, 784), synthesizer_factory("linear"))
-    finally:
-        torch.set_num_threads(threads)
     return balanced_stages(costs, stages), costs
 
 
@@ -237,6 +235,22 @@ def split_bound(costs: list[float], counts: list[int]) -> tuple[float, float]:
     return sum(costs) / max(sums), 1 - min(sums) / max(sums)
 
 
+@contextmanager
+def one_pinned_thread():
+    """Run the body on one torch thread pinned to one core (as each stage runs); restore both."""
+    threads = torch.get_num_threads()
+    pinned = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
+    try:
+        torch.set_num_threads(1)
+        if pinned:
+            os.sched_setaffinity(0, {min(pinned)})
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        if pinned:
+            os.sched_setaffinity(0, pinned)
+
+
 def last_stage_alone(depth: int, width: int, counts: list[int], rounds: int = 7,
                      steps: int = 10) -> tuple[float, float]:
     """Milliseconds of one training step, on one pinned core, of one-process DNI on the whole
@@ -246,18 +260,13 @@ def last_stage_alone(depth: int, width: int, counts: list[int], rounds: int = 7,
     around it: no messages, no waiting."""
     from model import FCN, attach_dni, dni_defaults
 
-    threads = torch.get_num_threads()
-    pinned = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
-    torch.set_num_threads(1)
-    if pinned:
-        os.sched_setaffinity(0, {min(pinned)})
     synth_lr = dni_defaults("mlp", conditioned=False)["synth_lr"]
-    labels = torch.randint(0, 10, (BATCH,))
 
-    def trainer(blocks: list[nn.Module], x: torch.Tensor):
+    def trainer(blocks: list[nn.Module], x: torch.Tensor, labels: torch.Tensor):
         net = nn.Sequential(*blocks)
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-        net = attach_dni(net, optimizer, x[:2].detach(), synthesizer_lr=synth_lr)
+        if len(blocks) > 1:    # a stage of one block (the head) has no interface of its own
+            net = attach_dni(net, optimizer, x[:2].detach(), synthesizer_lr=synth_lr)
 
         def run() -> float:
             start = time.perf_counter()
@@ -269,22 +278,18 @@ def last_stage_alone(depth: int, width: int, counts: list[int], rounds: int = 7,
 
         return run
 
-    try:
-        with torch.random.fork_rng(devices=[]):
-            blocks = list(FCN(depth=depth, width=width).children())
-            whole = trainer(blocks, torch.randn(BATCH, 784))
-            last = trainer(blocks[sum(counts[:-1]):],
-                           torch.randn(BATCH, width, requires_grad=True))
-            times: list[list[float]] = [[], []]
-            for r in range(rounds + 1):          # the first round warms up
-                for i, run in enumerate((whole, last)):
-                    elapsed = run()
-                    if r:
-                        times[i].append(elapsed)
-    finally:
-        torch.set_num_threads(threads)
-        if pinned:
-            os.sched_setaffinity(0, pinned)
+    with one_pinned_thread(), torch.random.fork_rng(devices=[]):
+        blocks = list(FCN(depth=depth, width=width).children())
+        labels = torch.randint(0, 10, (BATCH,))
+        whole = trainer(blocks, torch.randn(BATCH, 784), labels)
+        last = trainer(copy.deepcopy(blocks[sum(counts[:-1]):]),
+                       torch.randn(BATCH, width, requires_grad=True), labels)
+        times: list[list[float]] = [[], []]
+        for r in range(rounds + 1):          # the first round warms up
+            for i, run in enumerate((whole, last)):
+                elapsed = run()
+                if r:
+                    times[i].append(elapsed)
     return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
 
 

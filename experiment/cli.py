@@ -124,15 +124,18 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "(flags given beside it override them)")
 
 
-def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None,
+                        absent: dict | None = None):
     """Parse flags; with --resume DIR, the run's saved flags become the defaults, so only
-    the flags given now override them."""
+    the flags given now override them. `absent`: the values of flags added since, for a saved
+    run that predates them (it ran without them, whatever today's default)."""
     from experiment.records import read_config
 
     args = parser.parse_args(argv)
     if args.resume:
         saved = read_config(Path(args.resume))
         known = {a.dest for a in parser._actions}
+        parser.set_defaults(**(absent or {}))
         parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k != "resume"})
         args = parser.parse_args(argv)
         args.out = args.resume

@@ -101,7 +101,7 @@ def build_parser() -> Parser:
 def parse_args(argv: list[str] | None = None):
     """Parse and check the flags (with --resume, the run's saved flags are the defaults)."""
     parser = build_parser()
-    args = parse_training_args(parser, argv)
+    args = parse_training_args(parser, argv, absent={"target_decay": 0.0})
     if args.target_decay >= 1:
         parser.error("argument --target-decay: must be below 1")
     if args.task == "argmax" and args.max_length > 512:

@@ -163,3 +163,14 @@ def test_divergence_stops_with_one_line(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="diverged: non-finite loss at step 5; the last good"):
         train(tiny_args(tmp_path))
     assert (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "summary.json").exists()
+
+
+def test_resume_of_a_run_older_than_the_target_synthesizer(tmp_path):
+    """A saved run without target_decay ran without the target synthesizer; today's default
+    (0.9) must not switch it on when it resumes, while a flag given now still wins."""
+    config = {"args": {"task": "copy", "method": "dni", "truncation": 2, "synth_lr": None}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    args = parse_args(["--resume", str(tmp_path)])
+    assert args.target_decay == 0.0 and args.truncation == 2 and args.synth_lr is None
+    assert parse_args(["--resume", str(tmp_path), "--target-decay", "0.5"]).target_decay == 0.5
+    assert parse_args([]).target_decay == 0.9 and parse_args([]).synth_lr == 1e-3
