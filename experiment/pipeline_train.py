@@ -31,6 +31,9 @@ from experiment.train import (
     write_summary,
 )
 
+MESSAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""--message-dtype: the dtype activations and gradients travel in between stages."""
+
 
 def world_size_from_env() -> int:
     """The number of processes torchrun started (1 outside torchrun)."""
@@ -115,8 +118,8 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: M
     if len(set(steps)) != 1:
         raise UserError(f"the stage checkpoints in {out_dir} are from different steps {steps}; "
                         "they cannot be resumed together")
-    interfaces = stage.block_range[1] - 1  # at the last stage: every interface is below
-    columns = [f"sg_loss{i}" for i in range(1, interfaces + 1)] if stage.is_last else []
+    columns = ([f"sg_loss{i}" for i in range(1, len(stage.positions) + 1)]
+               if stage.is_last else [])
     log = (MetricsLog(out_dir / "metrics.csv", columns,
                       keep_rows=checkpoint["metrics_rows"] if checkpoint else None)
            if stage.is_last else None)
@@ -164,6 +167,8 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: M
                     if row:
                         log.write({**row, "wall_seconds": state.wall_seconds})
                 bar.close()
+                if state.epoch == args.epochs:   # the synthesizer updates still owed
+                    stage.drain(optimizer)
                 figures = evaluate_pipeline(stage, data, args.batch_size)
                 if stage.is_last:
                     finish_epoch(args, state, log, *figures)
@@ -180,7 +185,10 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: M
     if not stage.is_last:
         return None
     extra = {**extra_summary, "stages": stage.counts, "staleness": stage.staleness,
-             "processes": stage.world_size, "stage_times": times}
+             "processes": stage.world_size, "interface_mode": stage.interface_mode,
+             "interfaces_after": [i + 1 for i in stage.positions],
+             "message_dtype": str(stage.message_dtype).removeprefix("torch."),
+             "stage_times": times}
     return write_summary(state, args, out_dir, device, script="main.py", model_name=model_name,
                          method=method, extra=extra)
 
@@ -211,14 +219,18 @@ def train_as_pipeline(args, build_net, *, model_name: str, method: str, synthesi
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
         args.out = shared_out_dir(args.out)
+        # config.json on every machine (local rank 0 of each), so each can --resume
         device, out_dir, data, checkpoint = prepare_run(
-            args, "main.py", primary=rank == 0, checkpoint_name=stage_checkpoint_name(rank))
+            args, "main.py", primary=int(os.environ.get("LOCAL_RANK", "0")) == 0,
+            checkpoint_name=stage_checkpoint_name(rank))
         net = build_net().to(device)
         try:
             stage = PipelineStage(net, data.train_x[:2], synthesizer=args.synthesizer,
-                                  counts=args.stages, context_size=10 if args.conditioned else 0,
+                                  counts=args.stages, interfaces=args.interfaces,
+                                  context_size=10 if args.conditioned else 0,
                                   grad_scale=args.grad_scale, staleness=args.staleness,
                                   timeout=args.timeout, max_batch=args.batch_size,
+                                  message_dtype=MESSAGE_DTYPES[args.message_dtype],
                                   **synthesizer_options)
         except ValueError as exc:  # the same on every rank: one of them says it
             if rank == 0:

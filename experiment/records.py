@@ -23,8 +23,9 @@ BASE_COLUMNS = ["kind", "step", "epoch", "wall_seconds", "train_loss", "test_los
 
 
 def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    """Write JSON atomically (temporary file, then rename); processes writing the same file
+    at once each use their own temporary file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
 

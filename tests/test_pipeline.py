@@ -1,8 +1,10 @@
-"""dni.pipeline: stages in separate processes (gloo, spawned here) against one-process DNI."""
+"""dni.pipeline: stages in separate processes (gloo, spawned here) against one-process DNI
+with interfaces at the same blocks, and against a hand-written pipeline at staleness k."""
 
 import os
 import socket
 import traceback
+from collections import deque
 
 import pytest
 import torch
@@ -17,11 +19,17 @@ from dni.pipeline import (
     balanced_stages,
     block_costs,
     check_counts,
-    measured_block_costs,
+    counted_split,
+    interface_positions,
+    stage_costs,
+    synthesizer_costs,
 )
+from dni.pipeline.transport import Layout
+from dni.wrapper import synthesizer_factory
 
 STEPS = 6
 BATCH = 16
+LR, SYNTH_LR = 1e-2, 3e-3
 
 
 def mlp(seed: int, width: int = 24) -> nn.Sequential:
@@ -45,13 +53,21 @@ def data(steps: int = STEPS):
     return list(zip(x.split(BATCH), y.split(BATCH)))
 
 
+def ends(counts):
+    """The last block of every stage but the last (0-based): where edge interfaces sit."""
+    return [sum(counts[:s + 1]) - 1 for s in range(len(counts) - 1)]
+
+
 def one_process(conditioned: bool, grad_scale: float, synthesizer: str = "linear",
-                steps: int = STEPS):
-    """Parameters of every block and synthesizer after STEPS steps of one-process DNI."""
+                steps: int = STEPS, after: list[int] | None = None, **options):
+    """Blocks, synthesizers and synthesizer buffers after `steps` steps of one-process DNI,
+    with interfaces after every hidden block or after the blocks in `after` (0-based)."""
     net = mlp(seed=3)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(net.parameters(), lr=LR)
     model = DNI(net, optim=opt, synthesizer=synthesizer, context_size=5 if conditioned else 0,
-                grad_scale=grad_scale, synthesizer_lr=3e-3, example_input=data()[0][0][:2])
+                blocks=None if after is None else [str(i) for i in after],
+                grad_scale=grad_scale, synthesizer_lr=SYNTH_LR, example_input=data()[0][0][:2],
+                **options)
     for x, y in data(steps):
         opt.zero_grad()
         out = model(x, context=y) if conditioned else model(x)
@@ -59,7 +75,8 @@ def one_process(conditioned: bool, grad_scale: float, synthesizer: str = "linear
         opt.step()
     blocks = [p.detach().clone() for p in net.parameters()]
     synth = [p.detach().clone() for p in model.synthesizer_parameters()]
-    return blocks, synth
+    buffers = [b.clone() for b in model.interfaces.buffers()]
+    return blocks, synth, buffers
 
 
 def free_port() -> int:
@@ -69,7 +86,8 @@ def free_port() -> int:
 
 
 def _worker(rank, world, port, out, options):
-    """One stage: train STEPS steps, then save its parameters (or the error) to `out`."""
+    """One stage: train, drain the synthesizer updates still owed, evaluate, then save its
+    parameters (or the error) to `out`."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -79,22 +97,21 @@ def _worker(rank, world, port, out, options):
         stage = PipelineStage(net, batches[0][0][:2], max_batch=BATCH,
                               synthesizer=options.get("synthesizer", "linear"),
                               counts=options.get("counts"),
+                              interfaces=options.get("interfaces", "edges"),
                               context_size=5 if options["conditioned"] else 0,
-                              grad_scale=options["grad_scale"], staleness=options["staleness"])
-        opt = torch.optim.Adam(stage.param_groups(lr=1e-2, synthesizer_lr=3e-3))
-        losses = []
-        for x, y in batches:
-            losses.append(stage.train_step(opt, x, y))
-        stage.collect_targets()
-        while stage.pending:  # the updates still owed at the end
-            opt.zero_grad(set_to_none=True)
-            stage.fit_synthesizer()
-            opt.step()
+                              grad_scale=options["grad_scale"], staleness=options["staleness"],
+                              message_dtype=options.get("message_dtype"),
+                              **options.get("synthesizer_options", {}))
+        opt = torch.optim.Adam(stage.param_groups(lr=LR, synthesizer_lr=SYNTH_LR))
+        losses = [stage.train_step(opt, x, y) for x, y in batches]
+        drained = stage.drain(opt)
         stage.eval()
         outputs = [stage.eval_step(x, y) for x, y in batches]
         torch.save({"blocks": [p.detach() for p in stage.block_parameters()],
                     "synth": [p.detach() for p in stage.synthesizer_parameters()],
-                    "block_state": stage.blocks.state_dict(), "counts": stage.counts, "losses": losses, "outputs": outputs,
+                    "synth_buffers": [b for b in stage.interfaces.buffers()],
+                    "block_state": stage.blocks.state_dict(), "counts": stage.counts,
+                    "losses": losses, "outputs": outputs, "drained": drained,
                     "times": vars(stage.times)}, f"{out}/stage{rank}.pt")
         stage.flush()
     except Exception:  # noqa: BLE001 (reported to the test through the file)
@@ -114,46 +131,156 @@ def run_stages(tmp_path, world=2, **options):
     return [torch.load(tmp_path / f"stage{r}.pt") for r in range(world)]
 
 
+def assert_all_close(got, want):
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("conditioned,grad_scale,counts", [
     (False, 1.0, [1, 3]), (True, 0.5, [2, 2])])
-def test_staleness_0_follows_one_process_dni_exactly(tmp_path, conditioned, grad_scale, counts):
-    """With staleness 0 each stage waits for its target before the next batch, so after k
-    steps every block and synthesizer equals one-process DNI's (same seed, same Adam)."""
+def test_all_interfaces_at_staleness_0_follow_one_process_dni_exactly(
+        tmp_path, conditioned, grad_scale, counts):
+    """interfaces="all", staleness 0: each stage waits for its target before the next batch,
+    so every block and synthesizer equals one-process DNI's (same seed, same Adam)."""
     stages = run_stages(tmp_path, conditioned=conditioned, grad_scale=grad_scale, counts=counts,
-                        staleness=0)
-    blocks, synth = one_process(conditioned, grad_scale)
-    got_blocks = [p for s in stages for p in s["blocks"]]
-    got_synth = [p for s in stages for p in s["synth"]]
-    assert len(got_blocks) == len(blocks) and len(got_synth) == len(synth)
-    for got, want in zip(got_blocks + got_synth, blocks + synth):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+                        staleness=0, interfaces="all")
+    blocks, synth, _ = one_process(conditioned, grad_scale)
+    assert_all_close([p for s in stages for p in s["blocks"]], blocks)
+    assert_all_close([p for s in stages for p in s["synth"]], synth)
     # the synthesizers did learn (they start at zero), so the comparison has teeth
-    assert all(p.abs().sum() > 0 for p in got_synth)
+    assert all(p.abs().sum() > 0 for s in stages for p in s["synth"])
 
 
-def test_stale_updates_differ_but_train(tmp_path):
-    """Staleness 1 changes the order of synthesizer updates (parameters differ from one
-    process) yet every stage trains, and the last stage reports a finite loss each step."""
-    stages = run_stages(tmp_path, staleness=1, counts=[1, 3])
-    blocks, _ = one_process(False, 1.0)
-    got = [p for s in stages for p in s["blocks"]]
-    assert any(not torch.allclose(g, w) for g, w in zip(got, blocks))
-    losses = stages[1]["losses"]
-    assert stages[0]["losses"] == [None] * STEPS
-    assert len(losses) == STEPS and all(torch.isfinite(torch.tensor(v)) for v in losses)
+@pytest.mark.parametrize("world,counts,conditioned,grad_scale", [
+    (2, [1, 3], False, 1.0), (3, [1, 1, 2], True, 0.5), (4, [1, 1, 1, 1], False, 1.0)])
+def test_edges_at_staleness_0_follow_one_process_dni_with_interfaces_at_the_cuts(
+        tmp_path, world, counts, conditioned, grad_scale):
+    """The default, interfaces="edges": N stages equal one-process DNI whose only interfaces
+    sit after each stage's last block, parameter for parameter; inside a stage, backprop."""
+    stages = run_stages(tmp_path, world=world, counts=counts, conditioned=conditioned,
+                        grad_scale=grad_scale, staleness=0)
+    blocks, synth, _ = one_process(conditioned, grad_scale, after=ends(counts))
+    assert_all_close([p for s in stages for p in s["blocks"]], blocks)
+    assert_all_close([p for s in stages for p in s["synth"]], synth)
+    assert [len(s["synth"]) for s in stages] == [2] * (world - 1) + [0]  # weight, bias
+    assert all(p.abs().sum() > 0 for s in stages for p in s["synth"])
+    if world < 4:   # against interfaces everywhere, blocks inside a stage learn differently
+        every, _, _ = one_process(conditioned, grad_scale)
+        got = [p for s in stages for p in s["blocks"]]
+        assert not all(torch.allclose(g, w) for g, w in zip(got, every))
+
+
+def test_three_stages_with_all_interfaces_follow_one_process_dni(tmp_path):
+    """A middle stage with no inner interface both receives targets and sends them on."""
+    stages = run_stages(tmp_path, world=3, staleness=0, counts=[1, 1, 2], interfaces="all")
+    blocks, synth, _ = one_process(False, 1.0)
+    got = [p for s in stages for p in s["blocks"] + s["synth"]]
+    want = blocks[:3] + synth[:2] + blocks[3:5] + synth[2:4] + blocks[5:] + synth[4:]
+    assert_all_close(got, want)
+
+
+def test_batchnorm_synthesizer_counts_each_batch_once(tmp_path):
+    """An MLP synthesizer with BatchNorm runs again when its target arrives; its running
+    statistics still match one-process DNI, which runs it once a step."""
+    options = {"hidden_size": 8, "num_layers": 2}
+    stages = run_stages(tmp_path, counts=[2, 2], staleness=0, synthesizer="mlp",
+                        synthesizer_options=options)
+    _, synth, buffers = one_process(False, 1.0, synthesizer="mlp", after=[1], **options)
+    # the bias right before BatchNorm has no gradient but rounding noise (see mlp()), and
+    # the running mean carries it; every other parameter and statistic must agree
+    got = stages[0]["synth"]
+    assert_all_close(got[:1] + got[2:], synth[:1] + synth[2:])
+    mean, var, batches = stages[0]["synth_buffers"]
+    assert batches.item() == buffers[2].item() == STEPS   # one count per step, not two
+    torch.testing.assert_close(var, buffers[1])
+    torch.testing.assert_close(mean, buffers[0], atol=1e-3, rtol=0)
+
+
+def stale_reference(counts: list[int], staleness: int, steps: int, grad_scale: float = 1.0):
+    """The edges pipeline at staleness k, written out in one process: at step t, stage s
+    trains its blocks by backprop from S_s(h_t) (scaled, per-example units / B), sends
+    d = dL/dh_in down, and fits S_s on the (h, d) pair of step t - k; the pairs still owed
+    at the end are fitted one optimizer step each. Returns every parameter, stage by stage."""
+    net = mlp(seed=3)
+    blocks = list(net.children())
+    factory = synthesizer_factory("linear")
+    width = blocks[1][0].in_features
+    cuts = [0] + [sum(counts[:s + 1]) for s in range(len(counts))]
+    stages = [nn.Sequential(*blocks[cuts[s]:cuts[s + 1]]) for s in range(len(counts))]
+    synths = [factory((width,), 0) for _ in stages[:-1]]
+    opts = [torch.optim.Adam([{"params": list(stage.parameters()), "lr": LR}] +
+                             ([{"params": list(synths[s].parameters()), "lr": SYNTH_LR}]
+                              if s < len(synths) else []))
+            for s, stage in enumerate(stages)]
+    last = len(stages) - 1
+    outputs = [{} for _ in stages]   # outputs[s][t]: h of stage s at step t
+    targets = [{} for _ in stages]   # targets[s][t]: d sent down to stage s for step t
+    queues = [deque() for _ in stages]
+
+    def fit(s):
+        t = queues[s].popleft()
+        h, d = outputs[s][t], targets[s][t]
+        S = synths[s](h, None)[0]
+        ((S - len(h) * d) ** 2).sum().div(len(h)).backward()
+
+    for t, (x, y) in enumerate(data(steps)):
+        for s, stage in enumerate(stages):        # forward and backward, bottom up
+            opts[s].zero_grad(set_to_none=True)
+            h_in = x if s == 0 else outputs[s - 1][t].requires_grad_()
+            h = stage(h_in)
+            if s == last:
+                F.cross_entropy(h, y).backward()
+            else:
+                outputs[s][t] = h.detach()
+                with torch.no_grad():
+                    g = synths[s](h, None)[0]
+                h.backward(grad_scale * g / len(h))
+            if s > 0:
+                targets[s - 1][t] = h_in.grad / (1.0 if s == last else grad_scale)
+                outputs[s - 1][t] = outputs[s - 1][t].detach()
+        for s in range(len(stages)):              # fits of step t - k, then the steps
+            if s < last:
+                queues[s].append(t)
+                while len(queues[s]) > staleness:
+                    fit(s)
+            opts[s].step()
+    for s in range(last):
+        while queues[s]:
+            opts[s].zero_grad(set_to_none=True)
+            fit(s)
+            opts[s].step()
+    return [[p.detach().clone() for p in list(stage.parameters()) +
+             (list(synths[s].parameters()) if s < last else [])]
+            for s, stage in enumerate(stages)]
+
+
+@pytest.mark.parametrize("world,staleness", [
+    (2, 0), (2, 1), (2, 2), (2, 8), (3, 0), (3, 1), (3, 2), (3, 8)])
+def test_staleness_k_fits_each_synthesizer_on_the_pair_of_step_t_minus_k(
+        tmp_path, world, staleness):
+    """Against the pipeline written out by hand: at step t each edge synthesizer is fitted on
+    its own (h, d) of step t - k, and the k pairs still owed at the end are drained. With k
+    past the pipeline's depth (8), no stage may wait on a receive that was never posted."""
+    counts = [1, 3] if world == 2 else [1, 1, 2]
+    steps = 12
+    stages = run_stages(tmp_path, world=world, counts=counts, staleness=staleness,
+                        steps=steps, grad_scale=0.5)
+    want = stale_reference(counts, staleness, steps, grad_scale=0.5)
+    for stage, expected in zip(stages, want):
+        assert_all_close(stage["blocks"] + stage["synth"], expected)
+    assert [s["drained"] for s in stages] == [staleness] * (world - 1) + [0]
+    if staleness:   # a pipeline one step off would fit other pairs: the reference tells
+        off_by_one = stale_reference(counts, staleness - 1, steps, grad_scale=0.5)
+        assert not all(torch.allclose(g, w) for g, w in zip(stages[0]["synth"],
+                                                             off_by_one[0][-2:]))
 
 
 def test_evaluation_runs_through_the_pipeline(tmp_path):
     """eval_step at the last stage returns the whole network's output in eval mode, the
     smaller last batch included."""
     stages = run_stages(tmp_path, staleness=1, counts=[2, 2])
-    net = mlp(seed=3)
-    for stage, first in zip(stages, (0, 2)):
-        for i in range(2):
-            prefix = f"{i}."
-            net[first + i].load_state_dict({k[len(prefix):]: v for k, v in
-                                            stage["block_state"].items() if k.startswith(prefix)})
-    net.eval()
+    net = load_blocks(stages, (0, 2))
     assert stages[0]["outputs"] == [None] * STEPS
     for (x, y), (out, labels) in zip(data(), stages[1]["outputs"]):
         assert torch.equal(labels, y) and labels.dtype == torch.long
@@ -162,57 +289,84 @@ def test_evaluation_runs_through_the_pipeline(tmp_path):
     assert len(stages[1]["outputs"][-1][0]) == BATCH - 5
 
 
-def test_three_stages_follow_one_process_dni(tmp_path):
-    """A middle stage both receives targets and sends them on."""
-    stages = run_stages(tmp_path, world=3, staleness=0, counts=[1, 1, 2])
-    blocks, synth = one_process(False, 1.0)
-    got = [p for s in stages for p in s["blocks"] + s["synth"]]
-    want = blocks[:3] + synth[:2] + blocks[3:5] + synth[2:4] + blocks[5:] + synth[4:]
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+def load_blocks(stages, firsts) -> nn.Sequential:
+    """The test network with every stage's trained blocks, in eval mode."""
+    net = mlp(seed=3)
+    for stage, first in zip(stages, firsts):
+        owned = {int(k.split(".")[0]) for k in stage["block_state"]}
+        for i in owned:
+            prefix = f"{i}."
+            net[first + i].load_state_dict({k[len(prefix):]: v for k, v in
+                                            stage["block_state"].items() if k.startswith(prefix)})
+    return net.eval()
+
+
+def test_bfloat16_messages_round_activations_and_keep_labels_and_steps_exact(tmp_path):
+    """With message_dtype=bfloat16 the last stage sees stage 0's output rounded to bfloat16
+    (and nothing else changed); labels and step counts arrive exact."""
+    stages = run_stages(tmp_path, staleness=1, counts=[2, 2], message_dtype=torch.bfloat16)
+    net = load_blocks(stages, (0, 2))
+    for (x, y), (out, labels) in zip(data(), stages[1]["outputs"]):
+        assert torch.equal(labels, y)
+        with torch.no_grad():
+            h = net[1](net[0](x)).to(torch.bfloat16).float()
+            torch.testing.assert_close(out, net[3](net[2](h)))
+            assert not torch.allclose(out, net(x), rtol=0, atol=1e-7)
+
+
+def test_layout_fields_keep_their_dtypes():
+    layout = Layout([("header", torch.float64, 3), ("labels", torch.int64, 5),
+                     ("h", torch.bfloat16, 7)])
+    assert layout.nbytes == 24 + 40 + 16
+    buffer = torch.zeros(layout.nbytes, dtype=torch.uint8)
+    layout.field(buffer, "header")[:] = torch.tensor([1.0, 123456789.0, float("nan")],
+                                                     dtype=torch.float64)
+    layout.field(buffer, "labels")[:3] = torch.tensor([9, 2**40, -1])
+    layout.field(buffer, "h")[:2] = torch.tensor([1.0, 1 / 3])
+    assert layout.field(buffer, "header")[1].item() == 123456789.0
+    assert layout.field(buffer, "labels")[:3].tolist() == [9, 2**40, -1]
+    assert layout.field(buffer, "h")[1].item() == torch.tensor(1 / 3).bfloat16().item()
 
 
 def test_balanced_stages_minimise_the_largest_stage():
     assert balanced_stages([3, 1, 1, 1], 2) == [1, 3]
     assert balanced_stages([1, 1, 1, 5], 2) == [3, 1]
     assert balanced_stages([2, 2, 2, 2], 4) == [1, 1, 1, 1]
+    # a costly edge synthesizer after block 1 moves the cut away from it
+    assert balanced_stages([2, 2, 2, 2], 2) == [2, 2]
+    assert balanced_stages([2, 2, 2, 2], 2, edge_costs=[0.1, 3, 0.1, 0]) == [1, 3]
     with pytest.raises(ValueError):
         balanced_stages([1, 2], 3)
 
 
-def test_block_costs_count_matmul_operations_forward_and_backward():
+def test_block_and_synthesizer_costs_count_matmul_operations():
     """2 B n m per matrix product: forward, weight gradient, and the input gradient except
-    at the first block; a synthesizer (w x w) forward and weight gradient after each block
-    but the last."""
-    from dni.wrapper import synthesizer_factory
-
+    at the first block; a linear synthesizer (w x w) predicts, predicts again and takes its
+    weight gradient."""
     net, w, b = mlp(seed=0, width=8), 8, 4
-    costs = block_costs(list(net.children()), torch.randn(b, 12), synthesizer_factory("linear"))
-    synth = 2 * (2 * b * w * w)
-    assert costs == [2 * (2 * b * 12 * w) + synth, 3 * (2 * b * w * w) + synth,
-                     3 * (2 * b * w * w) + synth, 3 * (2 * b * w * 5)]
-    assert not any(p.grad is not None for p in net.parameters())
-
-
-def test_measured_block_costs_time_copies_and_leave_the_network_and_random_stream_alone():
-    """One time per block, the heavy block the costliest; the blocks' weights, BN statistics
-    and gradients, and the global random stream, are as before."""
-    from dni.wrapper import synthesizer_factory
-
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU()),
-                        nn.Sequential(nn.Linear(16, 4096), nn.ReLU(), nn.Linear(4096, 16)),
-                        nn.Linear(16, 5))
-    before = {k: v.clone() for k, v in net.state_dict().items()}
-    x = torch.randn(4, 12)
     state = torch.get_rng_state()
-    costs = measured_block_costs(list(net.children()), x,
-                                 synthesizer_factory("linear"), batch=256, repeats=5)
-    assert torch.equal(torch.get_rng_state(), state)
-    assert len(costs) == 3 and all(c > 0 for c in costs)
-    assert costs[1] > costs[0] and costs[1] > costs[2]
-    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    costs = block_costs(list(net.children()), torch.randn(b, 12))
+    assert costs == [2 * (2 * b * 12 * w), 3 * (2 * b * w * w), 3 * (2 * b * w * w),
+                     3 * (2 * b * w * 5)]
+    synth = synthesizer_costs(list(net.children()), torch.randn(b, 12),
+                              synthesizer_factory("linear"))
+    assert synth == [3 * (2 * b * w * w)] * 3
     assert not any(p.grad is not None for p in net.parameters())
+    # edges: a synthesizer at the end of every stage but the last; all: after every block
+    assert stage_costs([1, 3], costs, synth, "edges") == [costs[0] + synth[0], sum(costs[1:])]
+    assert stage_costs([1, 3], costs, synth, "all") == [costs[0] + synth[0],
+                                                        sum(costs[1:]) + 2 * synth[0]]
+    assert counted_split(list(net.children()), torch.randn(b, 12), 2,
+                         synthesizer_factory("linear")) == [1, 3]
+    torch.set_rng_state(state)
+
+
+def test_interface_positions():
+    assert interface_positions([1, 3]) == [0]
+    assert interface_positions([1, 1, 2]) == [0, 1]
+    assert interface_positions([1, 3], "all") == [0, 1, 2]
+    with pytest.raises(ValueError):
+        interface_positions([1, 3], "some")
 
 
 @pytest.mark.parametrize("counts", [[1, 2], [0, 4], [2, 3], [4]])

@@ -71,19 +71,38 @@ def uninterrupted(tmp_path_factory, mnist_root):
 
 
 def test_two_stages_train_within_2_points_of_one_process(uninterrupted, run_script, tmp_path):
+    """The default pipeline (edge interfaces) against its one-process twin, whose only
+    interface sits where the stages meet."""
     out, summary, done = uninterrupted
     assert summary["processes"] == 2 and summary["stages"] == [1, 3]
+    assert summary["interface_mode"] == "edges" and summary["interfaces_after"] == [1]
     assert summary["method"] == "dni" and summary["samples_per_s"] > 0
+    assert "sg_loss1" in summary and "sg_loss2" not in summary
     assert [t["rank"] for t in summary["stage_times"]] == [0, 1]
     for t in summary["stage_times"]:
         assert t["total_s"] >= t["wait_s"] + t["comm_s"] and t["compute_s"] > 0
     assert sorted(p.name for p in out.glob("checkpoint-stage*.pt")) == [
         "checkpoint-stage0.pt", "checkpoint-stage1.pt"]
     assert done.stdout.count("epoch ") == 2  # one line per epoch, from the last stage only
+    one = run_script("main.py", *FLAGS, "--interfaces-at", "1", "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    single = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert single["interfaces"] == ["0"]
+    assert summary["test_acc"] > 0.8  # it learned (4096 examples, 2 epochs)
+    assert abs(summary["test_acc"] - single["test_acc"]) <= 0.02
+
+
+def test_all_interfaces_pipeline_matches_one_process_dni(run_script, tmp_path, mnist_root):
+    """--interfaces all: a synthesizer after every block, as one-process main.py has them."""
+    done = torchrun([*FLAGS, "--interfaces", "all", "--out", tmp_path / "pipe"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads((tmp_path / "pipe" / "summary.json").read_text())
+    assert summary["interface_mode"] == "all" and summary["interfaces_after"] == [1, 2, 3]
+    assert all(f"sg_loss{i}" in summary for i in (1, 2, 3))
     one = run_script("main.py", *FLAGS, "--out", tmp_path / "one")
     assert one.returncode == 0, one.stderr
     single = json.loads((tmp_path / "one" / "summary.json").read_text())
-    assert summary["test_acc"] > 0.7  # it learned (4096 examples, 2 epochs)
+    assert single["interfaces"] == ["0", "1", "2"]
     assert abs(summary["test_acc"] - single["test_acc"]) <= 0.02
 
 
@@ -103,16 +122,113 @@ def test_sigterm_to_one_stage_stops_all_and_resume_is_exact(uninterrupted, tmp_p
     assert summary_missing(out)
     done = torchrun(["--resume", out])
     assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_end(out, uninterrupted[0], reference, 2)
+
+
+FOUR = [*FLAGS, "--stages", "1", "1", "1", "1"]
+
+
+@pytest.fixture(scope="module")
+def four_stages(tmp_path_factory, mnist_root):
+    """A 4-stage run (one block a stage, two processes a core) to completion."""
+    out = tmp_path_factory.mktemp("four") / "run"
+    procs = launch([*FOUR, "--out", out], world=4)
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, results
+    return out, json.loads((out / "summary.json").read_text())
+
+
+def assert_same_end(out, reference_dir, reference, ranks):
+    """The run in `out` ended exactly where the reference did: figures, metrics rows and
+    every stage's parameters."""
     summary = json.loads((out / "summary.json").read_text())
-    for key in ("test_acc", "test_loss", "train_loss", "sg_loss1", "sg_loss2", "sg_loss3"):
+    for key in ("test_acc", "test_loss", "train_loss", "sg_loss1"):
         assert summary[key] == reference[key], key
-    assert rows_without_time(out) == rows_without_time(uninterrupted[0])
-    for rank in (0, 1):
+    assert rows_without_time(out) == rows_without_time(reference_dir)
+    for rank in range(ranks):
         got = torch.load(out / f"checkpoint-stage{rank}.pt")["model"]
-        want = torch.load(uninterrupted[0] / f"checkpoint-stage{rank}.pt")["model"]
+        want = torch.load(reference_dir / f"checkpoint-stage{rank}.pt")["model"]
         for name, value in want.items():
             if isinstance(value, torch.Tensor):
-                assert torch.equal(got[name], value), name
+                assert torch.equal(got[name], value), (rank, name)
+
+
+def test_four_stages_train_and_report_every_edge(four_stages):
+    out, summary = four_stages
+    assert sorted(p.name for p in out.glob("checkpoint-stage*.pt")) == [
+        f"checkpoint-stage{r}.pt" for r in range(4)]
+    assert summary["processes"] == 4 and summary["stages"] == [1, 1, 1, 1]
+    assert summary["interfaces_after"] == [1, 2, 3]
+    assert all(summary[f"sg_loss{i}"] >= 0 for i in (1, 2, 3))
+    assert summary["test_acc"] > 0.7
+    assert [t["rank"] for t in summary["stage_times"]] == [0, 1, 2, 3]
+
+
+def test_sigterm_in_a_four_stage_run_stops_all_and_resume_is_exact(four_stages, tmp_path):
+    """SIGTERM to a middle stage: the stop reaches stage 0 through the targets and the others
+    through the activations; all four save and exit 143, and --resume ends exactly as the
+    uninterrupted run."""
+    reference_dir, reference = four_stages
+    out = tmp_path / "run"
+    procs = launch([*FOUR, "--out", out], world=4)
+    wait_for_steps(out, rows=5)
+    procs[2].send_signal(signal.SIGTERM)
+    results = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [143] * 4, results
+    assert "continue with --resume" in results[3][1]
+    assert all(err.strip() == "" for _, err in results[:3])
+    done = torchrun(["--resume", out], world=4)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_end(out, reference_dir, reference, 4)
+
+
+def test_sigkill_in_a_four_stage_run_ends_the_others_and_resume_is_exact(four_stages, tmp_path):
+    """SIGKILL to stage 1 once every stage has saved epoch 1: the other three end within 60 s
+    with one `error:` line each (no traceback, no hang); --resume restarts all four from
+    their checkpoints and ends exactly as the uninterrupted run."""
+    reference_dir, reference = four_stages
+    out = tmp_path / "run"
+    procs = launch([*FOUR, "--out", out], world=4)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("checkpoint-stage*.pt"))) < 4:
+        assert time.monotonic() < deadline, "epoch 1 did not end"
+        time.sleep(0.02)
+    procs[1].kill()
+    start = time.monotonic()
+    results = {r: procs[r].communicate(timeout=60) for r in (0, 2, 3)}
+    assert time.monotonic() - start < 60
+    procs[1].communicate()
+    assert summary_missing(out), "the run ended before the kill"
+    for rank, (_, err) in results.items():
+        assert procs[rank].returncode == 1, (rank, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: stage {rank}: "), (rank, err)
+    done = torchrun(["--resume", out], world=4)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert_same_end(out, reference_dir, reference, 4)
+
+
+def test_two_nodes_through_the_c10d_rendezvous_train_a_four_stage_pipeline(four_stages,
+                                                                           tmp_path):
+    """Two torchrun invocations, --nnodes 2 with two processes each, meet through torchrun's
+    own c10d rendezvous on loopback, as two machines would, and train the 4-stage pipeline to
+    the end, exactly as one machine does."""
+    _, reference = four_stages
+    out = tmp_path / "run"
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node",
+         "2", "--node_rank", str(node), "--rdzv-backend", "c10d", "--rdzv-endpoint",
+         f"127.0.0.1:{port}", "--rdzv-id", "two-nodes", "main.py", *FOUR, "--out", str(out)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for node in (0, 1)]
+    results = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], results
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] == 4
+    for key in ("test_acc", "test_loss", "train_loss"):
+        assert summary[key] == reference[key], key
 
 
 def rows_without_time(run_dir) -> list[dict]:

@@ -76,6 +76,13 @@ def test_corrupt_data_file_is_named(run_script, corrupt_data_dir, tmp_path):
     ["main.py", "--model_type", "mlp", "--synthesizer", "conv"],
     ["main.py", "--synth-lr", "0"],
     ["main.py", "--log-every", "-1"],
+    ["main.py", "--interfaces-at", "0"],
+    ["main.py", "--interfaces-at", "4"],           # the MLP's head is block 4
+    ["main.py", "--interfaces-at", "2", "1"],
+    ["main.py", "--interfaces-at", "1", "1"],
+    ["main.py", "--interfaces", "edges"],          # one process: --interfaces-at instead
+    ["main.py", "--interfaces", "some"],
+    ["main.py", "--message-dtype", "float16"],
 ])
 def test_bad_dni_flags(run_script, argv):
     assert_one_error_line(run_script(*argv))
@@ -136,6 +143,19 @@ def test_main_runs_dni_and_cdni(run_script, tmp_path, argv, method, interfaces):
         assert summary[f"sg_loss{i}"] >= 0 and -1 <= summary[f"cos{i}"] <= 1
         assert f"cos{i}" in result.stdout
     assert f"cos{interfaces + 1}" not in summary
+
+
+def test_interfaces_at_puts_interfaces_only_after_those_blocks(run_script, tmp_path):
+    """--interfaces-at 2: one interface, after the second hidden block; the blocks below it
+    learn from it, the blocks above it by backprop."""
+    result = run_script("main.py", *TINY, "--interfaces-at", "2", "--log-every", "4",
+                        "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    summary = read_summary(tmp_path)
+    assert summary["interfaces"] == ["1"]
+    assert summary["sg_loss1"] >= 0 and -1 <= summary["cos1"] <= 1 and "cos2" not in summary
+    state = torch.load(tmp_path / "checkpoint.pt")["model"]
+    assert sorted({k.split(".")[1] for k in state if k.startswith("interfaces.")}) == ["0"]
 
 
 @pytest.mark.parametrize("argv, batch_size, synth_lr, synth_layers", [

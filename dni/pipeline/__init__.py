@@ -1,0 +1,59 @@
+"""Update-unlocked pipeline training across processes: each process runs one *stage*, a run of
+consecutive blocks of an nn.Sequential, and never waits for the backward pass of the stages
+above it. Communication is torch.distributed point-to-point (gloo on CPU, NCCL on GPU).
+
+    dist.init_process_group("gloo")                   # torchrun sets rank and world size
+    stage = PipelineStage(net, example_input)         # interfaces="edges" by default
+    opt = torch.optim.Adam(stage.param_groups(lr=1e-3, synthesizer_lr=1e-2))
+    for x, y in batches:                               # every rank runs the same loop;
+        loss = stage.train_step(opt, x, y)            # x, y are read by stage 0 only
+    stage.drain(opt)                                   # the synthesizer updates still owed
+
+For mini-batch t, stage s does:
+
+    h_in, y = receive from stage s-1               stage 0: the batch itself
+    h = blocks(h_in)                               backprop inside the stage ("edges"), or
+                                                   an interface after every block ("all")
+    send (h, y) to stage s+1                       the last stage: loss(h, y).backward()
+    h.backward(scale * S(h, c) / B)                synthetic gradient: all gradients are ready
+    send d = h_in.grad to stage s-1                the target of stage s-1's synthesizer
+    grad of ||S(h, c) - B d||^2 on batch t - k     d came back from stage s+1 meanwhile
+    optimizer.step()                               update-unlocked: nobody above is awaited
+
+k is the staleness. With k = 0 a stage waits for batch t's own target before its next batch,
+and the parameters follow one-process `DNI` with interfaces at the same blocks exactly (the
+same arithmetic per parameter). With k >= 1 the stages work on different mini-batches at the
+same moment. The synthesizer is run again on the kept activation when its target arrives, so
+its gradient is taken at its current parameters. Targets travel in the loss's units; the
+synthesizer predicts B times them, as in `dni.interface`.
+
+The parts: `stage` (PipelineStage, the algorithm above), `transport` (messages, links,
+timeouts, where the time goes) and `split` (counted costs and balanced cuts).
+"""
+
+from dni.pipeline.split import (
+    INTERFACE_MODES,
+    balanced_stages,
+    block_costs,
+    check_counts,
+    counted_split,
+    interface_positions,
+    stage_costs,
+    synthesizer_costs,
+)
+from dni.pipeline.stage import PipelineStage
+from dni.pipeline.transport import PipelineError, StageTimes
+
+__all__ = [
+    "INTERFACE_MODES",
+    "PipelineError",
+    "PipelineStage",
+    "StageTimes",
+    "balanced_stages",
+    "block_costs",
+    "check_counts",
+    "counted_split",
+    "interface_positions",
+    "stage_costs",
+    "synthesizer_costs",
+]

@@ -1,0 +1,419 @@
+"""One process's share of a pipeline trained with synthetic gradients (`PipelineStage`)."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from time import perf_counter
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dni.interface import Interface, synthesizer_loss
+from dni.pipeline.split import (
+    INTERFACE_MODES,
+    check_counts,
+    counted_split,
+    interface_positions,
+    output_shapes,
+)
+from dni.pipeline.transport import Layout, PipelineError, Receiver, Sender, StageTimes
+from dni.synthesizers import one_hot
+from dni.wrapper import SynthesizerFactory, synthesizer_factory
+
+TRAIN, EVAL, STOP = 1.0, 2.0, 3.0    # forward message kinds
+FORWARD_TAG, BACKWARD_TAG = 11, 12
+HEADER = 4                           # kind, step, batch rows, stop signal; then one loss each
+
+
+@dataclass
+class _Pending:
+    """A mini-batch whose synthesizer update waits for its target from the next stage."""
+
+    step: int
+    h: torch.Tensor                      # the stage's output activation (detached)
+    context: torch.Tensor | None
+    target: torch.Tensor | None = None   # d, in the loss's units, once it has arrived
+
+
+@contextmanager
+def running_statistics_kept(module: nn.Module) -> Iterator[None]:
+    """Run the body with `module`'s buffers (BatchNorm's running statistics) restored after:
+    a second forward pass on the same batch must not count it twice."""
+    buffers = [(b, b.clone()) for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                buffer.copy_(saved)
+
+
+class PipelineStage(nn.Module):
+    """One process's share of a pipeline trained with synthetic gradients: a run of
+    consecutive blocks of an nn.Sequential and the synthesizer at its output edge.
+
+    Usage: `stage = PipelineStage(net, x[:2])` on every rank after `dist.init_process_group`.
+    `interfaces="edges"` (default): the stage backprops through its own blocks from one
+    synthetic gradient at its output; `"all"`: an interface after every block, as
+    one-process `DNI`. `counts=[1, 3]` fixes the blocks per stage (default: balanced by
+    counted operations, synthesizers included; give every rank the same counts).
+    `context_size` > 0 makes it cDNI (labels become one-hot contexts); `staleness` is how many
+    mini-batches a synthesizer update may lag; `max_batch` is the largest batch it will see
+    (default: the example's); `message_dtype` (e.g. torch.bfloat16) is the dtype activations
+    and gradients travel in (default: the network's); targets are class indices unless
+    `integer_targets=False`.
+    """
+
+    def __init__(self, net: nn.Sequential, example_input: torch.Tensor,
+                 synthesizer: str | SynthesizerFactory = "linear",
+                 counts: Sequence[int] | None = None, interfaces: str = "edges",
+                 context_size: int = 0, grad_scale: float = 1.0, staleness: int = 1,
+                 timeout: float = 30.0, loss_fn: Callable = F.cross_entropy,
+                 integer_targets: bool = True, max_batch: int | None = None,
+                 message_dtype: torch.dtype | None = None,
+                 rank: int | None = None, world_size: int | None = None,
+                 **synthesizer_options):
+        super().__init__()
+        if interfaces not in INTERFACE_MODES:
+            raise ValueError(f"interfaces must be one of {INTERFACE_MODES}, got {interfaces!r}")
+        if staleness < 0:
+            raise ValueError(f"staleness must be 0 or more, got {staleness}")
+        self.rank = dist.get_rank() if rank is None else rank
+        self.world_size = dist.get_world_size() if world_size is None else world_size
+        blocks = list(net.children())
+        factory = (synthesizer_factory(synthesizer, **synthesizer_options)
+                   if isinstance(synthesizer, str) else synthesizer)
+        if counts is None:
+            counts = counted_split(blocks, example_input, self.world_size, factory,
+                                   context_size, interfaces)
+        self.counts = check_counts(counts, len(blocks), self.world_size)
+        self.interface_mode = interfaces
+        self.context_size, self.grad_scale, self.staleness = context_size, grad_scale, staleness
+        self.loss_fn, self.integer_targets = loss_fn, integer_targets
+        first = sum(self.counts[:self.rank])
+        self.block_range = (first, first + self.counts[self.rank])
+        self.positions = interface_positions(self.counts, interfaces)  # over the whole net
+        shapes = output_shapes(net, example_input)
+        # every rank builds every synthesizer in the same order, as one-process DNI does, so
+        # the random streams (and hence initial weights) agree with it
+        synthesizers = {i: factory(shapes[i], context_size) for i in self.positions}
+        mine = [i for i in self.positions if first <= i < self.block_range[1]]
+        self.blocks = nn.ModuleList(blocks[i] for i in range(*self.block_range))
+        # this stage's interfaces in block order: the inner ones, then the edge (if not last)
+        self.interfaces = nn.ModuleList(Interface(synthesizers[i], grad_scale) for i in mine)
+        self.is_first, self.is_last = self.rank == 0, self.rank == self.world_size - 1
+        self._inner = {i - first: self.interfaces[n] for n, i in enumerate(mine)
+                       if i < self.block_range[1] - 1}
+        self.edge = None if self.is_last else self.interfaces[-1]
+        self.input_shape = tuple(example_input.shape[1:]) if self.is_first else shapes[first - 1]
+        self.output_shape = shapes[self.block_range[1] - 1]
+        dtype, device = example_input.dtype, example_input.device
+        param = next(net.parameters(), None)
+        if param is not None:
+            dtype, device = param.dtype, param.device
+        self.interfaces.to(device=device, dtype=dtype)
+        self.dtype, self.message_dtype = dtype, message_dtype or dtype
+        self.max_batch = max_batch or len(example_input)
+        self.times = StageTimes()
+        self.step = 0
+        self.stopped: int | None = None          # the signal that stopped the pipeline
+        self._stop_request = 0                   # a signal seen here or reported from above
+        self._below = sum(1 for i in self.positions if i < first)  # interfaces under this stage
+        self._upstream_losses: list[float] = []  # synthesizer losses of the stages below
+        self._pending: deque[_Pending] = deque()
+        # the edge synthesizer's last (S, B d), or its loss once restored from a checkpoint
+        self._edge_fit: tuple[torch.Tensor, torch.Tensor] | float | None = None
+        self._build_links(device, timeout)
+
+    def _build_links(self, device: torch.device, timeout: float) -> None:
+        """The message layouts and the links to both neighbours. Each receiver keeps
+        staleness + 2 receives posted: a lower stage may run `staleness` mini-batches ahead
+        of its targets, and no sender ever waits for a receive not yet posted."""
+        label_dtype = torch.int64 if self.integer_targets else self.dtype
+        wire = self.message_dtype
+
+        def forward(shape):
+            return Layout([("header", torch.float64, HEADER + len(self.positions)),
+                           ("labels", label_dtype, self.max_batch),
+                           ("h", wire, self.max_batch * math.prod(shape))])
+
+        def backward(shape):
+            return Layout([("header", torch.float64, 2),
+                           ("grad", wire, self.max_batch * math.prod(shape))])
+
+        self._in_layout, self._out_layout = forward(self.input_shape), forward(self.output_shape)
+        self._feedback_layout = backward(self.input_shape)
+        self._target_layout = backward(self.output_shape)
+        link = {"device": device, "timeout": timeout, "times": self.times}
+        ahead = self.staleness + 2
+        self._previous = self._feedback = self._next = self._targets = None
+        if not self.is_first:
+            self._previous = Receiver(self.rank - 1, self._in_layout.nbytes, FORWARD_TAG,
+                                      ahead=ahead, **link)
+            self._feedback = Sender(self.rank - 1, self._feedback_layout.nbytes, BACKWARD_TAG,
+                                    **link)
+        if not self.is_last:
+            self._next = Sender(self.rank + 1, self._out_layout.nbytes, FORWARD_TAG, **link)
+            self._targets = Receiver(self.rank + 1, self._target_layout.nbytes, BACKWARD_TAG,
+                                     ahead=ahead, **link)
+
+    # -- parameters -----------------------------------------------------------------------
+    def block_parameters(self):
+        """This stage's block parameters."""
+        return self.blocks.parameters()
+
+    def synthesizer_parameters(self):
+        """This stage's synthesizer parameters (inner interfaces and the output edge)."""
+        return self.interfaces.parameters()
+
+    def param_groups(self, lr: float, synthesizer_lr: float | None = None) -> list[dict]:
+        """Optimizer parameter groups: the blocks at `lr`, the synthesizers at
+        `synthesizer_lr` (default `lr`), as one-process `DNI` arranges them."""
+        groups = [{"params": list(self.block_parameters()), "lr": lr}]
+        synth = list(self.synthesizer_parameters())
+        if synth:
+            groups.append({"params": synth, "lr": synthesizer_lr or lr})
+        return groups
+
+    # -- messages -------------------------------------------------------------------------
+    def request_stop(self, signum: int) -> None:
+        """Ask the pipeline to stop after the mini-batch in progress (e.g. on SIGINT): stage 0
+        stops feeding it, every stage learns it from the messages."""
+        self._stop_request = self._stop_request or int(signum)
+
+    def _context(self, labels: torch.Tensor) -> torch.Tensor | None:
+        return one_hot(labels.long(), self.context_size) if self.context_size else None
+
+    def _receive_input(self, kind: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(h_in, labels) of the next message of `kind` from stage s-1; None after STOP."""
+        layout = self._in_layout
+        message = self._previous.receive()
+        header = layout.field(message, "header")
+        got, step, n, signal = header[:HEADER].tolist()
+        if got == STOP:
+            self.stopped = int(signal)
+            return None
+        if got != kind or (kind == TRAIN and int(step) != self.step):
+            raise PipelineError(f"stage {self.rank - 1} is out of step (sent kind {got:g} "
+                                f"step {step:g}, expected kind {kind:g} step {self.step})")
+        n = int(n)
+        self._upstream_losses = header[HEADER:HEADER + self._below].tolist()
+        labels = layout.field(message, "labels")[:n]
+        h = layout.field(message, "h")[:n * math.prod(self.input_shape)]
+        return h.view(n, *self.input_shape).to(self.dtype), labels
+
+    def _send_output(self, kind: float, h: torch.Tensor, labels: torch.Tensor,
+                     report: bool = False) -> None:
+        """Send (h, labels) to stage s+1; with `report`, the synthesizer losses of this stage
+        and the ones below ride in the header (nan otherwise)."""
+        header = [kind, self.step, len(h), 0.0]
+        if report:
+            header += self._upstream_losses + self.synthesizer_losses()
+        layout = self._out_layout
+
+        def fill(buffer):
+            fields = layout.field(buffer, "header")
+            fields.fill_(math.nan)
+            fields[:len(header)] = torch.tensor(header, dtype=torch.float64)
+            layout.field(buffer, "labels")[:len(labels)].copy_(labels)
+            # rows past the batch keep old values; the receiver skips them
+            layout.field(buffer, "h")[:h.numel()].copy_(h.detach().reshape(-1))
+
+        self._next.send(fill)
+
+    def _send_stop(self) -> None:
+        """Pass the stop on to stage s+1 in place of a mini-batch."""
+        def fill(buffer):
+            header = self._out_layout.field(buffer, "header")
+            header.zero_()
+            header[:HEADER] = torch.tensor([STOP, self.step, 0.0, float(self.stopped)],
+                                           dtype=torch.float64)
+
+        self._next.send(fill)
+
+    def _send_input_gradient(self, grad: torch.Tensor) -> None:
+        """Send d = dL/dh_in (in the loss's units) down to stage s-1, with the step and any
+        stop request."""
+        layout = self._feedback_layout
+
+        def fill(buffer):
+            layout.field(buffer, "header")[:] = torch.tensor(
+                [float(self.step), float(self._stop_request)], dtype=torch.float64)
+            layout.field(buffer, "grad")[:grad.numel()].copy_(grad.reshape(-1))
+
+        self._feedback.send(fill)
+
+    def _receive_target(self, entry: _Pending) -> None:
+        """Wait for the target of `entry` from stage s+1."""
+        layout = self._target_layout
+        message = self._targets.receive()
+        step, signal = (int(v) for v in layout.field(message, "header").tolist())
+        if step != entry.step:
+            raise PipelineError(f"stage {self.rank + 1} is out of step (target for step {step}, "
+                                f"expected {entry.step})")
+        if signal:
+            self.request_stop(signal)
+        target = layout.field(message, "grad")[:entry.h.numel()]
+        entry.target = target.view_as(entry.h).to(self.dtype, copy=True)
+
+    # -- training -------------------------------------------------------------------------
+    def train_step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor | None = None,
+                   y: torch.Tensor | None = None, report: bool = False) -> float | None:
+        """One mini-batch through this stage (x, y are read at stage 0 only). Returns the loss
+        at the last stage, else None. Afterwards `stopped` holds the signal if the pipeline
+        was asked to stop (this mini-batch was then not trained). `report`: carry every
+        synthesizer loss up to the last stage (`upstream_synthesizer_losses()` there)."""
+        start = perf_counter()
+        try:
+            return self._train_step(optimizer, x, y, report)
+        finally:
+            self.times.total += perf_counter() - start
+
+    def _train_step(self, optimizer, x, y, report) -> float | None:
+        if self.is_first:
+            if self._stop_request:
+                self.stopped = self._stop_request
+            h_in, labels = x, y
+        else:
+            received = self._receive_input(TRAIN)
+            h_in, labels = received if received is not None else (None, None)
+        if self.stopped is not None:
+            if not self.is_last:
+                self._send_stop()
+            return None
+        if not self.is_first:
+            h_in = h_in.detach().requires_grad_()
+        context = self._context(labels)
+        optimizer.zero_grad(set_to_none=True)
+        h = h_in
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i in self._inner:
+                h = self._inner[i](h, context)
+        loss = None
+        if self.is_last:
+            loss = self.loss_fn(h, labels)
+            loss.backward()
+        else:
+            self._send_output(TRAIN, h, labels, report)
+            with torch.no_grad():
+                self.edge.send_gradient(h, self.edge.predict(h, context))
+        if not self.is_first:
+            # h_in's gradient came through a scaled synthetic gradient unless the loss is
+            # right above it; the target goes back in the loss's units
+            delivered = 1.0 if self.is_last and not self._inner else self.grad_scale
+            self._send_input_gradient(h_in.grad if delivered == 1.0 else h_in.grad / delivered)
+        if not self.is_last:
+            self._pending.append(_Pending(self.step, h.detach(), context))
+            while len(self._pending) > self.staleness:
+                self.fit_synthesizer()
+        optimizer.step()  # blocks on batch t, the edge synthesizer on batch t - k: one step
+        self.step += 1
+        return None if loss is None else loss.item()
+
+    def fit_synthesizer(self) -> int:
+        """Add the edge synthesizer's regression gradient on the oldest pending mini-batch
+        (waiting for its target if it is still travelling); the next optimizer step applies
+        it. Returns the step that mini-batch was trained at."""
+        entry = self._pending.popleft()
+        if entry.target is None:
+            self._receive_target(entry)
+        target = entry.target * self.edge.unit(entry.h)   # per-example units, as S predicts
+        # S runs again at its current parameters: a gradient through the old prediction
+        # would be a delayed one, which at synthesizer learning rates diverges
+        with running_statistics_kept(self.edge.synthesizer):   # restored after backward,
+            synthetic = self.edge.predict(entry.h, entry.context)  # which reads them
+            synthesizer_loss(synthetic, target).backward()
+        self._edge_fit = (synthetic.detach(), target)
+        return entry.step
+
+    def drain(self, optimizer: torch.optim.Optimizer) -> int:
+        """After the last train_step: apply every synthesizer update still pending, one
+        optimizer step each (only the edge synthesizer has gradients then). Returns how many."""
+        self.collect_targets()
+        done = 0
+        while self._pending:
+            optimizer.zero_grad(set_to_none=True)
+            self.fit_synthesizer()
+            optimizer.step()
+            done += 1
+        return done
+
+    @property
+    def pending(self) -> int:
+        """Mini-batches whose synthesizer update still waits."""
+        return len(self._pending)
+
+    def synthesizer_losses(self) -> list[float]:
+        """This stage's synthesizer regression losses on their last training step, inner
+        interfaces first, then the output edge (nan before the first)."""
+        inner = [math.nan if i.last_loss is None else i.last_loss.item()
+                 for i in self._inner.values()]
+        if self.is_last:
+            return inner
+        return inner + [self._edge_loss()]
+
+    def _edge_loss(self) -> float:
+        """The edge synthesizer's loss on its last update (nan before the first)."""
+        if isinstance(self._edge_fit, tuple):
+            return synthesizer_loss(*self._edge_fit).item()
+        return math.nan if self._edge_fit is None else self._edge_fit
+
+    def upstream_synthesizer_losses(self) -> list[float]:
+        """The synthesizer losses of the stages below, as the last message carried them."""
+        return list(self._upstream_losses)
+
+    def collect_targets(self) -> None:
+        """Receive every target still travelling, so the pending updates (and this stage's
+        state) are complete; used before a checkpoint."""
+        for entry in self._pending:
+            if entry.target is None:
+                self._receive_target(entry)
+
+    def flush(self) -> None:
+        """Wait until every message this stage sent has left."""
+        for link in (self._next, self._feedback):
+            if link is not None:
+                link.flush()
+
+    # -- evaluation -----------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_step(self, x: torch.Tensor | None = None, y: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """One evaluation batch through this stage's blocks (in their current mode). The last
+        stage returns (network output, labels); the others None."""
+        if self.is_first:
+            h, labels = x, y
+        else:
+            received = self._receive_input(EVAL)
+            if received is None:
+                raise PipelineError("the pipeline stopped during evaluation")
+            h, labels = received
+        for block in self.blocks:
+            h = block(h)
+        if self.is_last:
+            return h, labels.clone()
+        self._send_output(EVAL, h, labels)
+        return None
+
+    # -- state ----------------------------------------------------------------------------
+    def get_extra_state(self) -> dict:
+        """The step and the pending synthesizer updates (call `collect_targets` first)."""
+        if any(e.target is None for e in self._pending):
+            raise RuntimeError("collect_targets() before saving a pipeline stage")
+        return {"step": self.step, "edge_loss": self._edge_loss(), "pending": [
+            {"step": e.step, "h": e.h, "context": e.context, "target": e.target}
+            for e in self._pending]}
+
+    def set_extra_state(self, state: dict) -> None:
+        """Restore the step and the pending synthesizer updates."""
+        self.step = int(state["step"])
+        self._edge_fit = None if math.isnan(state["edge_loss"]) else state["edge_loss"]
+        self._pending = deque(_Pending(e["step"], e["h"], e["context"], e["target"])
+                              for e in state["pending"])
