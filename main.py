@@ -21,7 +21,7 @@ from experiment.cli import (
 )
 from experiment.figures import draw_figures
 from experiment.pipeline_train import MESSAGE_DTYPES, train_as_pipeline, world_size_from_env
-from experiment.train import Probe, fit
+from experiment.train import Probe, adam, fit
 from model import MODEL_TYPES, add_model_arguments, attach_dni, build_network, dni_defaults
 
 SYNTHESIZER_CHOICES = ("linear", "linear_sigmoid", "mlp", "conv")
@@ -153,7 +153,7 @@ def main():
         return
     device, out_dir, data, checkpoint = prepare_run(args, "main.py")
     net = build_network(args.model_type, args).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    optimizer = adam(net.parameters(), lr=args.lr)
     model = attach_dni(net, optimizer, data.train_x[:2], synthesizer=args.synthesizer,
                        conditioned=args.conditioned, synthesizer_lr=args.synth_lr,
                        grad_scale=args.grad_scale, forward_unlock=args.forward_unlock,

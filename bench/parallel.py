@@ -10,7 +10,8 @@ an interface after every block; (c) dni-pipeline: N stages under torchrun, one c
 interfaces after every block (--interfaces all); (d) edges-1core: the edge pipeline's
 one-process twin (interfaces only where the stages meet); edges-pipeline: N stages that
 backprop inside and meet through one synthetic gradient at each edge (the default);
-edges-bf16: the same with bfloat16 messages; edges-4stages (MLP only): one block a stage, two
+edges-bf16: the same with bfloat16 messages; edges-lowrank-bf16: and a rank-32 linear
+synthesizer (--synth-layers 2 --synth-hidden 32); edges-4stages (MLP only): one block a stage, two
 processes a core; (e) gpipe, 1f1b, zero-bubble: the same split under
 torch.distributed.pipelining, one core each; (f) ddp: DistributedDataParallel over N
 processes, one core each.
@@ -45,9 +46,10 @@ from torch import nn
 from bench.timing import measured_costs, one_pinned_thread
 from dni.pipeline import check_counts
 from experiment.cli import positive_int
+from experiment.train import adam
 
 ROWS = ("bp", "dni-1core", "dni-allcores", "dni-pipeline", "edges-1core", "edges-pipeline",
-        "edges-bf16", "edges-4stages", "gpipe", "1f1b", "zero-bubble", "ddp")
+        "edges-bf16", "edges-lowrank-bf16", "edges-4stages", "gpipe", "1f1b", "zero-bubble", "ddp")
 BATCH = 256
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
              "zero-bubble": "ScheduleInterleavedZeroBubble"}
@@ -115,7 +117,7 @@ def _worker(args) -> None:
             if isinstance(module, nn.BatchNorm1d):
                 module.reset_running_stats()
         net.zero_grad(set_to_none=True)
-    optimizer = torch.optim.Adam(params, lr=1e-3)
+    optimizer = adam(params, lr=1e-3)   # as the scripts train
     scheduler = cosine_schedule(optimizer, steps)
     train_seconds = 0.0
     for _ in range(args.epochs):
@@ -245,7 +247,7 @@ def stage_trainer(blocks: list[nn.Module], x: torch.Tensor, labels: torch.Tensor
 
     synth_lr = dni_defaults("mlp", conditioned=False)["synth_lr"]
     net = nn.Sequential(*blocks)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    optimizer = adam(net.parameters(), lr=1e-3)
     if inner and len(blocks) > 1:
         net = attach_dni(net, optimizer, x[:2].detach(), synthesizer_lr=synth_lr)
     edge = target = None
@@ -312,7 +314,7 @@ def whole_trainer(blocks: list[nn.Module], interfaces: str, counts: list[int],
     from model import attach_dni, dni_defaults
 
     net = nn.Sequential(*blocks)
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    optimizer = adam(net.parameters(), lr=1e-3)
     after = None if interfaces == "all" else [sum(counts[:s + 1]) for s in range(len(counts) - 1)]
     x = torch.randn(BATCH, 784)
     model = attach_dni(net, optimizer, x[:2], after=after,
@@ -379,6 +381,9 @@ def run_variant(args, width: int, train_size: int, rows: list[str], work: Path,
         if row == "edges-bf16":
             return script_run([*dni, *stages, "--message-dtype", "bfloat16"], 1, out,
                               torchrun=n)
+        if row == "edges-lowrank-bf16":
+            return script_run([*dni, *stages, "--message-dtype", "bfloat16", "--synth-layers",
+                               "2", "--synth-hidden", "32"], 1, out, torchrun=n)
         if row == "edges-4stages":
             return script_run([*dni, "--stages", *["1"] * (depth + 1)], 1, out,
                               torchrun=depth + 1)

@@ -17,6 +17,7 @@ from torch import nn
 
 from dni.interface import synthesizer_loss
 from dni.wrapper import SynthesizerFactory
+from experiment.train import adam  # the stages' optimizer
 
 
 def _timed(step: Callable[[], None], device: torch.device) -> Callable[[], float]:
@@ -38,7 +39,7 @@ def _timed(step: Callable[[], None], device: torch.device) -> Callable[[], float
 def _block_step(block: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """One backprop training step of `block` on x (input gradient too when x requires it)."""
     params = list(block.parameters())
-    optimizer = torch.optim.Adam(params, lr=1e-6) if params else None
+    optimizer = adam(params, lr=1e-6) if params else None
 
     def step() -> None:
         y = block(x)
@@ -55,7 +56,7 @@ def _synthesizer_step(synthesizer: nn.Module, h: torch.Tensor,
                       context: torch.Tensor | None) -> Callable[[], None]:
     """One step of a synthesizer as a pipeline stage runs it: the prediction it sends, the
     prediction again at fit time, the fit's backward and an Adam step."""
-    optimizer = torch.optim.Adam(synthesizer.parameters(), lr=1e-6)
+    optimizer = adam(synthesizer.parameters(), lr=1e-6)
     target = torch.zeros_like(h)
 
     def step() -> None:

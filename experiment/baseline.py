@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import torch
-
 from experiment.cli import parse_training_args, prepare_run, training_parser
-from experiment.train import fit
+from experiment.train import adam, fit
 from model import add_model_arguments, build_network
 
 # per model type: (epochs, batch size, learning rate)
@@ -26,6 +24,6 @@ def train_backprop(model_type: str, args, data, out_dir, *, script: str,
                    checkpoint: dict | None = None) -> dict:
     """Build `model_type` from args, train it by backprop with Adam; return the summary."""
     net = build_network(model_type, args).to(data.train_x.device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    optimizer = adam(net.parameters(), lr=args.lr)
     return fit(net, optimizer, data, args, script=script, model_name=model_type,
                method="backprop", out_dir=out_dir, checkpoint=checkpoint)

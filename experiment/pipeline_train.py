@@ -24,6 +24,7 @@ from experiment.records import MetricsLog, save_checkpoint
 from experiment.train import (
     LoopState,
     _StopRequest,
+    adam,
     cosine_schedule,
     finish_epoch,
     restore_training,
@@ -141,7 +142,10 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: M
                 stage.train()
                 if order is None:
                     order = batch_order(len(data.train_x), generator, device)
-                stream = batches(data.train_x, data.train_y, args.batch_size, order, state.batch)
+                # stages above the first receive their inputs and labels from below: they
+                # draw only the labels (for the batch size), not the images
+                inputs = data.train_x if stage.is_first else data.train_y
+                stream = batches(inputs, data.train_y, args.batch_size, order, state.batch)
                 bar = tqdm(total=steps_per_epoch, initial=state.batch, leave=False,
                            disable=None if stage.is_last else True, file=sys.stderr,
                            desc=f"epoch {state.epoch}/{args.epochs}")
@@ -236,7 +240,7 @@ def train_as_pipeline(args, build_net, *, model_name: str, method: str, synthesi
             if rank == 0:
                 raise UserError(f"--stages: {exc} ({world} processes)") from None
             raise SystemExit(1) from None
-        optimizer = torch.optim.Adam(stage.param_groups(args.lr, args.synth_lr))
+        optimizer = adam(stage.param_groups(args.lr, args.synth_lr), lr=args.lr)
         fit_pipeline(stage, optimizer, data, args, model_name=model_name, method=method,
                      out_dir=out_dir, checkpoint=checkpoint,
                      extra_summary={**extra_summary, "stage_blocks": stage.counts})

@@ -101,6 +101,13 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     return figures
 
 
+def adam(params, lr: float) -> torch.optim.Adam:
+    """The scripts' optimizer: Adam with its fused kernel, one pass over each tensor a step.
+    The default on CPU, one tensor at a time, makes several passes and temporaries; on the
+    MLP's first block it took half of a pipeline stage's step (bench/README.md)."""
+    return torch.optim.Adam(params, lr=lr, fused=True)
+
+
 def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int
                     ) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine decay of every parameter group's learning rate from its value to 0."""

@@ -336,13 +336,14 @@ class PipelineStage(nn.Module):
     def drain(self, optimizer: torch.optim.Optimizer) -> int:
         """After the last train_step: apply every synthesizer update still pending, one
         optimizer step each (only the edge synthesizer has gradients then). Returns how many."""
-        self.collect_targets()
         done = 0
-        while self._pending:
-            optimizer.zero_grad(set_to_none=True)
-            self.fit_synthesizer()
-            optimizer.step()
-            done += 1
+        with self.times.excluded():
+            self.collect_targets()
+            while self._pending:
+                optimizer.zero_grad(set_to_none=True)
+                self.fit_synthesizer()
+                optimizer.step()
+                done += 1
         return done
 
     @property
@@ -372,15 +373,17 @@ class PipelineStage(nn.Module):
     def collect_targets(self) -> None:
         """Receive every target still travelling, so the pending updates (and this stage's
         state) are complete; used before a checkpoint."""
-        for entry in self._pending:
-            if entry.target is None:
-                self._receive_target(entry)
+        with self.times.excluded():
+            for entry in self._pending:
+                if entry.target is None:
+                    self._receive_target(entry)
 
     def flush(self) -> None:
         """Wait until every message this stage sent has left."""
-        for link in (self._next, self._feedback):
-            if link is not None:
-                link.flush()
+        with self.times.excluded():
+            for link in (self._next, self._feedback):
+                if link is not None:
+                    link.flush()
 
     # -- evaluation -----------------------------------------------------------------------
     @torch.no_grad()
@@ -388,6 +391,10 @@ class PipelineStage(nn.Module):
                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """One evaluation batch through this stage's blocks (in their current mode). The last
         stage returns (network output, labels); the others None."""
+        with self.times.excluded():
+            return self._eval_step(x, y)
+
+    def _eval_step(self, x, y):
         if self.is_first:
             h, labels = x, y
         else:

@@ -4,7 +4,8 @@ that turns a dead or silent neighbour into a `PipelineError`, and the time it al
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from time import perf_counter
@@ -32,6 +33,15 @@ class StageTimes:
     def compute(self) -> float:
         """Seconds of the stage's own arithmetic and Python."""
         return self.total - self.wait - self.comm
+
+    @contextmanager
+    def excluded(self) -> Iterator[None]:
+        """Waiting and messages in the body (evaluation, say) are not train-step time."""
+        wait, comm = self.wait, self.comm
+        try:
+            yield
+        finally:
+            self.wait, self.comm = wait, comm
 
 
 class Layout:
