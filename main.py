@@ -31,9 +31,9 @@ def parse_args():
     """The baseline flags plus the DNI ones."""
     parser = training_parser(
         __doc__, epochs=20, batch_size=None, lr=1e-3,
-        batch_size_help="examples per mini-batch (default: mlp 256 in one process, best for "
-                        "DNI with every block decoupled (bench/README.md), and 128 under "
-                        "torchrun, as mlp.py; cnn 64, as cnn.py)",
+        batch_size_help="examples per mini-batch (default: mlp 256 with an interface after "
+                        "every block, best for it in bench/README.md's search, and 128 with edge "
+                        "interfaces or --interfaces-at, as mlp.py; cnn 64, as cnn.py)",
         log_every_help="every N steps, write a metrics.csv row and measure each interface's "
                        "synthetic-gradient loss and cosine to the true gradient (0: never)")
     parser.add_argument("--model_type", "--model-type", choices=MODEL_TYPES, default="mlp",
@@ -101,8 +101,8 @@ def parse_args():
             parser.error(f"--interfaces-at takes increasing block numbers from 1 to "
                          f"{blocks - 1} (the {args.model_type} has {blocks - 1} hidden blocks "
                          f"and a head), got {' '.join(map(str, at))}")
-    defaults = dni_defaults(args.model_type, args.conditioned,
-                            pipeline=world_size_from_env() > 1)
+    edges = args.interfaces == "edges" or args.interfaces_at is not None  # or its twin
+    defaults = dni_defaults(args.model_type, args.conditioned, edges=edges)
     for name in ("batch_size", "synth_lr", "synthesizer"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])

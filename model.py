@@ -60,14 +60,14 @@ def build_network(model_type: str, args) -> nn.Sequential:
     return CNN(channels=tuple(args.channels))
 
 
-def dni_defaults(model_type: str, conditioned: bool, pipeline: bool = False) -> dict:
+def dni_defaults(model_type: str, conditioned: bool, edges: bool = False) -> dict:
     """main.py's defaults for a network, from the search in bench/README.md: batch_size,
-    synthesizer, synth_layers (None: the synthesizer kind's own) and synth_lr. A `pipeline`
-    (edge interfaces under torchrun) trains the MLP at mlp.py's batch of 128."""
+    synthesizer, synth_layers (None: the synthesizer kind's own) and synth_lr. A pipeline
+    with edge interfaces (`edges`) trains the MLP at mlp.py's batch of 128."""
     if model_type == "cnn":
         return {"batch_size": 64, "synthesizer": "conv", "synth_layers": 1,
                 "synth_lr": 1e-4 if conditioned else 1e-3}
-    return {"batch_size": 128 if pipeline else 256, "synthesizer": "linear",
+    return {"batch_size": 128 if edges else 256, "synthesizer": "linear",
             "synth_layers": None, "synth_lr": 1e-3 if conditioned else 1e-2}
 
 
