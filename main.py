@@ -89,6 +89,8 @@ def parse_args():
     if world_size_from_env() > 1 and args.interfaces_at:
         parser.error("--interfaces-at is for one process; under torchrun the stage edges "
                      "(--stages) place the interfaces")
+    if args.interfaces == "all" and args.interfaces_at:
+        parser.error("--interfaces all and --interfaces-at contradict each other")
     if world_size_from_env() == 1 and args.interfaces == "edges":
         parser.error("--interfaces edges needs torchrun; in one process, --interfaces-at "
                      "puts interfaces where a pipeline's stages would end")

@@ -171,7 +171,9 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: M
                     if row:
                         log.write({**row, "wall_seconds": state.wall_seconds})
                 bar.close()
-                if state.epoch == args.epochs:   # the synthesizer updates still owed
+                if state.epoch == args.epochs:
+                    # the synthesizer updates still owed; the cosine schedule is at 0 by now,
+                    # so here they move only Adam's moments (the library's users may differ)
                     stage.drain(optimizer)
                 figures = evaluate_pipeline(stage, data, args.batch_size)
                 if stage.is_last:

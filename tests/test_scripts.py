@@ -82,6 +82,7 @@ def test_corrupt_data_file_is_named(run_script, corrupt_data_dir, tmp_path):
     ["main.py", "--interfaces-at", "1", "1"],
     ["main.py", "--interfaces", "edges"],          # one process: --interfaces-at instead
     ["main.py", "--interfaces", "some"],
+    ["main.py", "--interfaces", "all", "--interfaces-at", "1"],
     ["main.py", "--message-dtype", "float16"],
 ])
 def test_bad_dni_flags(run_script, argv):

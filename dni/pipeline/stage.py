@@ -310,7 +310,11 @@ class PipelineStage(nn.Module):
             delivered = 1.0 if self.is_last and not self._inner else self.grad_scale
             self._send_input_gradient(h_in.grad if delivered == 1.0 else h_in.grad / delivered)
         if not self.is_last:
-            self._pending.append(_Pending(self.step, h.detach(), context))
+            kept = h.detach()
+            if not self.is_first and kept.untyped_storage().data_ptr() == \
+                    h_in.untyped_storage().data_ptr():
+                kept = kept.clone()   # blocks that return a view of a receive buffer
+            self._pending.append(_Pending(self.step, kept, context))
             while len(self._pending) > self.staleness:
                 self.fit_synthesizer()
         optimizer.step()  # blocks on batch t, the edge synthesizer on batch t - k: one step
@@ -335,7 +339,8 @@ class PipelineStage(nn.Module):
 
     def drain(self, optimizer: torch.optim.Optimizer) -> int:
         """After the last train_step: apply every synthesizer update still pending, one
-        optimizer step each (only the edge synthesizer has gradients then). Returns how many."""
+        optimizer step each at the optimizer's current learning rates (only the edge
+        synthesizer has gradients then). Returns how many."""
         done = 0
         with self.times.excluded():
             self.collect_targets()
