@@ -257,19 +257,27 @@ def stage_trainer(blocks: list[nn.Module], x: torch.Tensor, labels: torch.Tensor
         edge = Linear_DNI(target.shape[1])
         optimizer.add_param_group({"params": list(edge.parameters()), "lr": synth_lr})
 
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        h = net(x)
+        if edge is None:
+            F.cross_entropy(h, labels).backward()
+        else:
+            with torch.no_grad():
+                g = edge(h.detach())[0]
+            h.backward(g / len(h))
+            synthesizer_loss(edge(h.detach())[0], target).backward()
+        optimizer.step()
+
+    return seconds_per_step(step, steps)
+
+
+def seconds_per_step(step, steps: int):
+    """A function that runs `step` `steps` times and returns the seconds of one."""
     def run() -> float:
         start = time.perf_counter()
         for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            h = net(x)
-            if edge is None:
-                F.cross_entropy(h, labels).backward()
-            else:
-                with torch.no_grad():
-                    g = edge(h.detach())[0]
-                h.backward(g / len(h))
-                synthesizer_loss(edge(h.detach())[0], target).backward()
-            optimizer.step()
+            step()
         return (time.perf_counter() - start) / steps
 
     return run
@@ -320,15 +328,12 @@ def whole_trainer(blocks: list[nn.Module], interfaces: str, counts: list[int],
     model = attach_dni(net, optimizer, x[:2], after=after,
                        synthesizer_lr=dni_defaults("mlp", conditioned=False)["synth_lr"])
 
-    def run() -> float:
-        start = time.perf_counter()
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), labels).backward()
-            optimizer.step()
-        return (time.perf_counter() - start) / steps
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), labels).backward()
+        optimizer.step()
 
-    return run
+    return seconds_per_step(step, steps)
 
 
 def run_variant(args, width: int, train_size: int, rows: list[str], work: Path,
