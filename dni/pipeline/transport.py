@@ -53,18 +53,17 @@ class Layout:
     counts and labels stay exact when activations travel in a narrower one."""
 
     def __init__(self, fields: Sequence[tuple[str, torch.dtype, int]]):
-        self.fields: dict[str, tuple[int, torch.dtype, int]] = {}
+        self.fields: dict[str, tuple[int, int, torch.dtype]] = {}  # name: offset, bytes, dtype
         offset = 0
         for name, dtype, numel in fields:
-            self.fields[name] = (offset, dtype, numel)
             size = numel * torch.empty((), dtype=dtype).element_size()
+            self.fields[name] = (offset, size, dtype)
             offset += -(-size // ALIGN) * ALIGN
         self.nbytes = offset
 
     def field(self, buffer: torch.Tensor, name: str) -> torch.Tensor:
         """The field `name` of a message buffer, as a 1-D view in the field's dtype."""
-        offset, dtype, numel = self.fields[name]
-        size = numel * torch.empty((), dtype=dtype).element_size()
+        offset, size, dtype = self.fields[name]
         return buffer[offset:offset + size].view(dtype)
 
 
