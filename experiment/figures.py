@@ -5,68 +5,132 @@ time, every run labelled by its method and model."""
 from __future__ import annotations
 
 import csv
+import io
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from experiment.errors import UserError
+from experiment.records import BASE_COLUMNS
 
 FIGURES = ("classify_loss.png", "grad_loss.png", "grad_cosine.png", "test_acc.png")
 
 
 @dataclass
 class Run:
-    """One run folder's label and metric rows."""
+    """One run folder's label, metric columns and rows (finite figures only)."""
 
     label: str
+    columns: list[str]
     steps: list[dict[str, float]]
     epochs: list[dict[str, float]]
-    interfaces: int
+
+    @property
+    def interfaces(self) -> int:
+        """How many interfaces the run recorded figures for (0: a backprop run)."""
+        return sum(1 for c in self.columns if c.startswith("sg_loss"))
 
 
 def _label(run_dir: Path) -> str:
-    """'DNI mlp', 'cDNI cnn', 'backprop mlp', ... from the run's config.json."""
+    """'DNI mlp', 'cDNI cnn', 'backprop mlp', 'DNI mlp (2-stage pipeline)', ... from the run's
+    config.json (the folder's name without one)."""
     try:
         config = json.loads((run_dir / "config.json").read_text())
         args = config["args"]
-    except (OSError, ValueError, KeyError):
+        script = Path(config.get("script", "")).name
+        processes = int(config.get("world_size", 1))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return run_dir.name
-    script = Path(config.get("script", "")).name
     if script == "main.py":
         method = "cDNI" if args.get("conditioned") else "DNI"
         model = args.get("model_type", "")
     else:
         method, model = "backprop", script.removesuffix(".py")
-    return f"{method} {model}".strip()
+    label = f"{method} {model}".strip()
+    return f"{label} ({processes}-stage pipeline)" if processes > 1 else label
 
 
 def load_run(run_dir: str | Path) -> Run:
-    """Read a run folder's metrics.csv (and config.json for its label)."""
+    """Read a run folder's metrics.csv (and config.json for its label); a folder without one,
+    or a metrics.csv that is cut off or damaged, is a UserError naming the file."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.csv"
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run folder")
     try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except OSError:
-        raise UserError(f"{run_dir} has no readable metrics.csv (not a run folder?)") from None
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {run_dir} is not a run folder (or its run "
+                        "stopped before writing records)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc})"
+                        ) from None
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or rows[0][:2] != BASE_COLUMNS[:2]:
+        raise UserError(f"{path} is not a run's metrics.csv (its header is not "
+                        f"{','.join(BASE_COLUMNS[:2])},...)")
+    if not text.endswith("\n"):
+        raise UserError(f"{path} is cut off: its last line is incomplete")
+    columns = rows[0]
+    steps, epochs = [], []
+    for number, row in enumerate(rows[1:], start=2):
+        if len(row) != len(columns) or row[0] not in ("step", "epoch"):
+            raise UserError(f"{path} is damaged at line {number}")
+        try:
+            values = {c: float(v) for c, v in zip(columns[1:], row[1:]) if v != ""}
+        except ValueError:
+            raise UserError(f"{path} is damaged at line {number} (a figure is not a number)"
+                            ) from None
+        finite = {c: v for c, v in values.items() if math.isfinite(v)}
+        (steps if row[0] == "step" else epochs).append(finite)
+    return Run(_label(run_dir), columns, steps, epochs)
 
-    def numbers(row):
-        return {k: float(v) for k, v in row.items() if k != "kind" and v not in ("", None)}
 
-    steps = [numbers(r) for r in rows if r.get("kind") == "step"]
-    epochs = [numbers(r) for r in rows if r.get("kind") == "epoch"]
-    columns = rows[0].keys() if rows else []
-    interfaces = sum(1 for c in columns if c.startswith("sg_loss"))
-    return Run(_label(run_dir), steps, epochs, interfaces)
-
-
-def _series(rows, x, y):
-    points = [(r[x], r[y]) for r in rows if x in r and y in r]
+def _series(rows: list[dict], x: str, y: str, positive: bool = False
+            ) -> tuple[list[float], list[float]]:
+    """The (x, y) points of the rows that hold both (and y > 0 if `positive`)."""
+    points = [(r[x], r[y]) for r in rows if x in r and y in r and (r[y] > 0 or not positive)]
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def draw_figures(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """Write the four figures for these runs into out_dir; return their paths."""
+def _run_series(run: Run, column: str, positive: bool = False
+                ) -> tuple[list[float], list[float]]:
+    """A run's figure against training step: its step rows, or its epoch rows where the step
+    rows hold fewer than two points (a run shorter than one --log-every interval)."""
+    xs, ys = _series(run.steps, "step", column, positive)
+    if len(xs) < 2:
+        by_epoch = _series(run.epochs, "step", column, positive)
+        if len(by_epoch[0]) > len(xs):
+            return by_epoch
+    return xs, ys
+
+
+def _plot(ax, xs, ys, *args, **kwargs) -> None:
+    """A line, with markers where the points are few enough to see (one point alone)."""
+    ax.plot(xs, ys, *args, marker="o" if len(xs) <= 30 else None, markersize=4, **kwargs)
+
+
+def _note(ax, notes: list[str], drew: bool) -> None:
+    """Say on the figure what had nothing to draw: in the middle of an empty plot, else in a
+    corner."""
+    if not notes:
+        return
+    text = "\n".join(notes[:8] + ([f"... and {len(notes) - 8} more"] if len(notes) > 8 else []))
+    if drew:
+        ax.text(0.02, 0.02, text, ha="left", va="bottom", fontsize="x-small", color="0.3",
+                transform=ax.transAxes)
+    else:
+        ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
+        ax.set_xticks([])
+        ax.set_yticks([])
+
+
+def draw_figures(run_dirs: list[str | Path], out_dir: str | Path) -> dict[Path, list[str]]:
+    """Write the four figures for these runs into out_dir; return each one's path with the
+    notes written on it: whatever had nothing to draw (a series never measured, all NaN or
+    not positive on a log scale, no finished epoch)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,25 +142,44 @@ def draw_figures(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     if len(set(labels)) < len(labels):  # same method and model twice: tell them apart
         labels = [f"{r.label} ({Path(d).name})" for r, d in zip(runs, run_dirs)]
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write figures to {out_dir}: {exc.strerror or exc}") from None
     sns.set_theme(style="whitegrid", context="notebook")
     palette = sns.color_palette("tab10")
-    written = []
+    written = {}
 
-    def save(fig, name):
+    def save(fig, name, notes):
         fig.tight_layout()
         path = out_dir / name
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
+        tmp = out_dir / f".{name}.tmp.png"
+        try:
+            fig.savefig(tmp, dpi=100)
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        finally:
+            plt.close(fig)
+        written[path] = list(notes)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    notes = []
     for i, (run, label) in enumerate(zip(runs, labels)):
-        ax.plot(*_series(run.steps, "step", "train_loss"), label=label, color=palette[i % 10])
+        xs, ys = _run_series(run, "train_loss", positive=True)
+        if xs:
+            _plot(ax, xs, ys, label=label, color=palette[i % 10])
+        else:
+            notes.append(f"{label}: no training loss recorded")
+    drew = len(notes) < len(runs)
     ax.set(title="Classification loss (training)", xlabel="training step",
-           ylabel="cross-entropy (nats)", yscale="log")
-    ax.legend()
-    save(fig, "classify_loss.png")
+           ylabel="cross-entropy (nats)")
+    if drew:
+        ax.set_yscale("log")
+        ax.legend()
+    _note(ax, notes, drew)
+    save(fig, "classify_loss.png", notes)
 
     for name, column, title, ylabel, log in (
             ("grad_loss.png", "sg_loss", "Synthetic-gradient loss per interface",
@@ -105,33 +188,49 @@ def draw_figures(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
              "cosine similarity", False)):
         fig, ax = plt.subplots(figsize=(7, 4.5))
         styles = ["-", "--", ":", "-."]
+        notes, drew = [], False
         for r, (run, label) in enumerate(zip(runs, labels)):
             for i in range(1, run.interfaces + 1):
-                xs, ys = _series(run.steps, "step", f"{column}{i}")
-                if log:
-                    xs, ys = zip(*[(x, y) for x, y in zip(xs, ys) if y > 0]) or ([], [])
-                ax.plot(xs, ys, styles[r % 4], color=palette[(i - 1) % 10],
-                        label=f"{label}, interface {i}")
+                if f"{column}{i}" not in run.columns:
+                    notes.append(f"{label}: not measured in this run")
+                    break
+                xs, ys = _run_series(run, f"{column}{i}", positive=log)
+                if not xs:
+                    notes.append(f"{label}, interface {i}: nothing recorded"
+                                 + (" above 0" if log else ""))
+                    continue
+                _plot(ax, xs, ys, styles[r % 4], color=palette[(i - 1) % 10],
+                      label=f"{label}, interface {i}")
+                drew = True
         if not any(run.interfaces for run in runs):
-            ax.text(0.5, 0.5, "no DNI run among these", ha="center", transform=ax.transAxes)
+            notes.append("no DNI run among these")
         ax.set(title=title, xlabel="training step", ylabel=ylabel)
-        if log and any(run.interfaces for run in runs):
-            ax.set_yscale("log")
-        if any(run.interfaces for run in runs):
+        if drew:
+            if log:
+                ax.set_yscale("log")
             ax.legend(fontsize="small")
-        save(fig, name)
+        _note(ax, notes, drew)
+        save(fig, name, notes)
 
     fig, (by_epoch, by_time) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    notes = []
     for i, (run, label) in enumerate(zip(runs, labels)):
-        acc = [100 * r["test_acc"] for r in run.epochs]
-        by_epoch.plot([r["epoch"] for r in run.epochs], acc, "o-", label=label,
+        finished = [r for r in run.epochs if "test_acc" in r]
+        if not finished:
+            notes.append(f"{label}: no epoch finished")
+            continue
+        acc = [100 * r["test_acc"] for r in finished]
+        by_epoch.plot([r["epoch"] for r in finished], acc, "o-", label=label,
                       color=palette[i % 10])
-        by_time.plot([r["wall_seconds"] for r in run.epochs], acc, "o-", label=label,
-                     color=palette[i % 10])
+        by_time.plot([r.get("wall_seconds", math.nan) for r in finished], acc, "o-",
+                     label=label, color=palette[i % 10])
+    drew = len(notes) < len(runs)
     by_epoch.set(title="Test accuracy by epoch", xlabel="epoch", ylabel="test accuracy (%)")
     by_time.set(title="Test accuracy by training time", xlabel="wall time (s)")
-    by_epoch.legend()
-    save(fig, "test_acc.png")
+    if drew:
+        by_epoch.legend()
+    _note(by_epoch, notes, drew)
+    save(fig, "test_acc.png", notes)
     return written
 
 
@@ -139,7 +238,9 @@ def _rnn_label(run_dir: Path) -> str:
     """'copy DNI T=3 seed 0' from an rnn_tasks.py run's config.json."""
     try:
         args = json.loads((run_dir / "config.json").read_text())["args"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
+        return run_dir.name
+    if not isinstance(args, dict) or "task" not in args:
         return run_dir.name
     method = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux"}.get(args.get("method"), "?")
     return f"{args.get('task')} {method} T={args.get('truncation')} seed {args.get('seed')}"
@@ -156,19 +257,33 @@ def draw_length_curves(run_dirs: list[str | Path], out_path: str | Path) -> Path
 
     sns.set_theme(style="whitegrid", context="notebook")
     palette = sns.color_palette("tab10")
+    runs = [(load_run(run_dir), _rnn_label(Path(run_dir))) for run_dir in run_dirs]
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, run_dir in enumerate(map(Path, run_dirs)):
-        steps = load_run(run_dir).steps
-        xs, ys = _series(steps, "step", "level")
+    notes = []
+    for i, (run, label) in enumerate(runs):
+        xs, ys = _series(run.steps, "step", "level")
+        if not xs:
+            notes.append(f"{label}: no curriculum length recorded")
+            continue
         style = ("-", "--", ":", "-.")[(i // 10) % 4]
-        ax.plot(xs, ys, style, drawstyle="steps-post", color=palette[i % 10],
-                label=_rnn_label(run_dir))
+        ax.plot(xs, ys, style, drawstyle="steps-post", color=palette[i % 10], label=label,
+                marker="o" if len(xs) <= 30 else None, markersize=4)
+    drew = len(notes) < len(runs)
     ax.set(title="Sequence length reached (curriculum)", xlabel="training step",
            ylabel="length N")
-    ax.legend(fontsize="small")
+    if drew:
+        ax.legend(fontsize="small")
+    _note(ax, notes, drew)
     fig.tight_layout()
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
+    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, out_path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {out_path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
     return out_path
