@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from dni.pipeline import INTERFACE_MODES
 from experiment.cli import (
     boolean,
+    learning_rate,
     nonnegative_int,
     parse_training_args,
     positive_float,
@@ -25,6 +26,10 @@ from experiment.train import Probe, adam, fit
 from model import MODEL_TYPES, add_model_arguments, attach_dni, build_network, dni_defaults
 
 SYNTHESIZER_CHOICES = ("linear", "linear_sigmoid", "mlp", "conv")
+# what a resumed run keeps: its network, synthesizers, placement, data and batch order
+RUN_DEFINING_FLAGS = ("model_type", "depth", "width", "channels", "conditioned", "synthesizer",
+                      "synth_hidden", "synth_layers", "forward_unlock", "interfaces_at",
+                      "interfaces", "stages", "staleness", "batch_size", "train_size", "seed")
 
 
 def parse_args():
@@ -34,8 +39,10 @@ def parse_args():
         batch_size_help="examples per mini-batch (default: mlp 256 with an interface after "
                         "every block, best for it in bench/README.md's search, and 128 with edge "
                         "interfaces or --interfaces-at, as mlp.py; cnn 64, as cnn.py)",
-        log_every_help="every N steps, write a metrics.csv row and measure each interface's "
-                       "synthetic-gradient loss and cosine to the true gradient (0: never)")
+        log_every_help="every N steps, write a metrics.csv row (its sg_loss: the mean since "
+                       "the last row) and measure each interface's cosine to the true gradient, "
+                       "which is also measured on every epoch's last step; epoch rows hold the "
+                       "epoch's mean of each (0: epoch rows only)")
     parser.add_argument("--model_type", "--model-type", choices=MODEL_TYPES, default="mlp",
                         help="network to train")
     parser.add_argument("--conditioned", type=boolean, nargs="?", const=True, default=False,
@@ -48,7 +55,7 @@ def parse_args():
     parser.add_argument("--synth-layers", type=positive_int, default=None,
                         help="synthesizer layers, the zero-initialised output layer included "
                              "(default: 1 linear and conv, 3 mlp)")
-    parser.add_argument("--synth-lr", type=positive_float, default=None,
+    parser.add_argument("--synth-lr", type=learning_rate, default=None,
                         help="Adam learning rate of the synthesizers, cosine-decayed to 0 "
                              "(default: mlp 1e-2 for DNI, 1e-3 for cDNI; cnn 1e-3 for DNI, "
                              "1e-4 for cDNI; see bench/README.md)")
@@ -83,7 +90,8 @@ def parse_args():
                         help="under torchrun: seconds to wait for a neighbouring stage before "
                              "stopping with an error")
     add_model_arguments(parser)
-    args = parse_training_args(parser, absent={"interfaces": "all"})  # runs before edges
+    args = parse_training_args(parser, absent={"interfaces": "all"},  # runs before edges
+                               script="main.py", fixed=RUN_DEFINING_FLAGS)
     if world_size_from_env() > 1 and args.forward_unlock:
         parser.error("--forward-unlock is not available in a pipeline (torchrun)")
     if world_size_from_env() > 1 and args.interfaces_at:
@@ -116,16 +124,17 @@ def parse_args():
 
 
 def interface_probe(model, conditioned: bool) -> Probe:
-    """The loop's DNI extras: the label as context for cDNI; on logged steps each interface's
-    cosine to the true gradient (cos<i>, measured before the step) and synthesizer loss
-    (sg_loss<i>, after it); a non-finite synthetic gradient named by its interface."""
+    """The loop's DNI extras: the label as context for cDNI; each interface's synthesizer
+    loss after every step (sg_loss<i>: the mean since the last row, the epoch's mean); its
+    cosine to the true gradient (cos<i>), measured before each logged step and each epoch's
+    last step; a non-finite synthetic gradient named by its interface."""
     count = len(model.interfaces)
 
     def measure(model, x, y):
         cosines = model.gradient_cosines(F.cross_entropy, x, y, context=y if conditioned else None)
         return {f"cos{i}": c for i, c in enumerate(cosines, start=1)}
 
-    def after_step(model):
+    def every_step(model):
         return {f"sg_loss{i}": v for i, v in enumerate(model.synthetic_gradient_losses(), start=1)}
 
     def nonfinite(model):
@@ -135,7 +144,7 @@ def interface_probe(model, conditioned: bool) -> Probe:
         return None
 
     return Probe(forward=(lambda m, x, y: m(x, context=y)) if conditioned else None,
-                 measure=measure, after_step=after_step, nonfinite=nonfinite,
+                 measure=measure, every_step=every_step, nonfinite=nonfinite,
                  columns=[f"{name}{i}" for name in ("sg_loss", "cos")
                           for i in range(1, count + 1)])
 

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from dni.pipeline import PipelineError, PipelineStage
 from experiment.data import MNIST, batch_order, batches, num_batches
-from experiment.errors import RunInterrupted, UserError
+from experiment.errors import USER_ERROR_EXIT, RunInterrupted, UserError
 from experiment.records import MetricsLog, save_checkpoint
 from experiment.train import (
     LoopState,
@@ -96,6 +96,19 @@ def evaluate_pipeline(stage: PipelineStage, data: MNIST, batch_size: int
     return figures if stage.is_last else None
 
 
+def gather_from_every_stage(value, stage: PipelineStage, group) -> list:
+    """Every stage's `value`, in rank order (a collective: every rank calls it); a stage that
+    has gone (stopped, crashed) is a UserError here, not a traceback."""
+    values = [None] * stage.world_size
+    try:
+        dist.all_gather_object(values, value, group=group)
+    except RuntimeError as exc:  # gloo reports a closed or silent peer so
+        reason = str(exc).split("] ", 1)[-1].split(". ")[0]
+        raise UserError(f"stage {stage.rank}: another stage stopped before the run's end "
+                        f"({reason}); each stage's last checkpoint stays") from None
+    return values
+
+
 def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: MNIST, args, *,
                  model_name: str, method: str, out_dir: Path, checkpoint: dict | None,
                  extra_summary: dict) -> dict | None:
@@ -114,11 +127,13 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: M
                             f"{checkpoint.get('counts')}, not {stage.counts}")
         state, order = restore_training(checkpoint, stage, optimizer, scheduler, generator,
                                         device)
-    steps = [None] * stage.world_size
-    dist.all_gather_object(steps, state.step, group=collectives)
-    if len(set(steps)) != 1:
-        raise UserError(f"the stage checkpoints in {out_dir} are from different steps {steps}; "
-                        "they cannot be resumed together")
+    steps = gather_from_every_stage(state.step, stage, collectives)
+    if len(set(steps)) != 1:  # every rank sees it; stage 0 says it
+        if stage.rank != 0:
+            raise SystemExit(USER_ERROR_EXIT)
+        raise UserError(f"the stage checkpoints in {out_dir} are from different steps {steps} "
+                        "(a stage was stopped inside a checkpoint write); they cannot be "
+                        "resumed together")
     columns = ([f"sg_loss{i}" for i in range(1, len(stage.positions) + 1)]
                if stage.is_last else [])
     log = (MetricsLog(out_dir / "metrics.csv", columns,
@@ -155,7 +170,8 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: M
                     if stop.signum is not None:
                         stage.request_stop(stop.signum)
                     logged = args.log_every > 0 and state.step % args.log_every == 0
-                    loss = stage.train_step(optimizer, x, y, report=logged)
+                    # every step carries the synthesizer losses up, for the epoch's means
+                    loss = stage.train_step(optimizer, x, y, report=True)
                     if stage.stopped is not None:
                         bar.close()
                         raise RunInterrupted(stage.stopped, save(), state.epoch, state.step)
@@ -183,11 +199,10 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: M
         stage.flush()
     except PipelineError as exc:
         raise UserError(f"stage {stage.rank}: {exc}; this stage stops too") from None
-    times = [None] * stage.world_size
-    dist.all_gather_object(times, {"rank": stage.rank, "blocks": list(stage.block_range),
-                                   "total_s": stage.times.total, "wait_s": stage.times.wait,
-                                   "comm_s": stage.times.comm,
-                                   "compute_s": stage.times.compute}, group=collectives)
+    times = gather_from_every_stage(
+        {"rank": stage.rank, "blocks": list(stage.block_range), "total_s": stage.times.total,
+         "wait_s": stage.times.wait, "comm_s": stage.times.comm,
+         "compute_s": stage.times.compute}, stage, collectives)
     if not stage.is_last:
         return None
     extra = {**extra_summary, "stages": stage.counts, "staleness": stage.staleness,
@@ -201,17 +216,16 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: M
 
 def _record_step(state: LoopState, loss: float | None, batch: int, logged: bool,
                  stage: PipelineStage) -> dict | None:
-    """The last stage's bookkeeping of one step: loss sums, and the metrics row when logged."""
+    """The last stage's bookkeeping of one step: loss sums, every synthesizer's loss (an edge
+    synthesizer not trained yet, under staleness, reports nan and is left out), and the
+    metrics row when logged."""
     if loss is None or not math.isfinite(loss):
         raise UserError(f"training diverged: non-finite loss at step {state.step} "
                         f"(epoch {state.epoch}); lower --lr")
     state.record_loss(loss, batch)
-    if not logged:
-        return None
     losses = stage.upstream_synthesizer_losses() + stage.synthesizer_losses()
-    # an edge synthesizer not trained yet (staleness) reports nan: left out
-    return state.logged_row({f"sg_loss{i}": v for i, v in enumerate(losses, start=1)
-                             if math.isfinite(v)})
+    state.record({f"sg_loss{i}": v for i, v in enumerate(losses, start=1)})
+    return state.logged_row() if logged else None
 
 
 def train_as_pipeline(args, build_net, *, model_name: str, method: str, synthesizer_options: dict,
@@ -241,7 +255,7 @@ def train_as_pipeline(args, build_net, *, model_name: str, method: str, synthesi
         except ValueError as exc:  # the same on every rank: one of them says it
             if rank == 0:
                 raise UserError(f"--stages: {exc} ({world} processes)") from None
-            raise SystemExit(1) from None
+            raise SystemExit(USER_ERROR_EXIT) from None
         optimizer = adam(stage.param_groups(args.lr, args.synth_lr), lr=args.lr)
         fit_pipeline(stage, optimizer, data, args, model_name=model_name, method=method,
                      out_dir=out_dir, checkpoint=checkpoint,

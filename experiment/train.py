@@ -26,16 +26,19 @@ from experiment.records import MetricsLog, save_checkpoint, write_json
 class Probe:
     """What a method adds to the loop.
 
-    `forward(model, x, y)` runs the model on a training batch (default `model(x)`);
-    `measure(model, x, y)` runs before every logged step and must not touch training;
-    `after_step(model)` reads figures after a logged step; both return {column: value} for
-    the names in `columns`. `nonfinite(model)`, asked once a gradient is found non-finite,
-    names the internal quantity at its root (or None).
+    `forward(model, x, y)` runs the model on a training batch (default `model(x)`).
+    `every_step(model)` reads figures after every step (e.g. each synthesizer's loss): a
+    step row holds their mean since the last row, the epoch row their epoch mean.
+    `measure(model, x, y)` runs before a measured step and must not touch training (e.g. the
+    cosine to the true gradient); the loop measures on every logged step and on each epoch's
+    last step, so each epoch row holds the mean of that epoch's own measurements.
+    Both return {column: value} for names in `columns`. `nonfinite(model)`, asked once a
+    gradient is found non-finite, names the internal quantity at its root (or None).
     """
 
     forward: Callable | None = None
     measure: Callable[..., dict[str, float]] | None = None
-    after_step: Callable[..., dict[str, float]] | None = None
+    every_step: Callable[..., dict[str, float]] | None = None
     nonfinite: Callable[..., str | None] | None = None
     columns: list[str] = field(default_factory=list)
 
@@ -52,8 +55,10 @@ class LoopState:
     epoch_samples: int = 0
     window_loss: float = 0.0       # training loss since the last logged step
     window_steps: int = 0
-    metric_sums: dict = field(default_factory=dict)    # this epoch's logged figures
+    metric_sums: dict = field(default_factory=dict)    # this epoch's figures: sums, counts
     metric_counts: dict = field(default_factory=dict)
+    window_sums: dict = field(default_factory=dict)    # every-step figures since the last row
+    window_counts: dict = field(default_factory=dict)
     samples: int = 0
     train_seconds: float = 0.0
     data_seconds: float = 0.0
@@ -67,15 +72,29 @@ class LoopState:
         self.window_loss += value
         self.window_steps += 1
 
-    def logged_row(self, figures: dict[str, float]) -> dict:
-        """Add a logged step's figures to the epoch's sums and close the logging window;
-        return the step's metrics.csv row (without wall_seconds)."""
+    def record(self, figures: dict[str, float], window: bool = True) -> None:
+        """Add figures (non-finite ones are left out) to the epoch's sums and, with `window`,
+        to the logging window's."""
         for name, v in figures.items():
-            self.metric_sums[name] = self.metric_sums.get(name, 0.0) + v
-            self.metric_counts[name] = self.metric_counts.get(name, 0) + 1
-        row = {**figures, "kind": "step", "step": self.step, "epoch": self.epoch,
+            if v is None or not math.isfinite(v):
+                continue
+            sums = ((self.metric_sums, self.metric_counts),) + \
+                (((self.window_sums, self.window_counts),) if window else ())
+            for total, count in sums:
+                total[name] = total.get(name, 0.0) + v
+                count[name] = count.get(name, 0) + 1
+
+    def logged_row(self, measured: dict[str, float] | None = None) -> dict:
+        """Close the logging window: the metrics.csv row (without wall_seconds) of the
+        window's means and the figures `measured` at this step (added to the epoch's)."""
+        measured = {k: v for k, v in (measured or {}).items() if v is not None
+                    and math.isfinite(v)}
+        self.record(measured, window=False)
+        means = {n: self.window_sums[n] / self.window_counts[n] for n in self.window_sums}
+        row = {**means, **measured, "kind": "step", "step": self.step, "epoch": self.epoch,
                "train_loss": self.window_loss / self.window_steps}
         self.window_loss, self.window_steps = 0.0, 0
+        self.window_sums, self.window_counts = {}, {}
         return row
 
 
@@ -239,9 +258,10 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST, a
                 now = time.perf_counter()
                 state.data_seconds += now - tick
                 logged = args.log_every > 0 and state.step % args.log_every == 0
-                row = {}
-                if logged and probe.measure:
-                    row.update(probe.measure(model, x, y))
+                last = state.batch == steps_per_epoch - 1
+                measured = {}
+                if probe.measure and (logged or last):
+                    measured = probe.measure(model, x, y)
                     tick += time.perf_counter() - now  # diagnostics are not training time
                 optimizer.zero_grad(set_to_none=True)
                 loss = F.cross_entropy(forward(model, x, y), y)
@@ -257,10 +277,12 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST, a
                 optimizer.step()
                 scheduler.step()
                 state.record_loss(loss.item(), len(y))
+                if probe.every_step:
+                    state.record(probe.every_step(model))
                 if logged:
-                    if probe.after_step:
-                        row.update(probe.after_step(model))
-                    row = state.logged_row(row)
+                    row = state.logged_row(measured)
+                elif measured:
+                    state.record(measured, window=False)
                 state.step += 1
                 state.batch += 1
                 bar.update()

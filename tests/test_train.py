@@ -45,7 +45,7 @@ def kill_at(step):
             os.kill(os.getpid(), signal.SIGTERM)
         return {}
 
-    return Probe(after_step=after)
+    return Probe(every_step=after)
 
 
 # 6 steps an epoch: mid-epoch 1, its last step, first step of epoch 2, the run's last step
