@@ -18,7 +18,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 
 from experiment.baseline import BASELINE_DEFAULTS, train_backprop
-from experiment.cli import resolve_device
+from experiment.cli import Parser, nonnegative_int, positive_int, resolve_device, run
 from experiment.data import load_mnist
 
 
@@ -34,11 +34,15 @@ def run_baseline(model_type: str, epochs: int, data, out: Path) -> dict:
 
 def main() -> None:
     """Run both baselines and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mlp-epochs", type=int, default=20)
-    parser.add_argument("--cnn-epochs", type=int, default=10)
-    parser.add_argument("--train-size", type=int, default=None)
-    parser.add_argument("--device", default="auto")
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mlp-epochs", type=nonnegative_int, default=20,
+                        help="epochs of the MLP baseline (0: skip it)")
+    parser.add_argument("--cnn-epochs", type=nonnegative_int, default=10,
+                        help="epochs of the CNN baseline (0: skip it)")
+    parser.add_argument("--train-size", type=positive_int, default=None,
+                        help="first N training examples only (default: all 60000)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: CUDA when available, else CPU")
     args = parser.parse_args()
     device = resolve_device(args.device)
     data = load_mnist(ROOT / "data", device, args.train_size)
@@ -60,4 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

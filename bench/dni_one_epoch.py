@@ -9,7 +9,6 @@ It asks where unconditioned DNI's gain over frozen hidden blocks comes from (ben
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -24,6 +23,7 @@ from torch import nn
 
 from dni import DNI, DNI_Network, Linear_DNI
 from dni.synthesizers import MLP_DNI
+from experiment.cli import Parser, positive_int, run
 from experiment.data import batch_order, batches, load_mnist
 from experiment.train import cosine_schedule, evaluate
 from model import FCN
@@ -142,11 +142,10 @@ def run_variant(name: str, data, batch_size: int, seed: int) -> tuple[float, lis
 
 def main() -> None:
     """Run the chosen variants one after another and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         metavar="NAME", help="variants to run (names in VARIANTS)")
-    parser.add_argument("--batch-size", type=int, default=64, help="examples per mini-batch")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="examples per mini-batch")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args()
     data = load_mnist(ROOT / "data")
@@ -161,4 +160,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

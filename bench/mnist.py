@@ -9,7 +9,6 @@ in its own folder under --results: finished runs are read back, interrupted ones
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import statistics
@@ -24,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 import torch.nn.functional as F
 
+from experiment.cli import Parser, positive_int, run
 from model import CNN, FCN, attach_dni, dni_defaults
 
 # the flags each (model, method) runs with; see bench/README.md for how they were chosen
@@ -89,16 +89,15 @@ def step_costs(model: str, repeats: int = 30, steps: int = 10) -> dict[str, floa
 
 def main() -> None:
     """Run the accuracy table and the step-cost table."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", choices=["mlp", "cnn"], default=["mlp", "cnn"],
                         help="networks")
     parser.add_argument("--methods", nargs="+", choices=["bp", "dni", "cdni"],
                         default=["bp", "dni", "cdni"], help="training methods")
-    parser.add_argument("--epochs", type=int, default=20, help="epochs of every run")
-    parser.add_argument("--cnn-epochs", type=int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=20, help="epochs of every run")
+    parser.add_argument("--cnn-epochs", type=positive_int, default=None,
                         help="epochs of the CNN runs (None: as --epochs)")
-    parser.add_argument("--train-size", type=int, default=None,
+    parser.add_argument("--train-size", type=positive_int, default=None,
                         help="first N training examples only (None: all 60000)")
     parser.add_argument("--results", type=Path, default=ROOT / "runs" / "bench-mnist",
                         help="folder of the run folders, kept between invocations")
@@ -131,4 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -22,7 +22,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiment.cli import Parser, positive_int, run
+from experiment.cli import Parser, nonnegative_int, positive_int, run
+from experiment.errors import UserError
 
 LABELS = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux"}
 
@@ -46,8 +47,8 @@ def train_one(folder: Path, task: str, method: str, truncation: int, seed: int,
            "--device", "cpu", "--log-every", "100"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        sys.stderr.write(result.stderr[-2000:])
-        raise SystemExit(f"error: run {folder.name} failed (exit {result.returncode})")
+        last = (result.stderr.strip().splitlines() or [""])[-1].removeprefix("error: ")
+        raise UserError(f"run {folder.name} failed (exit {result.returncode}): {last}")
     return json.loads((folder / "summary.json").read_text())
 
 
@@ -95,7 +96,7 @@ def main():
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds")
     parser.add_argument("--results", default=str(ROOT / "runs" / "bench-rnn"),
                         help="folder of the run folders")
-    parser.add_argument("--max-runs", type=int, default=0,
+    parser.add_argument("--max-runs", type=nonnegative_int, default=0,
                         help="start at most this many unfinished runs, then print (0: all)")
     parser.add_argument("--table-only", action="store_true", help="run nothing; print")
     parser.add_argument("--figure", default=None, metavar="PNG",
@@ -103,6 +104,9 @@ def main():
     args, extra = parser.parse_known_args()
     if any(not e.startswith("--") for e in extra[:1]):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from experiment.rnn_train import parse_args as parse_run_flags
+
+    parse_run_flags(extra)  # a flag no rnn_tasks.py run takes stops here, in one line
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     started = 0

@@ -15,7 +15,8 @@ def run_backprop(model_type: str, script: str, description: str) -> None:
     epochs, batch_size, lr = BASELINE_DEFAULTS[model_type]
     parser = training_parser(description, epochs=epochs, batch_size=batch_size, lr=lr)
     add_model_arguments(parser, model_type)
-    args = parse_training_args(parser)
+    args = parse_training_args(parser, script=script, fixed=("depth", "width", "channels",
+                                                             "batch_size", "train_size", "seed"))
     _, out_dir, data, checkpoint = prepare_run(args, script)
     train_backprop(model_type, args, data, out_dir, script=script, checkpoint=checkpoint)
 

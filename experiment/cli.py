@@ -7,12 +7,12 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
-from experiment.errors import RunInterrupted, UserError
+from experiment.errors import USER_ERROR_EXIT, RunInterrupted, UserError
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -55,6 +55,18 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+MAX_LEARNING_RATE = 1e30
+"""Adam divides the rate by 1 - beta1 (0.1) in float32: a rate much larger overflows it."""
+
+
+def learning_rate(text: str) -> float:
+    """argparse type: a learning rate, a number > 0 and at most MAX_LEARNING_RATE."""
+    value = positive_float(text)
+    if value > MAX_LEARNING_RATE:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_LEARNING_RATE:g}, got {text}")
     return value
 
 
@@ -101,7 +113,7 @@ def training_parser(description: str, *, epochs: int, batch_size: int | None, lr
                         help="passes over the training set")
     parser.add_argument("--batch-size", type=positive_int, default=batch_size,
                         help=batch_size_help)
-    parser.add_argument("--lr", type=positive_float, default=lr,
+    parser.add_argument("--lr", type=learning_rate, default=lr,
                         help="Adam learning rate of the network (cosine-decayed to 0)")
     parser.add_argument("--train-size", type=positive_int, default=None,
                         help="use only the first N training examples (default: all 60000)")
@@ -125,21 +137,44 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None,
-                        absent: dict | None = None):
+                        absent: dict | None = None, *, script: str | None = None,
+                        fixed: Iterable[str] = ()):
     """Parse flags; with --resume DIR, the run's saved flags become the defaults, so only
     the flags given now override them. `absent`: the values of flags added since, for a saved
-    run that predates them (it ran without them, whatever today's default)."""
+    run that predates them (it ran without them, whatever today's default). `script`: the
+    script whose run folders this one resumes (another's is refused); `fixed`: the flags
+    (dests) that define the run, which a resume may not change."""
     from experiment.records import read_config
 
     args = parser.parse_args(argv)
     if args.resume:
-        saved = read_config(Path(args.resume))
-        known = {a.dest for a in parser._actions}
+        config = read_config(Path(args.resume))
+        made_by = Path(str(config.get("script", "?"))).name
+        if script is not None and made_by != script:
+            parser.error(f"--resume {args.resume}: that run was made by {made_by}, not "
+                         f"{script}; resume it with {made_by}")
+        saved = config["args"]
+        actions = {a.dest: a for a in parser._actions}
         parser.set_defaults(**(absent or {}))
-        parser.set_defaults(**{k: v for k, v in saved.items() if k in known and k != "resume"})
+        parser.set_defaults(**{k: v for k, v in saved.items() if k in actions and k != "resume"})
         args = parser.parse_args(argv)
+        for dest in fixed:
+            if dest in saved and getattr(args, dest, None) != saved[dest]:
+                flag = actions[dest].option_strings[0]
+                parser.error(f"--resume {args.resume}: {flag} {_shown(getattr(args, dest))} "
+                             f"contradicts the run's {_shown(saved[dest])}; a resumed run keeps "
+                             f"it (start a new run to change it)")
         args.out = args.resume
     return args
+
+
+def _shown(value) -> str:
+    """A flag's value as it is typed: lists space-separated, None as 'unset'."""
+    if value is None:
+        return "unset"
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value))
+    return str(value)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -165,12 +200,18 @@ def prepare_out_dir(out: str | None, script: str) -> Path:
 
 
 def run(main: Callable[[], None]) -> None:
-    """Run a script's main: UserError -> one `error:` line and exit 1; Ctrl-C -> exit 130."""
+    """Run a script's main: UserError, and a file the system refuses to read or write
+    (OSError: a full disk, a read-only folder), -> one `error:` line and exit 2; a signal ->
+    its message and 128 + its number; Ctrl-C outside the loop -> exit 130."""
     try:
         main()
     except UserError as exc:
         sys.stderr.write(f"error: {exc}\n")
-        sys.exit(1)
+        sys.exit(USER_ERROR_EXIT)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        sys.stderr.write(f"error: cannot read or write {where}{exc.strerror or exc}\n")
+        sys.exit(USER_ERROR_EXIT)
     except RunInterrupted as exc:
         sys.stderr.write(f"{exc}\n")
         sys.exit(exc.exit_code)

@@ -1,4 +1,8 @@
-"""The one exception type that scripts report as a single `error:` line."""
+"""The exceptions a script reports in one line: a user's mistake (`error: ...`, exit 2) and a
+signal that stopped training (exit 128 + its number)."""
+
+USER_ERROR_EXIT = 2
+"""Exit status of a run stopped by a user's mistake or the environment, as argparse's."""
 
 
 class UserError(Exception):

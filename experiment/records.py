@@ -5,11 +5,14 @@ reading of a run folder for --resume."""
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +29,24 @@ def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary file, then rename); processes writing the same file
     at once each use their own temporary file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    with _written_whole(tmp, path):
+        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+
+
+@contextmanager
+def _written_whole(tmp: Path, path: Path) -> Iterator[None]:
+    """Around writing `tmp` and renaming it to `path`: on any failure (a full disk, a second
+    Ctrl-C) the temporary file goes, `path` keeps its last whole version, and an OSError
+    becomes a UserError that names `path`."""
+    try:
+        yield
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot write {path}: {exc.strerror or exc}; its last whole "
+                            "version (if any) stays") from None
+        raise
 
 
 def git_commit() -> str | None:
@@ -46,20 +65,26 @@ def write_config(out_dir: Path, script: str, args, device: torch.device) -> None
 
     write_json(out_dir / "config.json", {
         "script": script, "argv": sys.argv, "args": vars(args), "device": str(device),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),  # processes, under torchrun
         "git_commit": git_commit(), "python": platform.python_version(),
         "torch": torch.__version__, "numpy": numpy.__version__, "platform": platform.platform(),
     })
 
 
 def read_config(run_dir: Path) -> dict:
-    """The flags a run was started with (config.json's `args`)."""
+    """A run folder's config.json: the script that made it and its flags (`args`)."""
     path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise UserError(f"--resume {run_dir}: no such folder")
     try:
-        return json.loads(path.read_text())["args"]
+        config = json.loads(path.read_text())
     except FileNotFoundError:
         raise UserError(f"--resume {run_dir}: no config.json there (not a run folder)") from None
-    except (ValueError, KeyError, TypeError):
-        raise UserError(f"--resume {run_dir}: config.json is unreadable") from None
+    except (OSError, ValueError):
+        raise UserError(f"--resume {run_dir}: {path.name} is unreadable or cut off") from None
+    if not isinstance(config, dict) or not isinstance(config.get("args"), dict):
+        raise UserError(f"--resume {run_dir}: {path.name} is not a run's config")
+    return config
 
 
 class MetricsLog:
@@ -91,8 +116,14 @@ def save_checkpoint(out_dir: Path, payload: dict, name: str = CHECKPOINT) -> Pat
     """Write the checkpoint (checkpoint.pt by default) atomically: temporary file, rename."""
     path = out_dir / name
     tmp = out_dir / f".{name}.tmp"
-    torch.save({"format": CHECKPOINT_FORMAT, **payload}, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()  # serialised first: a failed file write is then a plain OSError
+    torch.save({"format": CHECKPOINT_FORMAT, **payload}, buffer)
+    with _written_whole(tmp, path):
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
     return path
 
 

@@ -22,6 +22,7 @@ from dni.synthesizers import MLP_DNI, RNN_DNI, Linear_DNI
 from experiment.cli import (
     Parser,
     add_run_arguments,
+    learning_rate,
     nonnegative_float,
     nonnegative_int,
     parse_training_args,
@@ -60,8 +61,8 @@ def build_parser() -> Parser:
     p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch")
     p.add_argument("--hidden", type=positive_int, default=128, help="units of the RNN core")
     p.add_argument("--core", choices=sorted(CORES), default="lstm", help="the RNN core")
-    p.add_argument("--lr", type=positive_float, default=3e-3, help="Adam learning rate (core)")
-    p.add_argument("--synth-lr", type=positive_float, default=1e-3,
+    p.add_argument("--lr", type=learning_rate, default=3e-3, help="Adam learning rate (core)")
+    p.add_argument("--synth-lr", type=learning_rate, default=1e-3,
                    help="Adam learning rate of the synthesizer")
     p.add_argument("--synthesizer", choices=["linear", "mlp", "rnn"], default="linear",
                    help="synthesizer on the flattened state (LSTM: [h, c])")
@@ -101,7 +102,10 @@ def build_parser() -> Parser:
 def parse_args(argv: list[str] | None = None):
     """Parse and check the flags (with --resume, the run's saved flags are the defaults)."""
     parser = build_parser()
-    args = parse_training_args(parser, argv, absent={"target_decay": 0.0})
+    args = parse_training_args(parser, argv, absent={"target_decay": 0.0}, script="rnn_tasks.py",
+                               fixed=("task", "method", "truncation", "batch_size", "hidden",
+                                      "core", "synthesizer", "synth_hidden", "bits",
+                                      "max_repeats", "seed"))
     if args.target_decay >= 1:
         parser.error("argument --target-decay: must be below 1")
     if args.task == "argmax" and args.max_length > 512:

@@ -1,6 +1,7 @@
 """Shared fixtures: the repository root, MNIST materialised once, and a script runner."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,16 @@ def run_script(mnist_root):
                               capture_output=True, text=True, timeout=timeout, check=False)
 
     return run
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for a process group's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """The environment torchrun gives one worker of a `world`-process job on one machine."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+            "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}

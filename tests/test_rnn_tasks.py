@@ -92,8 +92,10 @@ def test_bad_flag_through_the_script(run_script):
 
 
 def test_resume_of_a_missing_run(tmp_path):
-    with pytest.raises(UserError, match="no config.json"):
+    with pytest.raises(UserError, match="no such folder"):
         train(parse_args(["--resume", str(tmp_path / "none")]))
+    with pytest.raises(UserError, match="no config.json"):
+        train(parse_args(["--resume", str(tmp_path)]))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
@@ -168,7 +170,8 @@ def test_divergence_stops_with_one_line(tmp_path, monkeypatch):
 def test_resume_of_a_run_older_than_the_target_synthesizer(tmp_path):
     """A saved run without target_decay ran without the target synthesizer; today's default
     (0.9) must not switch it on when it resumes, while a flag given now still wins."""
-    config = {"args": {"task": "copy", "method": "dni", "truncation": 2, "synth_lr": None}}
+    config = {"script": "rnn_tasks.py",
+              "args": {"task": "copy", "method": "dni", "truncation": 2, "synth_lr": None}}
     (tmp_path / "config.json").write_text(json.dumps(config))
     args = parse_args(["--resume", str(tmp_path)])
     assert args.target_decay == 0.0 and args.truncation == 2 and args.synth_lr is None
