@@ -4,7 +4,7 @@ future at every chunk edge (Jaderberg et al. 2016, section 3.2).
 Usage:
 
     bptt = TruncatedBPTT(nn.LSTM(9, 128), truncation=3, readout=nn.Linear(128, 8),
-                         synthesizer=Linear_DNI(2 * 128), grad_scale=0.1)
+                         synthesizer=Linear_DNI(2 * 128), discount=0.5)
     opt = torch.optim.Adam(bptt.parameters(), lr=1e-3)
     opt.zero_grad()
     report = bptt(inputs, lambda y, t0, t1: criterion(y, targets[t0:t1]))  # forward + backward
@@ -14,7 +14,7 @@ A sequence of L steps is cut into chunks of T steps. For chunk k, with start sta
 detached leaf) and end state e:
 
     loss_k = chunk_loss(readout(core(x[t0:t1], s)))       summed over the chunk's steps
-    g_end  = grad_scale * S(e.detach())                   synthetic gradient of the future
+    g_end  = discount * S(e.detach())                     synthetic gradient of the future
                                                           (0 after the end of the sequence)
     backward of loss_k + <g_end.detach(), e>
     d_k    = s.grad                                       bootstrapped target at the start
@@ -22,12 +22,13 @@ detached leaf) and end state e:
 
 Units: `chunk_loss` returns a batch-mean loss (B examples). A batch-mean loss has
 dL/ds = (1/B) * (each example's own gradient), so, as in `dni.interface`, the synthesizer
-predicts the per-example gradient: the applied gradient is `grad_scale * S(e) / B` and the
+predicts the per-example gradient: the applied gradient is `discount * S(e) / B` and the
 target is `B * s.grad`. `batch_mean=False` (summed losses) makes B = 1.
 
-`grad_scale` (lambda) enters the target too: S learns the lambda-discounted gradient of the
+`discount` (lambda) is the bootstrap's discount, not a pure scale as the feed-forward
+`grad_scale` is: it enters the target too, so S learns the lambda-discounted gradient of the
 future, d_k = dloss_k/ds + lambda J_k^T S(e_k), a TD-style bootstrap in which lambda < 1 keeps
-errors from compounding over many chunks.
+errors from compounding over many chunks. (`grad_scale=` is its old, deprecated name.)
 
 LSTM state (h, c), and any tuple of state tensors, is flattened to one vector per example:
 (layers, B, H) tensors become (B, layers * H) and are concatenated in order. The synthesizer
@@ -35,12 +36,13 @@ sees and predicts that vector.
 
 DNI+Aux (`aux_weight > 0`): the paper adds an auxiliary task of predicting synthetic gradients
 further ahead. Here an extra linear head on the core's output at every step of a chunk predicts
-g = S(e) (no grad_scale; the target synthesizer's S_bar(e) when there is one), the synthetic
+g = S(e) (no discount; the target synthesizer's S_bar(e) when there is one), the synthetic
 gradient sent into the chunk's end, up to T steps in the
 future of that step, and `aux_weight * ||A(y_t) - g||^2` (per example, averaged over the
-chunk's steps) joins the chunk's loss. The core gets no gradient from it except to shape its
-state into one that predicts its future gradient. This is our reading of the paper's
-auxiliary task; the paper's exact form may differ.
+chunk's steps) trains the aux head and the core: it shapes the core's state into one that
+predicts its future gradient. It is not part of S's target: d_k is taken from loss_k and
+<g_end, e> alone, so S's own output (which is in g) never feeds back into what S is fitted to.
+This is our reading of the paper's auxiliary task; the paper's exact form may differ.
 
 Target synthesizer (`target_decay > 0`): as with the target network of deep Q-learning, the
 synthetic gradient sent into each chunk's end (and so into the bootstrapped target) comes from a
@@ -54,6 +56,7 @@ Gradients accumulate over all chunks; the caller steps the optimizer once per se
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -151,20 +154,25 @@ class TruncatedBPTT(nn.Module):
     """
 
     def __init__(self, core: nn.Module, truncation: int, synthesizer: nn.Module | None = None,
-                 readout: nn.Module | None = None, grad_scale: float = 1.0,
+                 readout: nn.Module | None = None, discount: float = 1.0,
                  aux_weight: float = 0.0, aux_input_size: int | None = None,
-                 batch_mean: bool = True, target_decay: float = 0.0):
+                 batch_mean: bool = True, target_decay: float = 0.0,
+                 grad_scale: float | None = None):
         super().__init__()
+        if grad_scale is not None:
+            warnings.warn("TruncatedBPTT(grad_scale=) is now discount=", DeprecationWarning,
+                          stacklevel=2)
+            discount = grad_scale
         if truncation < 1:
             raise ValueError(f"truncation must be at least 1, got {truncation}")
-        if not grad_scale >= 0:
-            raise ValueError(f"grad_scale must be 0 or positive, got {grad_scale}")
+        if not discount >= 0:
+            raise ValueError(f"discount must be 0 or positive, got {discount}")
         if aux_weight < 0 or (aux_weight > 0 and synthesizer is None):
             raise ValueError("aux_weight > 0 needs a synthesizer (and must not be negative)")
         if not 0.0 <= target_decay < 1.0 or (target_decay > 0 and synthesizer is None):
             raise ValueError("target_decay must be in [0, 1) and needs a synthesizer")
         self.core, self.readout, self.synthesizer = core, readout, synthesizer
-        self.truncation, self.grad_scale = truncation, grad_scale
+        self.truncation, self.discount = truncation, discount
         self.aux_weight, self.batch_mean = aux_weight, batch_mean
         self.target_decay = target_decay
         self.target_synthesizer = None
@@ -178,6 +186,11 @@ class TruncatedBPTT(nn.Module):
                 raise ValueError("DNI+Aux needs aux_input_size and a synthesizer with "
                                  "output_size")
             self.aux_head = zero_init_(nn.Linear(width, out))
+
+    @property
+    def grad_scale(self) -> float:
+        """Deprecated name of `discount`."""
+        return self.discount
 
     def synthetic_gradient(self, state: torch.Tensor, hidden=None):
         """S(state.detach()): the per-example synthetic gradient (graph into S's parameters)
@@ -205,8 +218,9 @@ class TruncatedBPTT(nn.Module):
         width) in the loss's units, by one untruncated pass that leaves every .grad as it was.
 
         "True" is what the synthesizer is trained towards without its own errors: the gradient
-        of the losses after the edge, each further edge crossed discounting it by grad_scale
-        (grad_scale 1: the full gradient of the future). "Synthetic" is the online S's, also
+        of the losses after the edge, each further edge crossed discounting it by `discount`
+        (1: the full gradient of the future). The aux loss is not in it, as it is not in the
+        target. "Synthetic" is the online S's, also
         with a target synthesizer. A diagnostic for logged steps.
         """
         if self.synthesizer is None:
@@ -220,7 +234,7 @@ class TruncatedBPTT(nn.Module):
         with torch.enable_grad():
             for t0 in range(0, length, self.truncation):
                 if t0 > 0:
-                    edge = _ScaleGradient.apply(flatten_state(state), self.grad_scale)
+                    edge = _ScaleGradient.apply(flatten_state(state), self.discount)
                     edges.append(edge)
                     state = unflatten_state(edge, state)
                 y, state = self.core(inputs[t0:t0 + self.truncation], state)
@@ -270,22 +284,26 @@ class TruncatedBPTT(nn.Module):
                 sent = next_synthetic.detach()
                 if self.target_synthesizer is not None:
                     sent, target_hidden = self._sent_gradient(end, target_hidden)
-                g_end = sent * (self.grad_scale / unit)
+                g_end = sent * (self.discount / unit)
                 objective = objective + (g_end * end).sum()   # <g_end, e>: the future
+            aux_term = None
             if self.aux_head is not None:
                 future = (sent if next_synthetic is not None
                           else end.new_zeros(end.shape))   # 0 after the end
                 aux_k = synthesizer_loss(self.aux_head(y).flatten(0, 1),
                                          future.repeat(y.shape[0], 1))
                 aux_losses.append(aux_k.detach())
-                objective = objective + self.aux_weight * aux_k
+                aux_term = self.aux_weight * aux_k
             if objective.requires_grad:                  # a chunk may score nothing
-                objective.backward()
+                objective.backward(retain_graph=aux_term is not None)
             if synthetic is not None and synthetic.requires_grad:
-                local = s.grad if s.grad is not None else torch.zeros_like(s)
+                # read before the aux loss's backward: it trains the core, not S's target
+                local = s.grad.clone() if s.grad is not None else torch.zeros_like(s)
                 target = local * unit                    # bootstrapped: local + synthetic future
                 targets.append(target)
                 fits.append(synthesizer_loss(synthetic, target))
+            if aux_term is not None and aux_term.requires_grad:
+                aux_term.backward()
             outputs.append(prediction.detach())
             total = total + loss_k.detach()
             synthetic, start, state = next_synthetic, end.detach(), end_state

@@ -138,12 +138,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None,
                         absent: dict | None = None, *, script: str | None = None,
-                        fixed: Iterable[str] = ()):
+                        fixed: Iterable[str] = (), renamed: dict[str, str] | None = None):
     """Parse flags; with --resume DIR, the run's saved flags become the defaults, so only
     the flags given now override them. `absent`: the values of flags added since, for a saved
     run that predates them (it ran without them, whatever today's default). `script`: the
     script whose run folders this one resumes (another's is refused); `fixed`: the flags
-    (dests) that define the run, which a resume may not change."""
+    (dests) that define the run, which a resume may not change; `renamed`: {old dest: new}
+    for flags renamed since, whose saved values carry over."""
     from experiment.records import read_config
 
     args = parser.parse_args(argv)
@@ -153,7 +154,10 @@ def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None 
         if script is not None and made_by != script:
             parser.error(f"--resume {args.resume}: that run was made by {made_by}, not "
                          f"{script}; resume it with {made_by}")
-        saved = config["args"]
+        saved = dict(config["args"])
+        for old, new in (renamed or {}).items():
+            if old in saved and new not in saved:
+                saved[new] = saved.pop(old)
         actions = {a.dest: a for a in parser._actions}
         parser.set_defaults(**(absent or {}))
         parser.set_defaults(**{k: v for k, v in saved.items() if k in actions and k != "resume"})

@@ -68,8 +68,10 @@ def build_parser() -> Parser:
                    help="synthesizer on the flattened state (LSTM: [h, c])")
     p.add_argument("--synth-hidden", type=positive_int, default=256,
                    help="hidden units of the mlp / rnn synthesizer")
-    p.add_argument("--grad-scale", type=nonnegative_float, default=0.5,
-                   help="scale (and bootstrap discount) of the synthetic gradient")
+    p.add_argument("--discount", "--grad-scale", type=nonnegative_float, default=0.5,
+                   help="the bootstrap's discount lambda: the synthetic gradient of the future "
+                        "enters each chunk's end, and so S's target, times lambda "
+                        "(--grad-scale: its old name)")
     p.add_argument("--target-decay", type=nonnegative_float, default=0.9,
                    help="send the synthetic gradient from a slow copy of the synthesizer "
                         "whose weights follow it by this moving-average decay (0: off; the "
@@ -103,6 +105,7 @@ def parse_args(argv: list[str] | None = None):
     """Parse and check the flags (with --resume, the run's saved flags are the defaults)."""
     parser = build_parser()
     args = parse_training_args(parser, argv, absent={"target_decay": 0.0}, script="rnn_tasks.py",
+                               renamed={"grad_scale": "discount"},
                                fixed=("task", "method", "truncation", "batch_size", "hidden",
                                       "core", "synthesizer", "synth_hidden", "bits",
                                       "max_repeats", "seed"))
@@ -130,7 +133,7 @@ class SequenceModel(nn.Module):
                 synthesizer = RNN_DNI(width, args.synth_hidden)
         self.trainer = TruncatedBPTT(
             core, args.truncation, synthesizer=synthesizer,
-            readout=nn.Linear(args.hidden, output_size), grad_scale=args.grad_scale,
+            readout=nn.Linear(args.hidden, output_size), discount=args.discount,
             aux_weight=args.aux_weight if args.method == "dni_aux" else 0.0,
             aux_input_size=args.hidden,
             target_decay=args.target_decay if synthesizer is not None else 0.0)
@@ -259,7 +262,7 @@ def _check_finite(report, network, step: int, out_dir: Path) -> None:
     if bad:
         kept = "; the last good checkpoint stays" if (out_dir / "checkpoint.pt").exists() else ""
         raise UserError(f"training diverged: non-finite {bad} at step {step}{kept}; "
-                        "lower --lr or --grad-scale")
+                        "lower --lr or --discount")
 
 
 def future_gradient_cosine(trainer, inputs: torch.Tensor, chunk_loss) -> float | None:
@@ -310,7 +313,7 @@ def _write_summary(args, state: RunState, curriculum: Curriculum, out_dir: Path,
         "steps_per_s": state.step / state.train_seconds if state.train_seconds else math.nan,
         "levels": state.levels, "seed": args.seed, "batch_size": args.batch_size,
         "hidden": args.hidden, "core": args.core, "lr": args.lr, "synth_lr": args.synth_lr,
-        "synthesizer": args.synthesizer, "grad_scale": args.grad_scale,
+        "synthesizer": args.synthesizer, "discount": args.discount,
         "target_decay": args.target_decay if args.method != "bptt" else 0.0,
         "aux_weight": args.aux_weight, "device": str(device), "argv": sys.argv,
     }

@@ -96,7 +96,7 @@ def truncated_grads(bptt, x, y, T):
 @pytest.mark.parametrize("T", [2, 3])
 def test_zero_initialised_synthesizer_is_truncated_bptt_at_step_0(kind, T):
     x, y = sequence()
-    dni = build(kind, truncation=T, grad_scale=1.0)
+    dni = build(kind, truncation=T, discount=1.0)
     want = truncated_grads(dni, x, y, T)
     dni(x, chunk_loss(y))
     got = network_grads(dni)
@@ -109,13 +109,13 @@ def test_zero_initialised_synthesizer_is_truncated_bptt_at_step_0(kind, T):
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("grad_scale", [1.0, 0.1])
-def test_synthesizer_target_is_autograd_gradient_at_chunk_start(kind, grad_scale):
+@pytest.mark.parametrize("discount", [1.0, 0.1])
+def test_synthesizer_target_is_autograd_gradient_at_chunk_start(kind, discount):
     """d_k = B * d(loss_k + <g_end, e>)/ds with g_end = scale * S(e) / B, and S's parameters
     get the gradient of sum_k ||S(s_k) - d_k||^2 / B."""
     T = 3
     x, y = sequence(2)
-    dni = build(kind, truncation=T, grad_scale=grad_scale, random_synth=True)
+    dni = build(kind, truncation=T, discount=discount, random_synth=True)
     dni.zero_grad()
     report = dni(x, chunk_loss(y))
     got_synth_grads = [p.grad.clone() for p in dni.synthesizer.parameters()]
@@ -132,7 +132,7 @@ def test_synthesizer_target_is_autograd_gradient_at_chunk_start(kind, grad_scale
         e = flatten_state(end_state)
         objective = chunk_loss(y)(dni.readout(out), t0, t1)
         if t1 < L:
-            g_end = grad_scale * S(e.detach())[0].detach() / B
+            g_end = discount * S(e.detach())[0].detach() / B
             objective = objective + (g_end * e).sum()
         (ds,) = torch.autograd.grad(objective, s)
         d = B * ds
@@ -162,7 +162,7 @@ def test_target_synthesizer_sends_the_gradient_and_follows_by_moving_average(rec
     torch.manual_seed(1)
     core, readout = nn.LSTM(I, H), nn.Linear(H, O)
     synth = RNN_DNI(state_size(core), 8) if recurrent else Linear_DNI(state_size(core))
-    dni = TruncatedBPTT(core, T, synthesizer=synth, readout=readout, grad_scale=scale,
+    dni = TruncatedBPTT(core, T, synthesizer=synth, readout=readout, discount=scale,
                         target_decay=decay, aux_weight=aux_weight, aux_input_size=H)
     S, S_bar = dni.synthesizer, dni.target_synthesizer
     assert all(torch.equal(a, b) for a, b in zip(S.parameters(), S_bar.parameters()))
@@ -207,8 +207,7 @@ def test_target_synthesizer_sends_the_gradient_and_follows_by_moving_average(rec
             aux = synthesizer_loss(dni.aux_head(out).flatten(0, 1), sent.repeat(t1 - t0, 1))
             aux_losses.append(aux.detach())
             aux_total = aux_total + aux_weight * aux
-            objective = objective + aux_weight * aux
-        (ds,) = torch.autograd.grad(objective, s, retain_graph=True)
+        (ds,) = torch.autograd.grad(objective, s, retain_graph=True)  # the aux loss: not in it
         assert torch.allclose(report.targets[k], B * ds, atol=1e-6)
         fit = fit + (prediction - B * ds).pow(2).sum() / B
         if t1 < L:
@@ -249,7 +248,7 @@ def test_rnn_synthesizer_carries_its_state_and_learns():
     torch.manual_seed(0)
     core, readout = nn.LSTM(I, H), nn.Linear(H, O)
     synth = RNN_DNI(state_size(core), hidden_size=16)
-    dni = TruncatedBPTT(core, 2, synthesizer=synth, readout=readout, grad_scale=0.5)
+    dni = TruncatedBPTT(core, 2, synthesizer=synth, readout=readout, discount=0.5)
     opt = torch.optim.Adam(synth.parameters(), lr=1e-2)
     losses = []
     for _ in range(60):
@@ -260,22 +259,61 @@ def test_rnn_synthesizer_carries_its_state_and_learns():
     assert losses[-1] < 0.5 * losses[0]
 
 
-def test_dni_aux_head_trains_and_reaches_the_core():
+def test_dni_aux_trains_core_and_head_but_not_the_synthesizers_target():
+    """DNI+Aux against autograd, chunk by chunk: S's target is B * d(loss_k + <g_end, e>)/ds
+    without the aux loss (which holds S's own output); the core gets the gradient of the chunk
+    loss, the future and aux_weight * aux; the aux head gets aux_weight * d aux; S is fitted to
+    those targets. On the old code the aux gradient leaked into the target."""
+    T, w = 2, 0.7
     x, y = sequence(5)
-    plain = build("lstm", truncation=3, random_synth=True)
-    aux = build("lstm", truncation=3, random_synth=True, aux_weight=1.0)
-    nn.init.normal_(aux.aux_head.weight, std=0.3)
-    report = aux(x, chunk_loss(y))
-    assert report.aux_loss is not None and report.aux_loss > 0
-    assert aux.aux_head.weight.grad.abs().sum() > 0
-    plain(x, chunk_loss(y))
-    core_plain = plain.core.weight_ih_l0.grad
-    core_aux = aux.core.weight_ih_l0.grad
-    assert not torch.allclose(core_plain, core_aux, atol=1e-6)
-    # with a zero-initialised aux head the core's update is DNI's
-    aux = build("lstm", truncation=3, random_synth=True, aux_weight=1.0)
-    aux(x, chunk_loss(y))
-    assert torch.allclose(aux.core.weight_ih_l0.grad, core_plain, atol=1e-6)
+    dni = build("lstm", truncation=T, random_synth=True, aux_weight=w, discount=0.5)
+    nn.init.normal_(dni.aux_head.weight, std=0.3)  # zero-initialised, it would send nothing
+    dni.zero_grad()
+    report = dni(x, chunk_loss(y))
+    S, core, head = dni.synthesizer, dni.core, dni.aux_head
+    like = zero_state(core, B)
+    s = flatten_state(like)
+    prediction = dni.synthetic_gradient(s)[0]
+    core_params = list(core.parameters()) + list(dni.readout.parameters())
+    want_core = [torch.zeros_like(p) for p in core_params]
+    want_head = [torch.zeros_like(p) for p in head.parameters()]
+    fit = 0.0
+    for k, t0 in enumerate(range(0, L, T)):
+        t1 = min(t0 + T, L)
+        s = s.detach().requires_grad_()
+        out, end_state = core(x[t0:t1], unflatten_state(s, like))
+        e = flatten_state(end_state)
+        main = chunk_loss(y)(dni.readout(out), t0, t1)
+        sent = torch.zeros_like(e)
+        if t1 < L:
+            sent = dni.synthetic_gradient(e)[0].detach()
+            main = main + (0.5 * sent / B * e).sum()
+        aux = w * synthesizer_loss(head(out).flatten(0, 1), sent.repeat(t1 - t0, 1))
+        (ds,) = torch.autograd.grad(main, s, retain_graph=True)
+        assert torch.allclose(report.targets[k], B * ds, atol=1e-6), k
+        (with_aux,) = torch.autograd.grad(main + aux, s, retain_graph=True)
+        assert not torch.allclose(with_aux, ds, atol=1e-6), "the aux loss must matter here"
+        for acc, g in zip(want_core, torch.autograd.grad(main + aux, core_params,
+                                                         retain_graph=True)):
+            acc += g
+        for acc, g in zip(want_head, torch.autograd.grad(aux, list(head.parameters()))):
+            acc += g
+        fit = fit + (prediction - B * ds).pow(2).sum() / B
+        prediction = dni.synthetic_gradient(e)[0] if t1 < L else None
+        s = e
+    for p, want in zip(core_params, want_core):
+        assert torch.allclose(p.grad, want, atol=1e-5)
+    for p, want in zip(head.parameters(), want_head):
+        assert torch.allclose(p.grad, want, atol=1e-5)
+    for p, want in zip(S.parameters(), torch.autograd.grad(fit, list(S.parameters()))):
+        assert torch.allclose(p.grad, want, atol=1e-5)
+
+
+def test_grad_scale_is_a_deprecated_name_of_discount():
+    core = nn.LSTM(I, H)
+    with pytest.warns(DeprecationWarning, match="discount"):
+        bptt = TruncatedBPTT(core, 2, synthesizer=Linear_DNI(2 * H), grad_scale=0.3)
+    assert bptt.discount == 0.3 and bptt.grad_scale == 0.3
 
 
 def test_chunks_that_score_nothing():
@@ -321,23 +359,23 @@ def test_bad_options():
     with pytest.raises(ValueError):
         TruncatedBPTT(core, 0)
     with pytest.raises(ValueError):
-        TruncatedBPTT(core, 2, synthesizer=Linear_DNI(2 * H), grad_scale=-1.0)
+        TruncatedBPTT(core, 2, synthesizer=Linear_DNI(2 * H), discount=-1.0)
     with pytest.raises(ValueError):
         TruncatedBPTT(core, 2, aux_weight=1.0)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
-@pytest.mark.parametrize("grad_scale", [1.0, 0.5])
+@pytest.mark.parametrize("discount", [1.0, 0.5])
 def test_future_gradient_is_the_discounted_gradient_of_the_losses_after_the_edge(kind,
-                                                                                  grad_scale):
+                                                                                  discount):
     T = 2
-    bptt = build(kind, truncation=T, grad_scale=grad_scale, random_synth=True)
+    bptt = build(kind, truncation=T, discount=discount, random_synth=True)
     x, y = sequence()
     loss = chunk_loss(y)
     pairs = bptt.future_gradients(x, loss)
     assert len(pairs) == (L - 1) // T                     # edges at t = 2, 4, 6
     # reference: run the whole sequence, keep the state at each edge, then from a leaf copy of
-    # that state re-run the rest; the chunk j edges later weighs grad_scale ** j
+    # that state re-run the rest; the chunk j edges later weighs discount ** j
     with torch.no_grad():
         edge_states, state = [], zero_state(bptt.core, B)
         for t0 in range(0, L, T):
@@ -349,7 +387,7 @@ def test_future_gradient_is_the_discounted_gradient_of_the_losses_after_the_edge
         state, future = unflatten_state(leaf, zero_state(bptt.core, B)), 0.0
         for j, t0 in enumerate(range(t_edge, L, T)):
             out, state = bptt.core(x[t0:t0 + T], state)
-            future = future + grad_scale ** j * loss(bptt.readout(out), t0, min(t0 + T, L))
+            future = future + discount ** j * loss(bptt.readout(out), t0, min(t0 + T, L))
         expected, = torch.autograd.grad(future, leaf)
         torch.testing.assert_close(true, expected)
         torch.testing.assert_close(synthetic, bptt.synthesizer(flat, None)[0] / B)

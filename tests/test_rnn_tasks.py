@@ -58,9 +58,9 @@ BAD = {
     "unknown task": ["--task", "sort"],
     "unknown method": ["--method", "sgd"],
     "lr zero": ["--lr", "0"],
-    "grad scale negative": ["--grad-scale", "-1"],
-    "grad scale not a number": ["--grad-scale", "big"],
-    "grad scale infinite": ["--grad-scale", "inf"],
+    "discount negative": ["--discount", "-1"],
+    "discount not a number": ["--discount", "big"],
+    "discount infinite (by its old name)": ["--grad-scale", "inf"],
     "batch size zero": ["--batch-size", "0"],
     "hidden not a number": ["--hidden", "x"],
     "unknown synthesizer": ["--synthesizer", "conv"],
@@ -80,9 +80,16 @@ def test_bad_flags_give_one_error_line(case):
     assert exit_info.value.code == 2
 
 
-def test_zero_grad_scale_and_aux_weight_are_allowed():
-    args = parse_args(["--grad-scale", "0.0", "--aux-weight", "0"])
-    assert args.grad_scale == 0.0 and args.aux_weight == 0.0
+def test_zero_discount_and_aux_weight_are_allowed():
+    args = parse_args(["--discount", "0.0", "--aux-weight", "0"])
+    assert args.discount == 0.0 and args.aux_weight == 0.0
+    assert parse_args(["--grad-scale", "0.25"]).discount == 0.25   # the old name
+
+
+def test_resume_of_a_run_saved_with_grad_scale_keeps_its_discount(tmp_path):
+    config = {"script": "rnn_tasks.py", "args": {"task": "copy", "grad_scale": 0.3}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert parse_args(["--resume", str(tmp_path)]).discount == 0.3
 
 
 def test_bad_flag_through_the_script(run_script):
