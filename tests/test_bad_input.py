@@ -333,8 +333,10 @@ def results(tmp_path_factory, finished_runs):
         return {name: future.result() for name, future in futures.items()}
 
 
-def test_the_sweep_has_at_least_forty_distinct_cases():
-    assert len(CASES) >= 40
+def test_the_sweep_has_at_least_forty_distinct_cases_and_the_readme_counts_them():
+    assert len(CASES) + GPU >= 40
+    if not GPU:
+        assert f"runs {len(CASES)} bad inputs" in (ROOT / "README.md").read_text()
     assert len({(c.script, tuple(c.argv), c.prepare, c.full_disk, c.world, tuple(c.env))
                 for c in CASES.values()}) == len(CASES)
 
