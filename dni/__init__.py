@@ -1,10 +1,12 @@
 """Decoupled Neural Interfaces using Synthetic Gradients (Jaderberg et al. 2016) for PyTorch.
 
-Usage: `from dni import DNI; net = DNI(net, optim=opt)`, then train as usual.
+Usage: `from dni import DNI; net = DNI(net, optim=opt)`, then train as usual. The algorithm,
+written out by hand as the paper states it: `dni.reference.reference_step`.
 """
 
 from dni.interface import Interface, synthesizer_loss
 from dni.recurrent import SequenceReport, TruncatedBPTT
+from dni.reference import reference_step
 from dni.synthesizers import (
     MLP_DNI,
     RNN_DNI,
@@ -29,6 +31,7 @@ __all__ = [
     "Linear_Sigmoid_DNI",
     "SequenceReport",
     "TruncatedBPTT",
+    "reference_step",
     "synthesizer_factory",
     "synthesizer_loss",
 ]

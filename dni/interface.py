@@ -28,8 +28,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# The grad_scale under which a synthetic gradient is being back-propagated right now (1 during the
-# loss's own backward). Process-wide, not thread-local: autograd may run backward on device threads.
+# The grad_scale under which a gradient is being back-propagated right now: 1 during the loss's
+# own backward, interface j's scale during its h_j.backward(scale_j * S_j / B). Why it exists:
+# interface i's target d_i must be in the loss's units, but the gradient reaching its bridge
+# carries the scale of whichever backward delivered it (the loss's, or interface i+1's, which
+# runs inside the forward pass, nested in nothing the bridge can see). The bridge reads the top
+# of this stack to undo it (dni/reference.py does the same with `sent_under`). Process-wide, not
+# thread-local: autograd may run a backward on its own device threads.
 _delivery_scales: list[float] = [1.0]
 
 
