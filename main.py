@@ -21,9 +21,15 @@ from experiment.cli import (
     training_parser,
 )
 from experiment.figures import draw_figures
+from experiment.networks import (
+    MODEL_TYPES,
+    add_model_arguments,
+    attach_dni,
+    build_network,
+    dni_defaults,
+)
 from experiment.pipeline_train import MESSAGE_DTYPES, train_as_pipeline, world_size_from_env
 from experiment.train import Probe, adam, fit
-from model import MODEL_TYPES, add_model_arguments, attach_dni, build_network, dni_defaults
 
 SYNTHESIZER_CHOICES = ("linear", "linear_sigmoid", "mlp", "conv")
 # what a resumed run keeps: its network, synthesizers, placement, data and batch order

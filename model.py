@@ -1,12 +1,14 @@
-"""The paper's MNIST networks as ordered lists of blocks (nn.Sequential): the FCN and a small
-CNN. The same classes serve the backprop baselines and the DNI models, where an interface
-sits after every hidden block (every child but the classifier head)."""
+"""The networks: the paper's MNIST FCN and a small CNN as ordered lists of blocks
+(nn.Sequential), the same classes for the backprop baselines and the DNI models (an interface
+after every hidden block, every child but the classifier head), and the recurrent tasks'
+model. Networks only: the scripts' flags and defaults live in experiment/networks.py."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from experiment.cli import positive_int
+from dni.recurrent import TruncatedBPTT, state_size
+from dni.synthesizers import MLP_DNI, RNN_DNI, Linear_DNI
 
 
 class FCN(nn.Sequential):
@@ -39,46 +41,39 @@ class CNN(nn.Sequential):
         super().__init__(*blocks, head)
 
 
-MODEL_TYPES = ("mlp", "cnn")
+RNN_CORES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
+SEQUENCE_SYNTHESIZERS = ("linear", "mlp", "rnn")
 
 
-def add_model_arguments(parser, model_type: str | None = None) -> None:
-    """Architecture flags: FCN depth/width and CNN channels (only the relevant ones when the
-    model type is fixed)."""
-    if model_type in (None, "mlp"):
-        parser.add_argument("--depth", type=positive_int, default=3, help="MLP: hidden blocks")
-        parser.add_argument("--width", type=positive_int, default=256, help="MLP: units per hidden block")
-    if model_type in (None, "cnn"):
-        parser.add_argument("--channels", type=positive_int, nargs="+", default=[32, 64],
-                            help="CNN: output channels of each conv block")
+class SequenceModel(nn.Module):
+    """An RNN core, its linear readout, and the truncated-BPTT trainer (`self.trainer`) with
+    its synthesizer of the future gradient (None: plain truncated BPTT). Usage:
+    `SequenceModel(9, 8, hidden=128, truncation=3, synthesizer="linear")`."""
 
+    def __init__(self, input_size: int, output_size: int, *, hidden: int = 128,
+                 core: str = "lstm", truncation: int = 3, synthesizer: str | None = "linear",
+                 synth_hidden: int = 256, discount: float = 1.0, aux_weight: float = 0.0,
+                 target_decay: float = 0.0):
+        super().__init__()
+        rnn = RNN_CORES[core](input_size, hidden)
+        width = state_size(rnn)
+        synth = None
+        if synthesizer == "linear":
+            synth = Linear_DNI(width)
+        elif synthesizer == "mlp":
+            synth = MLP_DNI(width, synth_hidden, num_layers=2, batch_norm=False)
+        elif synthesizer == "rnn":
+            synth = RNN_DNI(width, synth_hidden)
+        elif synthesizer is not None:
+            raise ValueError(f"synthesizer must be one of {SEQUENCE_SYNTHESIZERS} or None")
+        self.trainer = TruncatedBPTT(
+            rnn, truncation, synthesizer=synth, readout=nn.Linear(hidden, output_size),
+            discount=discount, aux_weight=aux_weight, aux_input_size=hidden,
+            target_decay=target_decay if synth is not None else 0.0)
 
-def build_network(model_type: str, args) -> nn.Sequential:
-    """The network named by model_type with the architecture flags in args."""
-    if model_type == "mlp":
-        return FCN(depth=args.depth, width=args.width)
-    return CNN(channels=tuple(args.channels))
-
-
-def dni_defaults(model_type: str, conditioned: bool, edges: bool = False) -> dict:
-    """main.py's defaults for a network, from the search in bench/README.md: batch_size,
-    synthesizer, synth_layers (None: the synthesizer kind's own) and synth_lr. A pipeline
-    with edge interfaces (`edges`) trains the MLP at mlp.py's batch of 128."""
-    if model_type == "cnn":
-        return {"batch_size": 64, "synthesizer": "conv", "synth_layers": 1,
-                "synth_lr": 1e-4 if conditioned else 1e-3}
-    return {"batch_size": 128 if edges else 256, "synthesizer": "linear",
-            "synth_layers": None, "synth_lr": 1e-3 if conditioned else 1e-2}
-
-
-def attach_dni(net: nn.Sequential, optimizer, example_input, *, synthesizer: str = "linear",
-               conditioned: bool = False, num_classes: int = 10,
-               after: list[int] | None = None, **options):
-    """Wrap a network from this module with an interface after every hidden block (every
-    child but the classifier head), or only after the blocks numbered in `after` (1: the
-    first); synthesizer parameters join `optimizer`."""
-    from dni import DNI
-
-    blocks = None if after is None else [str(i - 1) for i in after]
-    return DNI(net, optim=optimizer, synthesizer=synthesizer, example_input=example_input,
-               blocks=blocks, context_size=num_classes if conditioned else 0, **options)
+    def network_parameters(self) -> list[nn.Parameter]:
+        """Core, readout and aux head: everything trained but the synthesizer (the target
+        synthesizer follows it by moving average and is not trained)."""
+        synth = set(map(id, self.trainer.synthesizer.parameters())) \
+            if self.trainer.synthesizer is not None else set()
+        return [p for p in self.parameters() if id(p) not in synth and p.requires_grad]

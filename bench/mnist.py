@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from experiment.cli import Parser, positive_int, run
-from model import CNN, FCN, attach_dni, dni_defaults
+from experiment.networks import attach_dni, dni_defaults
+from model import CNN, FCN
 
 # the flags each (model, method) runs with; see bench/README.md for how they were chosen
 SETTINGS = {

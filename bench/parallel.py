@@ -243,7 +243,7 @@ def stage_trainer(blocks: list[nn.Module], x: torch.Tensor, labels: torch.Tensor
     computed when x requires it), an interface after every block but the stage's last when
     `inner`, and a linear edge synthesizer (prediction, refit, Adam) unless `last`."""
     from dni import Linear_DNI, synthesizer_loss
-    from model import attach_dni, dni_defaults
+    from experiment.networks import attach_dni, dni_defaults
 
     synth_lr = dni_defaults("mlp", conditioned=False)["synth_lr"]
     net = nn.Sequential(*blocks)
@@ -319,7 +319,7 @@ def whole_trainer(blocks: list[nn.Module], interfaces: str, counts: list[int],
                   labels: torch.Tensor, steps: int):
     """Times one-process DNI on the whole network: interfaces after every hidden block, or
     (edges) only after each stage's last block."""
-    from model import attach_dni, dni_defaults
+    from experiment.networks import attach_dni, dni_defaults
 
     net = nn.Sequential(*blocks)
     optimizer = adam(net.parameters(), lr=1e-3)

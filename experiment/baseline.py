@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from experiment.cli import parse_training_args, prepare_run, training_parser
+from experiment.networks import add_model_arguments, build_network
 from experiment.train import adam, fit
-from model import add_model_arguments, build_network
 
 # per model type: (epochs, batch size, learning rate)
 BASELINE_DEFAULTS = {"mlp": (20, 128, 1e-3), "cnn": (10, 64, 1e-3)}

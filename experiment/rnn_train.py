@@ -1,5 +1,5 @@
 """Training an RNN on a sequence task with truncated BPTT, DNI or DNI+Aux, under the task's
-curriculum: flags, model, the loop (progress bar, a line every --log-every steps, metrics.csv,
+curriculum: flags, the loop (progress bar, a line every --log-every steps, metrics.csv,
 periodic atomic checkpoints, SIGINT/SIGTERM -> save and exit, exact --resume) and summary.json.
 """
 
@@ -17,8 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dni.recurrent import TruncatedBPTT, state_size
-from dni.synthesizers import MLP_DNI, RNN_DNI, Linear_DNI
 from experiment.cli import (
     Parser,
     add_run_arguments,
@@ -41,9 +39,9 @@ from experiment.records import (
 )
 from experiment.sequence_tasks import TASKS, Curriculum, make_task
 from experiment.train import _StopRequest, first_nonfinite_gradient, load_model_and_optimizer
+from model import RNN_CORES, SEQUENCE_SYNTHESIZERS, SequenceModel
 
 METHODS = ("bptt", "dni", "dni_aux")
-CORES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 COLUMNS = ["level", "max_length_solved", "errors_per_seq", "sg_loss", "aux_loss", "sg_cos"]
 
 
@@ -60,11 +58,11 @@ def build_parser() -> Parser:
     p.add_argument("--steps", type=positive_int, default=3000, help="optimizer steps (batches)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch")
     p.add_argument("--hidden", type=positive_int, default=128, help="units of the RNN core")
-    p.add_argument("--core", choices=sorted(CORES), default="lstm", help="the RNN core")
+    p.add_argument("--core", choices=sorted(RNN_CORES), default="lstm", help="the RNN core")
     p.add_argument("--lr", type=learning_rate, default=3e-3, help="Adam learning rate (core)")
     p.add_argument("--synth-lr", type=learning_rate, default=1e-3,
                    help="Adam learning rate of the synthesizer")
-    p.add_argument("--synthesizer", choices=["linear", "mlp", "rnn"], default="linear",
+    p.add_argument("--synthesizer", choices=SEQUENCE_SYNTHESIZERS, default="linear",
                    help="synthesizer on the flattened state (LSTM: [h, c])")
     p.add_argument("--synth-hidden", type=positive_int, default=256,
                    help="hidden units of the mlp / rnn synthesizer")
@@ -116,34 +114,15 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
-class SequenceModel(nn.Module):
-    """The RNN core, its readout, and the truncated-BPTT trainer with its synthesizer."""
-
-    def __init__(self, args, input_size: int, output_size: int):
-        super().__init__()
-        core = CORES[args.core](input_size, args.hidden)
-        width = state_size(core)
-        synthesizer = None
-        if args.method != "bptt":
-            if args.synthesizer == "linear":
-                synthesizer = Linear_DNI(width)
-            elif args.synthesizer == "mlp":
-                synthesizer = MLP_DNI(width, args.synth_hidden, num_layers=2, batch_norm=False)
-            else:
-                synthesizer = RNN_DNI(width, args.synth_hidden)
-        self.trainer = TruncatedBPTT(
-            core, args.truncation, synthesizer=synthesizer,
-            readout=nn.Linear(args.hidden, output_size), discount=args.discount,
-            aux_weight=args.aux_weight if args.method == "dni_aux" else 0.0,
-            aux_input_size=args.hidden,
-            target_decay=args.target_decay if synthesizer is not None else 0.0)
-
-    def network_parameters(self) -> list[nn.Parameter]:
-        """Core, readout and aux head: everything trained but the synthesizer (the target
-        synthesizer follows it by moving average and is not trained)."""
-        synth = set(map(id, self.trainer.synthesizer.parameters())) \
-            if self.trainer.synthesizer is not None else set()
-        return [p for p in self.parameters() if id(p) not in synth and p.requires_grad]
+def build_model(args, input_size: int, output_size: int) -> SequenceModel:
+    """The sequence model rnn_tasks.py's flags describe."""
+    return SequenceModel(
+        input_size, output_size, hidden=args.hidden, core=args.core,
+        truncation=args.truncation,
+        synthesizer=None if args.method == "bptt" else args.synthesizer,
+        synth_hidden=args.synth_hidden, discount=args.discount,
+        aux_weight=args.aux_weight if args.method == "dni_aux" else 0.0,
+        target_decay=args.target_decay)
 
 
 def make_optimizer(model: SequenceModel, args) -> torch.optim.Optimizer:
@@ -179,7 +158,7 @@ def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     torch.manual_seed(args.seed)
     task = make_task(args.task, bits=args.bits, max_repeats=args.max_repeats,
                      max_length=args.max_length)
-    model = SequenceModel(args, task.input_size, task.output_size).to(device)
+    model = build_model(args, task.input_size, task.output_size).to(device)
     optimizer = make_optimizer(model, args)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     curriculum = Curriculum(args.threshold, args.window, max_level=args.max_length)

@@ -2,7 +2,8 @@
 
 import torch
 
-from model import CNN, FCN, attach_dni
+from experiment.networks import attach_dni
+from model import CNN, FCN
 
 
 def test_fcn_blocks_and_output():

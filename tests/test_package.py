@@ -12,3 +12,31 @@ def test_public_names_import_from_outside_the_repo(tmp_path):
                             text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("__init__.py")
+
+
+LAYERS = {"dni": 0, "model": 1, "experiment": 2}   # lower layers never import higher ones
+SCRIPTS = {"main", "mlp", "cnn", "rnn_tasks", "bench", "misc", "tests"}
+
+
+def imported_modules(path):
+    """The top-level names of every module a source file imports (at any depth of the code)."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            yield from (alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module.split(".")[0]
+
+
+def test_imports_run_down_from_experiment_to_model_to_dni():
+    from tests.conftest import ROOT
+
+    files = [*(ROOT / "dni").rglob("*.py"), ROOT / "model.py", *(ROOT / "experiment").rglob("*.py")]
+    assert len(files) > 10
+    for path in files:
+        layer = LAYERS[path.relative_to(ROOT).parts[0].removesuffix(".py")]
+        for name in imported_modules(path):
+            assert name not in SCRIPTS, f"{path.name} imports the script or folder {name}"
+            assert LAYERS.get(name, -1) <= layer, f"{path.name} (layer {layer}) imports {name}"

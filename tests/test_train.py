@@ -9,9 +9,10 @@ import torch
 
 from experiment.data import load_mnist
 from experiment.errors import RunInterrupted
+from experiment.networks import attach_dni
 from experiment.records import load_checkpoint
 from experiment.train import Probe, fit
-from model import FCN, attach_dni
+from model import FCN
 
 
 @pytest.fixture(scope="module")
