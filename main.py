@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dni.pipeline import INTERFACE_MODES
+from experiment.baseline import BASELINE_DEFAULTS
 from experiment.cli import (
     boolean,
     learning_rate,
@@ -41,7 +42,9 @@ RUN_DEFINING_FLAGS = ("model_type", "depth", "width", "channels", "conditioned",
 def parse_args():
     """The baseline flags plus the DNI ones."""
     parser = training_parser(
-        __doc__, epochs=20, batch_size=None, lr=1e-3,
+        __doc__, epochs=None, batch_size=None, lr=1e-3,
+        epochs_help="passes over the training set (default: the baseline script's budget, "
+                    "mlp 20 as mlp.py, cnn 10 as cnn.py)",
         batch_size_help="examples per mini-batch (default: mlp 256 with an interface after "
                         "every block, best for it in bench/README.md's search, and 128 with edge "
                         "interfaces or --interfaces-at, as mlp.py; cnn 64, as cnn.py)",
@@ -72,7 +75,7 @@ def parse_args():
                              "from the image (forward unlocking)")
     parser.add_argument("--baseline", nargs="+", default=None, metavar="RUN_DIR",
                         help="at the end, draw the figures of this run beside these runs "
-                             "(e.g. an mlp.py run) into the run folder")
+                             "(e.g. an mlp.py run) into the run folder (default: none)")
     parser.add_argument("--interfaces-at", type=positive_int, nargs="+", default=None,
                         metavar="BLOCK",
                         help="one process: interfaces only after these blocks (1: the first "
@@ -119,6 +122,8 @@ def parse_args():
                          f"and a head), got {' '.join(map(str, at))}")
     edges = args.interfaces == "edges" or args.interfaces_at is not None  # or its twin
     defaults = dni_defaults(args.model_type, args.conditioned, edges=edges)
+    if args.epochs is None:
+        args.epochs = BASELINE_DEFAULTS[args.model_type][0]
     for name in ("batch_size", "synth_lr", "synthesizer"):
         if getattr(args, name) is None:
             setattr(args, name, defaults[name])

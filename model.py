@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from dni.recurrent import TruncatedBPTT, state_size
-from dni.synthesizers import MLP_DNI, RNN_DNI, Linear_DNI
+from dni.synthesizers import LinearSynthesizer, MLPSynthesizer, RNNSynthesizer
 
 
 class FCN(nn.Sequential):
@@ -59,11 +59,11 @@ class SequenceModel(nn.Module):
         width = state_size(rnn)
         synth = None
         if synthesizer == "linear":
-            synth = Linear_DNI(width)
+            synth = LinearSynthesizer(width)
         elif synthesizer == "mlp":
-            synth = MLP_DNI(width, synth_hidden, num_layers=2, batch_norm=False)
+            synth = MLPSynthesizer(width, synth_hidden, num_layers=2, batch_norm=False)
         elif synthesizer == "rnn":
-            synth = RNN_DNI(width, synth_hidden)
+            synth = RNNSynthesizer(width, synth_hidden)
         elif synthesizer is not None:
             raise ValueError(f"synthesizer must be one of {SEQUENCE_SYNTHESIZERS} or None")
         self.trainer = TruncatedBPTT(

@@ -21,15 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dni import DNI, DNI_Network, Linear_DNI
-from dni.synthesizers import MLP_DNI
+from dni import DNI, LinearSynthesizer, Synthesizer
+from dni.synthesizers import MLPSynthesizer
 from experiment.cli import Parser, positive_int, run
 from experiment.data import batch_order, batches, load_mnist
 from experiment.train import cosine_schedule, evaluate
 from model import FCN
 
 
-class RidgeSynthesizer(DNI_Network):
+class RidgeSynthesizer(Synthesizer):
     """Linear synthesizer solved in closed form after every step: the ridge regression of the
     targets on [h, 1] under exponentially decayed statistics (memory about 1 / (1 - decay)
     batches), instead of gradient steps."""
@@ -60,7 +60,7 @@ class RidgeSynthesizer(DNI_Network):
         self.weight.copy_(torch.cholesky_solve(self.cross.T, factor).T)
 
 
-class NoiseSynthesizer(DNI_Network):
+class NoiseSynthesizer(Synthesizer):
     """A control, not a synthesizer: Gaussian noise of a fixed size in place of a gradient,
     to tell a learned signal from a mere perturbation of the blocks below."""
 
@@ -83,7 +83,7 @@ class NoiseBelowTop:
 
     def __call__(self, size: int) -> nn.Module:
         self.built += 1
-        return NoiseSynthesizer(size) if self.built % 3 else Linear_DNI(size)
+        return NoiseSynthesizer(size) if self.built % 3 else LinearSynthesizer(size)
 
 
 # name: (synthesizer factory or kind, per-block lr multipliers, synthesizer lr, network lr)
@@ -99,11 +99,11 @@ VARIANTS = {
     "ridge, decay 0.9": (lambda n: RidgeSynthesizer(n, 0.9), (1, 1, 1), 1e-2, 1e-3),
     "ridge, decay 0.99": (lambda n: RidgeSynthesizer(n, 0.99), (1, 1, 1), 1e-2, 1e-3),
     "ridge, decay 0.999": (lambda n: RidgeSynthesizer(n, 0.999), (1, 1, 1), 1e-2, 1e-3),
-    "low rank 16": (lambda n: Linear_DNI(n, hidden_size=16, num_layers=2), (1, 1, 1), 1e-2, 1e-3),
-    "low rank 64": (lambda n: Linear_DNI(n, hidden_size=64, num_layers=2), (1, 1, 1), 1e-2, 1e-3),
-    "mlp 1x1024, synth lr 1e-2": (lambda n: MLP_DNI(n, hidden_size=1024, num_layers=2),
+    "low rank 16": (lambda n: LinearSynthesizer(n, hidden_size=16, num_layers=2), (1, 1, 1), 1e-2, 1e-3),
+    "low rank 64": (lambda n: LinearSynthesizer(n, hidden_size=64, num_layers=2), (1, 1, 1), 1e-2, 1e-3),
+    "mlp 1x1024, synth lr 1e-2": (lambda n: MLPSynthesizer(n, hidden_size=1024, num_layers=2),
                                   (1, 1, 1), 1e-2, 1e-3),
-    "mlp 1x1024, synth lr 1e-3": (lambda n: MLP_DNI(n, hidden_size=1024, num_layers=2),
+    "mlp 1x1024, synth lr 1e-3": (lambda n: MLPSynthesizer(n, hidden_size=1024, num_layers=2),
                                   (1, 1, 1), 1e-3, 1e-3),
 }
 

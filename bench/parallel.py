@@ -242,7 +242,7 @@ def stage_trainer(blocks: list[nn.Module], x: torch.Tensor, labels: torch.Tensor
     runs them, and returns seconds a step: random activations in (the input gradient is
     computed when x requires it), an interface after every block but the stage's last when
     `inner`, and a linear edge synthesizer (prediction, refit, Adam) unless `last`."""
-    from dni import Linear_DNI, synthesizer_loss
+    from dni import LinearSynthesizer, synthesizer_loss
     from experiment.networks import attach_dni, dni_defaults
 
     synth_lr = dni_defaults("mlp", conditioned=False)["synth_lr"]
@@ -254,7 +254,7 @@ def stage_trainer(blocks: list[nn.Module], x: torch.Tensor, labels: torch.Tensor
     if not last:
         with torch.no_grad():
             target = torch.zeros_like(net(x))
-        edge = Linear_DNI(target.shape[1])
+        edge = LinearSynthesizer(target.shape[1])
         optimizer.add_param_group({"params": list(edge.parameters()), "lr": synth_lr})
 
     def step() -> None:
@@ -470,7 +470,8 @@ def print_table(title: str, results: dict) -> None:
 def main() -> None:
     """Parse flags; run as a worker under torchrun, or run every row and print the tables."""
     parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stages", type=positive_int, default=2, help="processes (pipeline stages)")
+    parser.add_argument("--stages", type=positive_int, default=2,
+                        help="processes (pipeline stages) (default 2)")
     parser.add_argument("--epochs", type=positive_int, default=1, help="epochs per row (default 1)")
     parser.add_argument("--width", type=positive_int, default=256, help="MLP width (default 256)")
     parser.add_argument("--train-size", type=positive_int, default=59904,

@@ -75,7 +75,7 @@ class Interface(nn.Module):
     """A decoupled neural interface after one block: applies the synthesizer's gradient to the
     block at once and trains the synthesizer on the gradient that comes back from above.
 
-    Usage: `next_input = Interface(Linear_DNI(256))(h, context)` inside a forward pass.
+    Usage: `next_input = Interface(LinearSynthesizer(256))(h, context)` inside a forward pass.
     With an `input_synthesizer` (forward unlocking), the next block is fed a prediction of h
     made from the network input, so it need not wait for the blocks below.
     """

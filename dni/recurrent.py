@@ -4,7 +4,7 @@ future at every chunk edge (Jaderberg et al. 2016, section 3.2).
 Usage:
 
     bptt = TruncatedBPTT(nn.LSTM(9, 128), truncation=3, readout=nn.Linear(128, 8),
-                         synthesizer=Linear_DNI(2 * 128), discount=0.5)
+                         synthesizer=LinearSynthesizer(2 * 128), discount=0.5)
     opt = torch.optim.Adam(bptt.parameters(), lr=1e-3)
     opt.zero_grad()
     report = bptt(inputs, lambda y, t0, t1: criterion(y, targets[t0:t1]))  # forward + backward

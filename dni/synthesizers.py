@@ -2,7 +2,7 @@
 activation (or, for forward unlocking, the activation itself). Every one ends in a layer that
 starts at zero, weights and bias, so training starts from "no gradient" rather than noise.
 
-All follow the `DNI_Network` contract: `forward(input, hidden=None, context=None)` returns
+All follow the `Synthesizer` contract: `forward(input, hidden=None, context=None)` returns
 `(output, hidden)`; `hidden` is None except for recurrent synthesizers.
 """
 
@@ -30,11 +30,11 @@ def append_context(h: torch.Tensor, context: torch.Tensor | None) -> torch.Tenso
     return torch.cat([h, context.reshape(len(context), -1).to(h.dtype)], dim=1)
 
 
-class DNI_Network(nn.Module):
+class Synthesizer(nn.Module):
     """Base class of synthesizers: `forward(input, hidden=None, context=None) -> (output,
     hidden)`. Subclass it for a custom synthesizer; end in a zero-initialised layer.
 
-    Usage: `class MyDNI(DNI_Network): def forward(self, input, hidden, context=None): ...`
+    Usage: `class MyDNI(Synthesizer): def forward(self, input, hidden, context=None): ...`
     """
 
     def __init__(self, input_size: int, hidden_size: int = 0, output_size: int | None = None,
@@ -50,7 +50,7 @@ class DNI_Network(nn.Module):
         raise NotImplementedError
 
 
-class Linear_DNI(DNI_Network):
+class LinearSynthesizer(Synthesizer):
     """Linear synthesizer: g = W [h, c] + b (the paper's linear SG; cDNI when c is given).
     With `num_layers=2` it is the product of two linear maps through `hidden_size` units (a
     low-rank linear synthesizer)."""
@@ -59,7 +59,7 @@ class Linear_DNI(DNI_Network):
                  context_size: int = 0, num_layers: int = 1):
         super().__init__(input_size, hidden_size, output_size, context_size)
         if num_layers not in (1, 2):
-            raise ValueError("Linear_DNI has 1 or 2 layers")
+            raise ValueError("LinearSynthesizer has 1 or 2 layers")
         layers: list[nn.Module] = []
         width = input_size + context_size
         if num_layers == 2:
@@ -73,7 +73,7 @@ class Linear_DNI(DNI_Network):
         return self.net(append_context(input, context)), None
 
 
-class Linear_Sigmoid_DNI(Linear_DNI):
+class LinearSigmoidSynthesizer(LinearSynthesizer):
     """Bounded synthesizer for log losses (Czarnecki et al. 2017): g = sigmoid(W [h, c] + b)
     - 1/2, a pointwise sigmoid on a linear SG, shifted so that the zero start gives zero."""
 
@@ -82,10 +82,10 @@ class Linear_Sigmoid_DNI(Linear_DNI):
         return torch.sigmoid(self.net(append_context(input, context))) - 0.5, None
 
 
-class MLP_DNI(DNI_Network):
+class MLPSynthesizer(Synthesizer):
     """The paper's MLP synthesizer: `num_layers - 1` hidden layers of Linear -> BatchNorm ->
     ReLU with `hidden_size` units, then a zero-initialised Linear. Usage:
-    `MLP_DNI(256, hidden_size=1024, num_layers=3)`."""
+    `MLPSynthesizer(256, hidden_size=1024, num_layers=3)`."""
 
     def __init__(self, input_size: int, hidden_size: int = 1024, output_size: int | None = None,
                  context_size: int = 0, num_layers: int = 3, batch_norm: bool = True):
@@ -108,7 +108,7 @@ class MLP_DNI(DNI_Network):
 CONTEXT_MODES = ("map", "bias", "channels")
 
 
-class Conv_DNI(DNI_Network):
+class ConvSynthesizer(Synthesizer):
     """Shape-preserving conv synthesizer for feature maps (B, C, H, W): `num_layers - 1` hidden
     kxk convs with BatchNorm and ReLU, then a zero-initialised kxk conv back to C channels.
 
@@ -118,7 +118,7 @@ class Conv_DNI(DNI_Network):
       gradient W^T y under a linear head is. Needs `map_size=(H, W)`.
     - "bias": a projection of c added per channel after the first conv (constant over space).
     - "channels": c as extra constant input channels.
-    Usage: `Conv_DNI(64, context_size=10, map_size=(7, 7))`.
+    Usage: `ConvSynthesizer(64, context_size=10, map_size=(7, 7))`.
     """
 
     def __init__(self, input_size: int, hidden_size: int = 64, output_size: int | None = None,
@@ -177,7 +177,7 @@ class Conv_DNI(DNI_Network):
 RNN_KINDS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
 
 
-class RNN_DNI(DNI_Network):
+class RNNSynthesizer(Synthesizer):
     """Recurrent synthesizer: a stacked LSTM, GRU or RNN over the inputs it is given, then a
     zero-initialised Linear. Input (B, input_size) for one step or (T, B, input_size) for a
     sequence; output of the same leading shape; `hidden` is the RNN's state, carried by the
@@ -232,3 +232,13 @@ def one_hot(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     if labels.dtype.is_floating_point:
         return labels
     return F.one_hot(labels, num_classes).float()
+
+
+# The names users of the seed tools know (its README's API), kept as aliases of the classes.
+Linear_DNI = LinearSynthesizer
+Linear_Sigmoid_DNI = LinearSigmoidSynthesizer
+RNN_DNI = RNNSynthesizer
+DNI_Network = Synthesizer
+# names of earlier versions of this library
+MLP_DNI = MLPSynthesizer
+Conv_DNI = ConvSynthesizer

@@ -23,11 +23,11 @@ from torch import nn
 
 from dni.interface import Interface
 from dni.synthesizers import (
-    MLP_DNI,
-    Conv_DNI,
+    ConvSynthesizer,
     InputSynthesizer,
-    Linear_DNI,
-    Linear_Sigmoid_DNI,
+    LinearSigmoidSynthesizer,
+    LinearSynthesizer,
+    MLPSynthesizer,
     one_hot,
 )
 
@@ -48,8 +48,8 @@ class _Flat(nn.Module):
         return out.reshape(len(input), *self.shape), hidden
 
 
-SYNTHESIZERS = {"linear": Linear_DNI, "linear_sigmoid": Linear_Sigmoid_DNI, "mlp": MLP_DNI,
-                "conv": Conv_DNI}
+SYNTHESIZERS = {"linear": LinearSynthesizer, "linear_sigmoid": LinearSigmoidSynthesizer, "mlp": MLPSynthesizer,
+                "conv": ConvSynthesizer}
 
 
 def synthesizer_factory(kind: str, **options) -> SynthesizerFactory:
@@ -60,10 +60,10 @@ def synthesizer_factory(kind: str, **options) -> SynthesizerFactory:
     cls = SYNTHESIZERS[kind]
 
     def build(shape: tuple, context_size: int) -> nn.Module:
-        if cls is Conv_DNI:
+        if cls is ConvSynthesizer:
             if len(shape) != 3:
                 raise ValueError(f"the conv synthesizer needs (C, H, W) activations, got {shape}")
-            return Conv_DNI(shape[0], context_size=context_size, map_size=shape[1:], **options)
+            return ConvSynthesizer(shape[0], context_size=context_size, map_size=shape[1:], **options)
         synthesizer = cls(math.prod(shape), context_size=context_size, **options)
         return synthesizer if len(shape) == 1 else _Flat(synthesizer, shape)
 

@@ -102,15 +102,15 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def training_parser(description: str, *, epochs: int, batch_size: int | None, lr: float,
+def training_parser(description: str, *, epochs: int | None, batch_size: int | None, lr: float,
                     log_every_help: str = "write a metrics.csv row every N steps "
                                           "(0: epoch rows only)",
-                    batch_size_help: str = "examples per mini-batch") -> Parser:
+                    batch_size_help: str = "examples per mini-batch",
+                    epochs_help: str = "passes over the training set") -> Parser:
     """A parser with the flags every training script shares, defaults as given (a None
     default is the script's to resolve; its help then says what it becomes)."""
     parser = Parser(description=description)
-    parser.add_argument("--epochs", type=positive_int, default=epochs,
-                        help="passes over the training set")
+    parser.add_argument("--epochs", type=positive_int, default=epochs, help=epochs_help)
     parser.add_argument("--batch-size", type=positive_int, default=batch_size,
                         help=batch_size_help)
     parser.add_argument("--lr", type=learning_rate, default=lr,
@@ -133,7 +133,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: CUDA when available, else CPU")
     parser.add_argument("--resume", default=None, metavar="DIR",
                         help="continue the run in DIR from its checkpoint, with its flags "
-                             "(flags given beside it override them)")
+                             "(flags given beside it override them; those that define the "
+                             "run cannot change) (default: a new run)")
 
 
 def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None,

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dni import DNI, DNI_Network, Interface, Linear_DNI, synthesizer_loss
+from dni import DNI, Interface, LinearSynthesizer, Synthesizer, synthesizer_loss
 
 B, D_IN, WIDTH, CLASSES = 16, 12, 8, 5
 
@@ -67,7 +67,7 @@ def test_oracle_synthesizer_reproduces_backprop_gradients():
     true, bp_grads = grads[:len(hs)], grads[len(hs):]
     calls = iter(range(3))
 
-    class Oracle(DNI_Network):
+    class Oracle(Synthesizer):
         """Returns the true per-example gradient of the current interface."""
 
         def forward(self, input, hidden=None, context=None):
@@ -165,7 +165,7 @@ def test_grad_scale_and_sum_reduction():
     """With batch_mean=False the block receives grad_scale * S(h) unchanged by the batch size."""
     torch.manual_seed(3)
     block = nn.Linear(D_IN, WIDTH).double()
-    interface = Interface(Linear_DNI(WIDTH), grad_scale=0.1, batch_mean=False).double()
+    interface = Interface(LinearSynthesizer(WIDTH), grad_scale=0.1, batch_mean=False).double()
     with torch.no_grad():
         for p in interface.parameters():
             p.normal_()

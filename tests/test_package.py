@@ -3,7 +3,8 @@
 import subprocess
 import sys
 
-PUBLIC = "DNI, DNI_Network, Linear_DNI, Linear_Sigmoid_DNI, RNN_DNI"
+PUBLIC = ("DNI, Synthesizer, LinearSynthesizer, LinearSigmoidSynthesizer, RNNSynthesizer, "
+          "DNI_Network, Linear_DNI, Linear_Sigmoid_DNI, RNN_DNI")
 
 
 def test_public_names_import_from_outside_the_repo(tmp_path):
@@ -12,6 +13,15 @@ def test_public_names_import_from_outside_the_repo(tmp_path):
                             text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("__init__.py")
+
+
+def test_the_seed_names_are_the_classes():
+    import dni
+
+    assert dni.Linear_DNI is dni.LinearSynthesizer and dni.RNN_DNI is dni.RNNSynthesizer
+    assert dni.Linear_Sigmoid_DNI is dni.LinearSigmoidSynthesizer
+    assert dni.DNI_Network is dni.Synthesizer
+    assert issubclass(dni.Linear_DNI, dni.DNI_Network)
 
 
 LAYERS = {"dni": 0, "model": 1, "experiment": 2}   # lower layers never import higher ones

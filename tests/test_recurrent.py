@@ -1,13 +1,13 @@
 """Recurrent DNI (dni/recurrent.py) against autograd: full BPTT when T covers the sequence,
 plain truncated BPTT at step 0, the synthesizer's bootstrapped target, LSTM / GRU cores,
-RNN_DNI in the loop, and DNI+Aux."""
+RNNSynthesizer in the loop, and DNI+Aux."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dni import RNN_DNI, Linear_DNI, TruncatedBPTT
+from dni import LinearSynthesizer, RNNSynthesizer, TruncatedBPTT
 from dni.interface import synthesizer_loss
 from dni.recurrent import flatten_state, state_size, unflatten_state, zero_state
 
@@ -28,7 +28,7 @@ def build(kind="lstm", seed=1, synthesizer=True, random_synth=False, **options):
     torch.manual_seed(seed)
     core = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}[kind](I, H)
     readout = nn.Linear(H, O)
-    synth = Linear_DNI(state_size(core)) if synthesizer else None
+    synth = LinearSynthesizer(state_size(core)) if synthesizer else None
     if random_synth:
         nn.init.normal_(synth.net[0].weight, std=0.3)
         nn.init.normal_(synth.net[0].bias, std=0.3)
@@ -161,7 +161,7 @@ def test_target_synthesizer_sends_the_gradient_and_follows_by_moving_average(rec
     x, y = sequence(5)
     torch.manual_seed(1)
     core, readout = nn.LSTM(I, H), nn.Linear(H, O)
-    synth = RNN_DNI(state_size(core), 8) if recurrent else Linear_DNI(state_size(core))
+    synth = RNNSynthesizer(state_size(core), 8) if recurrent else LinearSynthesizer(state_size(core))
     dni = TruncatedBPTT(core, T, synthesizer=synth, readout=readout, discount=scale,
                         target_decay=decay, aux_weight=aux_weight, aux_input_size=H)
     S, S_bar = dni.synthesizer, dni.target_synthesizer
@@ -243,11 +243,11 @@ def test_synthetic_gradient_is_zero_after_the_end():
 
 
 def test_rnn_synthesizer_carries_its_state_and_learns():
-    """RNN_DNI in the loop: its hidden state runs across chunk edges, its loss falls."""
+    """RNNSynthesizer in the loop: its hidden state runs across chunk edges, its loss falls."""
     x, y = sequence(4)
     torch.manual_seed(0)
     core, readout = nn.LSTM(I, H), nn.Linear(H, O)
-    synth = RNN_DNI(state_size(core), hidden_size=16)
+    synth = RNNSynthesizer(state_size(core), hidden_size=16)
     dni = TruncatedBPTT(core, 2, synthesizer=synth, readout=readout, discount=0.5)
     opt = torch.optim.Adam(synth.parameters(), lr=1e-2)
     losses = []
@@ -312,7 +312,7 @@ def test_dni_aux_trains_core_and_head_but_not_the_synthesizers_target():
 def test_grad_scale_is_a_deprecated_name_of_discount():
     core = nn.LSTM(I, H)
     with pytest.warns(DeprecationWarning, match="discount"):
-        bptt = TruncatedBPTT(core, 2, synthesizer=Linear_DNI(2 * H), grad_scale=0.3)
+        bptt = TruncatedBPTT(core, 2, synthesizer=LinearSynthesizer(2 * H), grad_scale=0.3)
     assert bptt.discount == 0.3 and bptt.grad_scale == 0.3
 
 
@@ -347,7 +347,7 @@ def test_custom_core_needs_an_initial_state():
 
     core = Cell()
     x, y = sequence(7)
-    dni = TruncatedBPTT(core, 3, synthesizer=Linear_DNI(H), readout=nn.Linear(H, O))
+    dni = TruncatedBPTT(core, 3, synthesizer=LinearSynthesizer(H), readout=nn.Linear(H, O))
     with pytest.raises(TypeError, match="initial state"):
         dni(x, chunk_loss(y))
     report = dni(x, chunk_loss(y), state=torch.zeros(B, H))
@@ -359,7 +359,7 @@ def test_bad_options():
     with pytest.raises(ValueError):
         TruncatedBPTT(core, 0)
     with pytest.raises(ValueError):
-        TruncatedBPTT(core, 2, synthesizer=Linear_DNI(2 * H), discount=-1.0)
+        TruncatedBPTT(core, 2, synthesizer=LinearSynthesizer(2 * H), discount=-1.0)
     with pytest.raises(ValueError):
         TruncatedBPTT(core, 2, aux_weight=1.0)
 

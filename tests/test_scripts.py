@@ -9,11 +9,33 @@ import torch
 TINY = ["--epochs", "1", "--train-size", "512", "--batch-size", "64", "--device", "cpu"]
 
 
-def test_help_shows_every_default(run_script):
-    out = run_script("main.py", "--help").stdout
-    for flag in ("--epochs", "--batch-size", "--lr", "--seed", "--synth-lr", "--log-every"):
-        assert flag in out
-    assert "(default: 20)" in out and "1e-2 for DNI" in out
+def help_entries(text):
+    """{flag: its help text} from argparse's --help output."""
+    entries, flag = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif flag and line.startswith("      "):
+            entries[flag] += " " + line.strip()
+    return entries
+
+
+@pytest.mark.parametrize("script", ["main.py", "mlp.py", "cnn.py", "rnn_tasks.py",
+                                    "misc/plot.py", "bench/parallel.py"])
+def test_help_shows_every_default(run_script, script):
+    """Every flag's help says its default (argparse's, or what the script makes of None)."""
+    result = run_script(script, "--help")
+    assert result.returncode == 0, result.stderr
+    entries = help_entries(result.stdout)
+    assert len(entries) > 1
+    missing = [flag for flag, text in entries.items()
+               if flag != "-h" and "default" not in " ".join(text.split())]
+    assert not missing, missing
+    if script == "main.py":
+        assert "(default: 50)" in entries["--log-every"]
+        assert "1e-2 for DNI" in " ".join(entries["--synth-lr"].split())
+        assert "cnn 10 as cnn.py" in " ".join(entries["--epochs"].split())
 
 
 SUMMARY_KEYS = {"script", "model", "method", "epochs", "test_acc", "test_loss", "train_seconds",

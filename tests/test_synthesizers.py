@@ -1,17 +1,17 @@
-"""Every synthesizer: the DNI_Network contract, zero start, shapes, and the context."""
+"""Every synthesizer: the Synthesizer contract, zero start, shapes, and the context."""
 
 import pytest
 import torch
 from torch import nn
 
 from dni import (
-    MLP_DNI,
-    RNN_DNI,
-    Conv_DNI,
-    DNI_Network,
+    ConvSynthesizer,
     InputSynthesizer,
-    Linear_DNI,
-    Linear_Sigmoid_DNI,
+    LinearSigmoidSynthesizer,
+    LinearSynthesizer,
+    MLPSynthesizer,
+    RNNSynthesizer,
+    Synthesizer,
 )
 
 
@@ -23,10 +23,10 @@ def perturb(module, seed=0):
 
 
 VECTOR_KINDS = [
-    lambda k: Linear_DNI(6, context_size=k),
-    lambda k: Linear_DNI(6, hidden_size=4, num_layers=2, context_size=k),
-    lambda k: Linear_Sigmoid_DNI(6, context_size=k),
-    lambda k: MLP_DNI(6, hidden_size=8, context_size=k),
+    lambda k: LinearSynthesizer(6, context_size=k),
+    lambda k: LinearSynthesizer(6, hidden_size=4, num_layers=2, context_size=k),
+    lambda k: LinearSigmoidSynthesizer(6, context_size=k),
+    lambda k: MLPSynthesizer(6, hidden_size=8, context_size=k),
 ]
 
 
@@ -50,7 +50,7 @@ def test_vector_synthesizers_use_the_context(make):
 
 
 def test_linear_sigmoid_is_bounded():
-    synth = Linear_Sigmoid_DNI(6)
+    synth = LinearSigmoidSynthesizer(6)
     with torch.no_grad():
         synth.net[-1].weight.fill_(100.0)
     out, _ = synth(torch.randn(50, 6), None)
@@ -59,7 +59,7 @@ def test_linear_sigmoid_is_bounded():
 
 @pytest.mark.parametrize("mode", ["map", "bias", "channels"])
 def test_conv_synthesizer_keeps_feature_map_shape_and_uses_context(mode):
-    synth = Conv_DNI(4, hidden_size=6, context_size=3, kernel_size=3, context_mode=mode,
+    synth = ConvSynthesizer(4, hidden_size=6, context_size=3, kernel_size=3, context_mode=mode,
                      map_size=(7, 7))
     h = torch.randn(2, 4, 7, 7)
     out, _ = synth(h, None, context=torch.eye(3)[[0, 1]])
@@ -74,7 +74,7 @@ def test_conv_synthesizer_keeps_feature_map_shape_and_uses_context(mode):
 def test_conv_context_map_gives_each_class_its_own_spatial_template():
     # the top CNN gradient under a linear head, W^T (p - y), holds a (C, H, W) template per
     # class: the map projection must be able to produce any of them, whatever the input
-    synth = Conv_DNI(2, hidden_size=3, context_size=4, kernel_size=3, map_size=(5, 5))
+    synth = ConvSynthesizer(2, hidden_size=3, context_size=4, kernel_size=3, map_size=(5, 5))
     assert synth.context_mode == "map"
     templates = torch.randn(4, 2, 5, 5)
     with torch.no_grad():
@@ -86,18 +86,18 @@ def test_conv_context_map_gives_each_class_its_own_spatial_template():
 
 def test_conv_context_map_needs_its_size():
     with pytest.raises(ValueError, match="map_size"):
-        Conv_DNI(2, context_size=4, context_mode="map")
+        ConvSynthesizer(2, context_size=4, context_mode="map")
 
 
 def test_single_layer_conv_synthesizer():
-    out, _ = Conv_DNI(4, num_layers=1, context_size=2)(torch.randn(2, 4, 5, 5), None,
+    out, _ = ConvSynthesizer(4, num_layers=1, context_size=2)(torch.randn(2, 4, 5, 5), None,
                                                        context=torch.eye(2))
     assert out.shape == (2, 4, 5, 5)
 
 
 @pytest.mark.parametrize("kind", ["lstm", "gru", "rnn"])
 def test_rnn_synthesizer_shape_contract(kind):
-    synth = RNN_DNI(6, hidden_size=5, num_layers=2, kind=kind, context_size=2)
+    synth = RNNSynthesizer(6, hidden_size=5, num_layers=2, kind=kind, context_size=2)
     c = torch.eye(2)[[0, 1, 1]]
     out, hidden = synth(torch.randn(3, 6), None, context=c)          # one step
     assert out.shape == (3, 6) and torch.count_nonzero(out) == 0
@@ -108,7 +108,7 @@ def test_rnn_synthesizer_shape_contract(kind):
 
 
 def test_rnn_synthesizer_hidden_state_matters():
-    synth = RNN_DNI(3, hidden_size=4)
+    synth = RNNSynthesizer(3, hidden_size=4)
     perturb(synth)
     x = torch.randn(2, 3)
     _, hidden = synth(torch.randn(2, 3), None)
@@ -116,7 +116,7 @@ def test_rnn_synthesizer_hidden_state_matters():
 
 
 def test_custom_dni_network_contract():
-    class Scaled(DNI_Network):
+    class Scaled(Synthesizer):
         def __init__(self, n):
             super().__init__(n)
             self.scale = nn.Parameter(torch.zeros(()))
@@ -129,7 +129,7 @@ def test_custom_dni_network_contract():
     out, _ = synth(torch.ones(2, 4), None)
     assert out.shape == (2, 4)
     with pytest.raises(NotImplementedError):
-        DNI_Network(3)(torch.ones(1, 3))
+        Synthesizer(3)(torch.ones(1, 3))
 
 
 def test_input_synthesizer_shape():

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dni import DNI, DNI_Network
+from dni import DNI, Synthesizer
 
 
 class ResidualMLP(nn.Module):
@@ -111,7 +111,7 @@ def test_eval_output_equals_inner_network_and_runs_no_synthesizer():
 
 
 def test_custom_synthesizer_through_the_wrapper():
-    class Constant(DNI_Network):
+    class Constant(Synthesizer):
         """Predicts a learned constant gradient."""
 
         def __init__(self, n):
@@ -174,7 +174,7 @@ def test_gradient_cosine_is_one_for_a_perfect_synthesizer():
     net = nn.Sequential(nn.Linear(10, 16), nn.Linear(16, 4))  # top interface gradient is W^T(p-y)
     x, y = blobs(32, seed=3)
 
-    class Exact(DNI_Network):
+    class Exact(Synthesizer):
         def forward(self, input, hidden=None, context=None):
             p = torch.softmax(net[1](input), 1)
             return (p - F.one_hot(context.argmax(1), 4)) @ net[1].weight, None
