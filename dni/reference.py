@@ -34,12 +34,14 @@ from dni.interface import synthesizer_loss
 def reference_step(blocks: Sequence[nn.Module], synthesizers: Sequence[nn.Module],
                    head: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                   scale: float = 1.0, context: torch.Tensor | None = None) -> torch.Tensor:
+                   scale: float = 1.0, context: torch.Tensor | None = None,
+                   batch_mean: bool = True) -> torch.Tensor:
     """Accumulate one step's gradients into every block, synthesizer and the head (the caller
     zeroes them before and steps the optimizer after); return the loss. `synthesizers[i]`
     maps (h, hidden=None[, context=]) to the per-example synthetic gradient (or (it, hidden)),
-    as `dni.synthesizers`' modules do; `context` (cDNI) is e.g. the one-hot label."""
-    batch = x.shape[0]
+    as `dni.synthesizers`' modules do; `context` (cDNI) is e.g. the one-hot label;
+    `batch_mean=False` for a loss summed over the batch (then B = 1 above)."""
+    batch = x.shape[0] if batch_mean else 1
     inputs, synthetic = [], []
     for block, synthesizer in zip(blocks, synthesizers):
         h = block(x)

@@ -45,10 +45,37 @@ def mlp(seed: int, width: int = 24) -> nn.Sequential:
         nn.Linear(width, 5))
 
 
-def data(steps: int = STEPS):
+def mlp_batchnorm_everywhere(seed: int, width: int = 24) -> nn.Sequential:
+    """The FCN with BatchNorm in every block, as the project's MLP has it (compared under
+    SGD, which does not magnify the rounding noise that Adam would, see mlp())."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        *[nn.Sequential(nn.Linear(12 if i == 0 else width, width), nn.BatchNorm1d(width),
+                        nn.ReLU()) for i in range(3)],
+        nn.Linear(width, 5))
+
+
+def cnn(seed: int) -> nn.Sequential:
+    """A small CNN of three blocks on 1x8x8 inputs (feature maps cross the stage edges)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),
+        nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU()),
+        nn.Sequential(nn.Flatten(), nn.Linear(6 * 4 * 4, 5)))
+
+
+NETS = {"mlp": mlp, "mlp_bn": mlp_batchnorm_everywhere, "cnn": cnn}
+INPUTS = {"mlp": (12,), "mlp_bn": (12,), "cnn": (1, 8, 8)}
+
+
+def optimizer(kind: str, params):
+    return torch.optim.SGD(params, lr=LR) if kind == "sgd" else torch.optim.Adam(params, lr=LR)
+
+
+def data(steps: int = STEPS, shape: tuple = (12,)):
     """Batches of random inputs and labels (the last one smaller, to test padding)."""
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(steps * BATCH - 5, 12, generator=g)
+    x = torch.randn(steps * BATCH - 5, *shape, generator=g)
     y = torch.randint(0, 5, (len(x),), generator=g)
     return list(zip(x.split(BATCH), y.split(BATCH)))
 
@@ -59,16 +86,18 @@ def ends(counts):
 
 
 def one_process(conditioned: bool, grad_scale: float, synthesizer: str = "linear",
-                steps: int = STEPS, after: list[int] | None = None, **options):
+                steps: int = STEPS, after: list[int] | None = None, net: str = "mlp",
+                optim: str = "adam", **options):
     """Blocks, synthesizers and synthesizer buffers after `steps` steps of one-process DNI,
     with interfaces after every hidden block or after the blocks in `after` (0-based)."""
-    net = mlp(seed=3)
-    opt = torch.optim.Adam(net.parameters(), lr=LR)
+    batches = data(steps, INPUTS[net])
+    net = NETS[net](seed=3)
+    opt = optimizer(optim, net.parameters())
     model = DNI(net, optim=opt, synthesizer=synthesizer, context_size=5 if conditioned else 0,
                 blocks=None if after is None else [str(i) for i in after],
-                grad_scale=grad_scale, synthesizer_lr=SYNTH_LR, example_input=data()[0][0][:2],
+                grad_scale=grad_scale, synthesizer_lr=SYNTH_LR, example_input=batches[0][0][:2],
                 **options)
-    for x, y in data(steps):
+    for x, y in batches:
         opt.zero_grad()
         out = model(x, context=y) if conditioned else model(x)
         F.cross_entropy(out, y).backward()
@@ -76,7 +105,9 @@ def one_process(conditioned: bool, grad_scale: float, synthesizer: str = "linear
     blocks = [p.detach().clone() for p in net.parameters()]
     synth = [p.detach().clone() for p in model.synthesizer_parameters()]
     buffers = [b.clone() for b in model.interfaces.buffers()]
-    return blocks, synth, buffers
+    statistics = {k: b.clone() for k, b in net.named_buffers()
+                  if k.split(".")[-1].startswith("running")}
+    return blocks, synth, buffers, statistics
 
 
 def free_port() -> int:
@@ -92,8 +123,9 @@ def _worker(rank, world, port, out, options):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        net = mlp(seed=3)
-        batches = data(options.get("steps", STEPS))
+        kind = options.get("net", "mlp")
+        net = NETS[kind](seed=3)
+        batches = data(options.get("steps", STEPS), INPUTS[kind])
         stage = PipelineStage(net, batches[0][0][:2], max_batch=BATCH,
                               synthesizer=options.get("synthesizer", "linear"),
                               counts=options.get("counts"),
@@ -102,7 +134,8 @@ def _worker(rank, world, port, out, options):
                               grad_scale=options["grad_scale"], staleness=options["staleness"],
                               message_dtype=options.get("message_dtype"),
                               **options.get("synthesizer_options", {}))
-        opt = torch.optim.Adam(stage.param_groups(lr=LR, synthesizer_lr=SYNTH_LR))
+        opt = optimizer(options.get("optim", "adam"),
+                        stage.param_groups(lr=LR, synthesizer_lr=SYNTH_LR))
         losses = [stage.train_step(opt, x, y) for x, y in batches]
         drained = stage.drain(opt)
         stage.eval()
@@ -145,7 +178,7 @@ def test_all_interfaces_at_staleness_0_follow_one_process_dni_exactly(
     so every block and synthesizer equals one-process DNI's (same seed, same Adam)."""
     stages = run_stages(tmp_path, conditioned=conditioned, grad_scale=grad_scale, counts=counts,
                         staleness=0, interfaces="all")
-    blocks, synth, _ = one_process(conditioned, grad_scale)
+    blocks, synth, _, _ = one_process(conditioned, grad_scale)
     assert_all_close([p for s in stages for p in s["blocks"]], blocks)
     assert_all_close([p for s in stages for p in s["synth"]], synth)
     # the synthesizers did learn (they start at zero), so the comparison has teeth
@@ -160,21 +193,48 @@ def test_edges_at_staleness_0_follow_one_process_dni_with_interfaces_at_the_cuts
     sit after each stage's last block, parameter for parameter; inside a stage, backprop."""
     stages = run_stages(tmp_path, world=world, counts=counts, conditioned=conditioned,
                         grad_scale=grad_scale, staleness=0)
-    blocks, synth, _ = one_process(conditioned, grad_scale, after=ends(counts))
+    blocks, synth, _, _ = one_process(conditioned, grad_scale, after=ends(counts))
     assert_all_close([p for s in stages for p in s["blocks"]], blocks)
     assert_all_close([p for s in stages for p in s["synth"]], synth)
     assert [len(s["synth"]) for s in stages] == [2] * (world - 1) + [0]  # weight, bias
     assert all(p.abs().sum() > 0 for s in stages for p in s["synth"])
     if world < 4:   # against interfaces everywhere, blocks inside a stage learn differently
-        every, _, _ = one_process(conditioned, grad_scale)
+        every, _, _, _ = one_process(conditioned, grad_scale)
         got = [p for s in stages for p in s["blocks"]]
         assert not all(torch.allclose(g, w) for g, w in zip(got, every))
+
+
+@pytest.mark.parametrize("net, counts, conditioned, synthesizer, optim", [
+    ("cnn", [1, 2], True, "conv", "adam"),          # cDNI, conv synthesizers on feature maps
+    ("mlp_bn", [2, 2], False, "linear", "sgd"),     # BatchNorm in every block
+])
+def test_other_networks_at_staleness_0_follow_one_process_dni(tmp_path, net, counts,
+                                                              conditioned, synthesizer, optim):
+    """The edge pipeline on a CNN under cDNI with a one-layer conv synthesizer (main.py's for
+    the CNN), and on an FCN with BatchNorm in every block: parameters and BatchNorm running
+    statistics equal one-process DNI's."""
+    options = {"num_layers": 1} if synthesizer == "conv" else {}
+    stages = run_stages(tmp_path, counts=counts, conditioned=conditioned, staleness=0,
+                        net=net, synthesizer=synthesizer, optim=optim,
+                        synthesizer_options=options)
+    blocks, synth, _, statistics = one_process(conditioned, 1.0, synthesizer=synthesizer,
+                                               after=ends(counts), net=net, optim=optim,
+                                               **options)
+    assert_all_close([p for s in stages for p in s["blocks"]], blocks)
+    assert_all_close([p for s in stages for p in s["synth"]], synth)
+    assert all(p.abs().sum() > 0 for s in stages for p in s["synth"])
+    got = {}
+    for s, offset in zip(stages, [0, counts[0]]):
+        got.update({f"{int(k.split('.')[0]) + offset}.{k.split('.', 1)[1]}": v
+                    for k, v in s["block_state"].items() if k.split(".")[-1].startswith("running")})
+    assert got.keys() == statistics.keys() and len(got) == (6 if net == "mlp_bn" else 0)
+    assert_all_close(list(got.values()), list(statistics.values()))
 
 
 def test_three_stages_with_all_interfaces_follow_one_process_dni(tmp_path):
     """A middle stage with no inner interface both receives targets and sends them on."""
     stages = run_stages(tmp_path, world=3, staleness=0, counts=[1, 1, 2], interfaces="all")
-    blocks, synth, _ = one_process(False, 1.0)
+    blocks, synth, _, _ = one_process(False, 1.0)
     got = [p for s in stages for p in s["blocks"] + s["synth"]]
     want = blocks[:3] + synth[:2] + blocks[3:5] + synth[2:4] + blocks[5:] + synth[4:]
     assert_all_close(got, want)
@@ -186,7 +246,7 @@ def test_batchnorm_synthesizer_counts_each_batch_once(tmp_path):
     options = {"hidden_size": 8, "num_layers": 2}
     stages = run_stages(tmp_path, counts=[2, 2], staleness=0, synthesizer="mlp",
                         synthesizer_options=options)
-    _, synth, buffers = one_process(False, 1.0, synthesizer="mlp", after=[1], **options)
+    _, synth, buffers, _ = one_process(False, 1.0, synthesizer="mlp", after=[1], **options)
     # the bias right before BatchNorm has no gradient but rounding noise (see mlp()), and
     # the running mean carries it; every other parameter and statistic must agree
     got = stages[0]["synth"]

@@ -1,9 +1,10 @@
 """The hand-written reference step (dni/reference.py, the paper's algorithm line by line)
 equals the production mechanism (`DNI` over `Interface`) step for step: every block's,
 synthesizer's and the head's parameters, over several optimizer steps, with BatchNorm in every
-block, for DNI and cDNI and a grad_scale."""
+block, for DNI and cDNI, a grad_scale, and a loss summed over the batch (batch_mean=False)."""
 
 import copy
+from functools import partial
 
 import pytest
 import torch
@@ -23,15 +24,18 @@ def stack():
     return nn.Sequential(*blocks, nn.Linear(8, 5))
 
 
-@pytest.mark.parametrize("conditioned, scale", [(False, 1.0), (True, 1.0), (False, 0.5)])
-def test_reference_step_equals_dni(conditioned, scale):
+@pytest.mark.parametrize("conditioned, scale, batch_mean", [
+    (False, 1.0, True), (True, 1.0, True), (False, 0.5, True),
+    (False, 1.0, False)])                     # a loss summed over the batch
+def test_reference_step_equals_dni(conditioned, scale, batch_mean):
     x = torch.randn(3, 10, 12)
     y = torch.randint(0, 5, (3, 10))
     net = stack()
     reference = copy.deepcopy(net)            # before the hooks go in
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     model = DNI(net, optim=opt, example_input=x[0], grad_scale=scale,
-                context_size=5 if conditioned else 0, synthesizer_lr=0.05)
+                context_size=5 if conditioned else 0, synthesizer_lr=0.05,
+                batch_mean=batch_mean)
     with torch.no_grad():                     # zero-initialised, S would say nothing at first
         for p in model.interfaces.parameters():
             p.normal_(std=0.2)
@@ -39,15 +43,16 @@ def test_reference_step_equals_dni(conditioned, scale):
     ref_opt = torch.optim.SGD([{"params": reference.parameters()},
                                {"params": [p for s in synthesizers for p in s.parameters()],
                                 "lr": 0.05}], lr=0.1)
+    loss_fn = F.cross_entropy if batch_mean else partial(F.cross_entropy, reduction="sum")
     for step in range(3):
         opt.zero_grad()
         out = model(x[step], context=y[step]) if conditioned else model(x[step])
-        loss = F.cross_entropy(out, y[step])
+        loss = loss_fn(out, y[step])
         loss.backward()
         opt.step()
         ref_opt.zero_grad()
         ref_loss = reference_step(list(reference)[:-1], synthesizers, reference[-1], x[step],
-                                  y[step], F.cross_entropy, scale=scale,
+                                  y[step], loss_fn, scale=scale, batch_mean=batch_mean,
                                   context=one_hot(y[step], 5) if conditioned else None)
         ref_opt.step()
         assert torch.allclose(loss, ref_loss, atol=1e-6), step

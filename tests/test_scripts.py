@@ -69,23 +69,41 @@ def test_cnn_baseline_runs(run_script, tmp_path):
     assert summary["model"] == "cnn" and summary["test_acc"] > 0.3
 
 
-@pytest.mark.parametrize("argv, method, interfaces", [
-    (["--model_type", "mlp"], "dni", 3),
+@pytest.mark.parametrize("argv, method, interfaces, label_inputs, unlocked", [
+    (["--model_type", "mlp"], "dni", 3, 0, False),
     (["--model_type", "mlp", "--conditioned", "True", "--synthesizer", "mlp",
-      "--synth-hidden", "32"], "cdni", 3),
-    (["--model_type", "mlp", "--conditioned", "--forward-unlock"], "cdni", 3),
+      "--synth-hidden", "32"], "cdni", 3, 10, False),
+    (["--model_type", "mlp", "--conditioned", "--forward-unlock"], "cdni", 3, 10, True),
     (["--model_type", "cnn", "--conditioned", "false", "--channels", "4", "8",
-      "--synth-hidden", "4"], "dni", 2),
+      "--synth-hidden", "4"], "dni", 2, 0, False),
 ])
-def test_main_runs_dni_and_cdni(run_script, tmp_path, argv, method, interfaces):
+def test_main_runs_dni_and_cdni(run_script, tmp_path, argv, method, interfaces, label_inputs,
+                                unlocked):
+    """Each configuration builds what it names (an interface per hidden block, the label as
+    a synthesizer input only under cDNI, input synthesizers only with forward unlocking),
+    every synthesizer learns away from its zero start, the net learns, and the epoch line
+    reports every interface."""
     result = run_script("main.py", *TINY, *argv, "--log-every", "4", "--out", tmp_path)
     assert result.returncode == 0, result.stderr
     summary = read_summary(tmp_path)
     assert SUMMARY_KEYS <= set(summary) and summary["method"] == method
+    assert summary["test_acc"] > 0.12                 # above chance (0.1) after 8 steps
     for i in range(1, interfaces + 1):
-        assert summary[f"sg_loss{i}"] >= 0 and -1 <= summary[f"cos{i}"] <= 1
-        assert f"cos{i}" in result.stdout
+        assert summary[f"sg_loss{i}"] > 0 and -1 <= summary[f"cos{i}"] <= 1
+        assert f"cos{i}" in result.stdout.splitlines()[-2]
     assert f"cos{interfaces + 1}" not in summary
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["model"]
+    synthesizers = sorted({k.split(".")[1] for k in state if k.startswith("interfaces.")})
+    assert synthesizers == [str(i) for i in range(interfaces)]
+    for i in synthesizers:
+        weights = [k for k in state if k.startswith(f"interfaces.{i}.synthesizer.")
+                   and k.endswith("weight") and state[k].dim() > 1]
+        assert state[weights[-1]].abs().sum() > 0, "the zero-initialised output layer moved"
+        if argv[1] == "mlp":                          # a vector synthesizer on 256 units
+            assert state[weights[0]].shape[1] == 256 + label_inputs
+        assert any(f"interfaces.{i}.input_synthesizer." in k for k in state) == unlocked
+    if argv[1] == "cnn":
+        assert not any("context" in k for k in state)
 
 
 def test_interfaces_at_puts_interfaces_only_after_those_blocks(run_script, tmp_path):
