@@ -7,30 +7,17 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
-from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from dni.pipeline import PipelineError, PipelineStage
-from experiment.data import MNIST, batch_order, batches, num_batches
+from experiment.data import MNIST, batches
 from experiment.errors import USER_ERROR_EXIT, RunInterrupted, UserError
-from experiment.records import MetricsLog, save_checkpoint
-from experiment.train import (
-    LoopState,
-    _StopRequest,
-    adam,
-    cosine_schedule,
-    finish_epoch,
-    restore_training,
-    score,
-    write_summary,
-)
+from experiment.train import EpochLoop, adam, finish_epoch, score, write_summary
 
 MESSAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 """--message-dtype: the dtype activations and gradients travel in between stages."""
@@ -109,93 +96,85 @@ def gather_from_every_stage(value, stage: PipelineStage, group) -> list:
     return values
 
 
+class _StageLoop(EpochLoop):
+    """A pipeline stage's step: this stage's part of the mini-batch, in step with its
+    neighbours. A signal goes to the stage, which stops the whole pipeline after the step in
+    progress (every stage saves); the last stage keeps the records."""
+
+    stops_at_once = False
+
+    def __init__(self, stage: PipelineStage, optimizer, data, args, out_dir,
+                 checkpoint: dict | None):
+        self.stage = stage
+        self.show_progress = stage.is_last
+        columns = [f"sg_loss{i}" for i in range(1, len(stage.positions) + 1)]
+        super().__init__(stage, optimizer, data, args, out_dir, columns, checkpoint,
+                         checkpoint_name=stage_checkpoint_name(stage.rank),
+                         keeps_records=stage.is_last)
+
+    def inputs(self) -> torch.Tensor:
+        # stages above the first receive their inputs and labels from below: they draw only
+        # the labels (for the batch size), not the images
+        return self.data.train_x if self.stage.is_first else self.data.train_y
+
+    def pass_on_stop(self, signum: int) -> None:
+        self.stage.request_stop(signum)
+
+    def train_step(self) -> dict | None:
+        state, stage = self.state, self.stage
+        x, y = next(self.stream)
+        logged = self.args.log_every > 0 and state.step % self.args.log_every == 0
+        # every step carries the synthesizer losses up, for the epoch's means
+        loss = stage.train_step(self.optimizer, x, y, report=True)
+        if stage.stopped is not None:
+            raise self.interrupted(stage.stopped)
+        self.scheduler.step()
+        row = None
+        if stage.is_last:
+            if loss is None or not math.isfinite(loss):
+                raise self.diverged("loss", "lower --lr")
+            state.record_loss(loss, len(y))
+            # an edge synthesizer not trained yet (staleness) reports nan: left out
+            losses = stage.upstream_synthesizer_losses() + stage.synthesizer_losses()
+            state.record({f"sg_loss{i}": v for i, v in enumerate(losses, start=1)})
+            row = state.logged_row() if logged else None
+        state.batch += 1
+        return row
+
+    def evaluate_epoch(self) -> None:
+        if self.state.epoch == self.args.epochs:
+            # the synthesizer updates still owed; the cosine schedule is at 0 by now, so here
+            # they move only Adam's moments (the library's users may differ)
+            self.stage.drain(self.optimizer)
+        figures = evaluate_pipeline(self.stage, self.data, self.args.batch_size)
+        if self.stage.is_last:
+            finish_epoch(self.args, self.state, self.log, *figures)
+
+    def snapshot(self) -> dict:
+        self.stage.collect_targets()  # pending updates complete, so the state is whole
+        return {**super().snapshot(), "counts": self.stage.counts,
+                "world_size": self.stage.world_size}
+
+
 def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: MNIST, args, *,
                  model_name: str, method: str, out_dir: Path, checkpoint: dict | None,
                  extra_summary: dict) -> dict | None:
     """Train this rank's stage for args.epochs (cosine decay); the last stage prints the epoch
     lines and writes metrics.csv and summary.json, which it returns (others return None)."""
-    device = data.train_x.device
-    generator = torch.Generator().manual_seed(args.seed)
-    steps_per_epoch = num_batches(len(data.train_x), args.batch_size)
-    scheduler = cosine_schedule(optimizer, args.epochs * steps_per_epoch)
-    checkpoint_name = stage_checkpoint_name(stage.rank)
     collectives = dist.new_group(backend="gloo")  # for the few collectives, apart from p2p
-    state, order = LoopState(), None
-    if checkpoint is not None:
-        if checkpoint.get("counts") != stage.counts:
-            raise UserError(f"{out_dir / checkpoint_name} was written with stages "
-                            f"{checkpoint.get('counts')}, not {stage.counts}")
-        state, order = restore_training(checkpoint, stage, optimizer, scheduler, generator,
-                                        device)
-    steps = gather_from_every_stage(state.step, stage, collectives)
+    if checkpoint is not None and checkpoint.get("counts") != stage.counts:
+        raise UserError(f"{out_dir / stage_checkpoint_name(stage.rank)} was written with "
+                        f"stages {checkpoint.get('counts')}, not {stage.counts}")
+    loop = _StageLoop(stage, optimizer, data, args, out_dir, checkpoint)
+    steps = gather_from_every_stage(loop.state.step, stage, collectives)
     if len(set(steps)) != 1:  # every rank sees it; stage 0 says it
         if stage.rank != 0:
             raise SystemExit(USER_ERROR_EXIT)
         raise UserError(f"the stage checkpoints in {out_dir} are from different steps {steps} "
                         "(a stage was stopped inside a checkpoint write); they cannot be "
                         "resumed together")
-    columns = ([f"sg_loss{i}" for i in range(1, len(stage.positions) + 1)]
-               if stage.is_last else [])
-    log = (MetricsLog(out_dir / "metrics.csv", columns,
-                      keep_rows=checkpoint["metrics_rows"] if checkpoint else None)
-           if stage.is_last else None)
-
-    def save() -> Path:
-        stage.collect_targets()
-        return save_checkpoint(out_dir, {
-            "model": stage.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "state": asdict(state), "order": order,
-            "rng_torch": torch.get_rng_state(), "rng_data": generator.get_state(),
-            "rng_cuda": None, "metrics_rows": log.rows if log else 0, "counts": stage.counts,
-            "world_size": stage.world_size}, name=checkpoint_name)
-
-    session_start = time.perf_counter()
-    wall_base = state.wall_seconds
     try:
-        with _StopRequest() as stop:
-            while state.epoch <= args.epochs:
-                stage.train()
-                if order is None:
-                    order = batch_order(len(data.train_x), generator, device)
-                # stages above the first receive their inputs and labels from below: they
-                # draw only the labels (for the batch size), not the images
-                inputs = data.train_x if stage.is_first else data.train_y
-                stream = batches(inputs, data.train_y, args.batch_size, order, state.batch)
-                bar = tqdm(total=steps_per_epoch, initial=state.batch, leave=False,
-                           disable=None if stage.is_last else True, file=sys.stderr,
-                           desc=f"epoch {state.epoch}/{args.epochs}")
-                tick = time.perf_counter()
-                while state.batch < steps_per_epoch:
-                    x, y = next(stream)
-                    if stop.signum is not None:
-                        stage.request_stop(stop.signum)
-                    logged = args.log_every > 0 and state.step % args.log_every == 0
-                    # every step carries the synthesizer losses up, for the epoch's means
-                    loss = stage.train_step(optimizer, x, y, report=True)
-                    if stage.stopped is not None:
-                        bar.close()
-                        raise RunInterrupted(stage.stopped, save(), state.epoch, state.step)
-                    scheduler.step()
-                    row = _record_step(state, loss, len(y), logged, stage) if log else None
-                    state.step += 1
-                    state.batch += 1
-                    bar.update()
-                    now = time.perf_counter()
-                    state.train_seconds += now - tick
-                    state.wall_seconds = wall_base + now - session_start
-                    tick = now
-                    if row:
-                        log.write({**row, "wall_seconds": state.wall_seconds})
-                bar.close()
-                if state.epoch == args.epochs:
-                    # the synthesizer updates still owed; the cosine schedule is at 0 by now,
-                    # so here they move only Adam's moments (the library's users may differ)
-                    stage.drain(optimizer)
-                figures = evaluate_pipeline(stage, data, args.batch_size)
-                if stage.is_last:
-                    finish_epoch(args, state, log, *figures)
-                state.epoch, state.batch, order = state.epoch + 1, 0, None
-                save()
+        loop.run()
         stage.flush()
     except PipelineError as exc:
         raise UserError(f"stage {stage.rank}: {exc}; this stage stops too") from None
@@ -210,22 +189,8 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: M
              "interfaces_after": [i + 1 for i in stage.positions],
              "message_dtype": str(stage.message_dtype).removeprefix("torch."),
              "stage_times": times}
-    return write_summary(state, args, out_dir, device, script="main.py", model_name=model_name,
-                         method=method, extra=extra)
-
-
-def _record_step(state: LoopState, loss: float | None, batch: int, logged: bool,
-                 stage: PipelineStage) -> dict | None:
-    """The last stage's bookkeeping of one step: loss sums, every synthesizer's loss (an edge
-    synthesizer not trained yet, under staleness, reports nan and is left out), and the
-    metrics row when logged."""
-    if loss is None or not math.isfinite(loss):
-        raise UserError(f"training diverged: non-finite loss at step {state.step} "
-                        f"(epoch {state.epoch}); lower --lr")
-    state.record_loss(loss, batch)
-    losses = stage.upstream_synthesizer_losses() + stage.synthesizer_losses()
-    state.record({f"sg_loss{i}": v for i, v in enumerate(losses, start=1)})
-    return state.logged_row() if logged else None
+    return write_summary(loop.state, args, out_dir, loop.device, script="main.py",
+                         model_name=model_name, method=method, extra=extra)
 
 
 def train_as_pipeline(args, build_net, *, model_name: str, method: str, synthesizer_options: dict,

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,16 +28,15 @@ from experiment.cli import (
     prepare_out_dir,
     resolve_device,
 )
-from experiment.errors import RunInterrupted, UserError
+from experiment.loop import TrainingLoop
 from experiment.records import (
     MetricsLog,
     load_checkpoint,
-    save_checkpoint,
     write_config,
     write_json,
 )
 from experiment.sequence_tasks import TASKS, Curriculum, make_task
-from experiment.train import _StopRequest, first_nonfinite_gradient, load_model_and_optimizer
+from experiment.train import first_nonfinite_gradient
 from model import RNN_CORES, SEQUENCE_SYNTHESIZERS, SequenceModel
 
 METHODS = ("bptt", "dni", "dni_aux")
@@ -147,6 +145,94 @@ class RunState:
     levels: list = field(default_factory=list)     # [step, level] each time the level grew
 
 
+class _SequenceLoop(TrainingLoop):
+    """rnn_tasks.py's step: a batch of sequences at the curriculum's length through truncated
+    BPTT (and its synthesizer); periods of --checkpoint-every steps; a printed line every
+    --log-every steps."""
+
+    def __init__(self, args, model: SequenceModel, optimizer, task, out_dir: Path, device,
+                 checkpoint: dict | None, on_step: Callable[[int], None] | None):
+        log = MetricsLog(out_dir / "metrics.csv", COLUMNS,
+                         keep_rows=checkpoint["metrics_rows"] if checkpoint else None)
+        super().__init__(out_dir, model, optimizer,
+                         torch.Generator(device=device).manual_seed(args.seed), device,
+                         RunState(), log)
+        self.args, self.task, self.on_step = args, task, on_step
+        self.curriculum = Curriculum(args.threshold, args.window, max_level=args.max_length)
+        self.network = list(model.named_parameters())
+        self.clipped = model.network_parameters()
+        self.period_start, self.batch = 0, None
+        if checkpoint is not None:
+            self.restore(checkpoint)
+
+    def restore(self, checkpoint: dict) -> list[float]:
+        flag_lrs = super().restore(checkpoint)
+        for group, lr in zip(self.optimizer.param_groups, flag_lrs):  # flags given now win
+            group["lr"] = lr
+        self.state = RunState(**checkpoint["state"])
+        self.curriculum = Curriculum(**self.state.curriculum)
+        self.curriculum.threshold, self.curriculum.window = self.args.threshold, self.args.window
+        return flag_lrs
+
+    def snapshot(self) -> dict:
+        self.state.curriculum = asdict(self.curriculum)
+        return super().snapshot()
+
+    def finished(self) -> bool:
+        return self.state.step >= self.args.steps
+
+    def begin_period(self) -> None:
+        self.period_start = self.state.step
+
+    def period_over(self) -> bool:
+        step = self.state.step
+        return self.finished() or (step > self.period_start
+                                   and step % self.args.checkpoint_every == 0)
+
+    def progress(self) -> tuple[int, int, str]:
+        args = self.args
+        return args.steps, self.state.step, f"{args.task} {args.method} T={args.truncation}"
+
+    def train_step(self) -> None:
+        args, state, curriculum = self.args, self.state, self.curriculum
+        batch = self.task.sample(curriculum.level, args.batch_size, self.generator, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        report = self.model.trainer(batch.inputs, self.task.loss_of(batch))
+        bad = None
+        if not torch.isfinite(report.loss):
+            bad = "loss"
+        elif report.synthesizer_loss is not None and not torch.isfinite(report.synthesizer_loss):
+            bad = "synthetic-gradient loss"
+        else:
+            bad = first_nonfinite_gradient(self.network)
+        if bad:
+            raise self.diverged(bad, "lower --lr or --discount")
+        if args.clip > 0:
+            nn.utils.clip_grad_norm_(self.clipped, args.clip)
+        self.optimizer.step()
+        errors = self.task.errors(report.outputs, batch).item()
+        window = state.window
+        window["loss"] += report.loss.item()
+        window["errors"] += errors
+        window["sg"] += report.synthesizer_loss.item() if report.synthesizer_loss is not None \
+            else 0.0
+        window["aux"] += report.aux_loss.item() if report.aux_loss is not None else 0.0
+        window["n"] += 1
+        if curriculum.record(errors):
+            state.levels.append([state.step + 1, curriculum.level])
+        self.batch = batch
+
+    def after_step(self) -> None:
+        args, state = self.args, self.state
+        if args.log_every > 0 and (state.step % args.log_every == 0 or state.step == args.steps):
+            cosine = (future_gradient_cosine(self.model.trainer, self.batch.inputs,
+                                             self.task.loss_of(self.batch))
+                      if args.method != "bptt" else None)
+            _log_line(args, state, self.curriculum, self.log, cosine)
+        if self.on_step is not None:
+            self.on_step(state.step)
+
+
 def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     """Run (or resume) one training run; write its records; return summary.json's dict."""
     device = resolve_device(args.device)
@@ -159,89 +245,10 @@ def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     task = make_task(args.task, bits=args.bits, max_repeats=args.max_repeats,
                      max_length=args.max_length)
     model = build_model(args, task.input_size, task.output_size).to(device)
-    optimizer = make_optimizer(model, args)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-    curriculum = Curriculum(args.threshold, args.window, max_level=args.max_length)
-    state = RunState()
-    if checkpoint is not None:
-        flag_lrs = load_model_and_optimizer(checkpoint, model, optimizer)
-        for group, lr in zip(optimizer.param_groups, flag_lrs):  # flags given now win
-            group["lr"] = lr
-        state = RunState(**checkpoint["state"])
-        curriculum = Curriculum(**state.curriculum)
-        curriculum.threshold, curriculum.window = args.threshold, args.window
-        torch.set_rng_state(checkpoint["rng_torch"].cpu())
-        generator.set_state(checkpoint["rng_data"].cpu())
-    log = MetricsLog(out_dir / "metrics.csv", COLUMNS,
-                     keep_rows=checkpoint["metrics_rows"] if checkpoint else None)
-    network = [(n, p) for n, p in model.named_parameters()]
-    clipped = model.network_parameters()
-
-    def save() -> Path:
-        state.curriculum = asdict(curriculum)
-        return save_checkpoint(out_dir, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "state": asdict(state), "rng_torch": torch.get_rng_state(),
-            "rng_data": generator.get_state(), "metrics_rows": log.rows})
-
-    session_start, wall_base = time.perf_counter(), state.wall_seconds
-    bar = tqdm(total=args.steps, initial=state.step, disable=None, file=sys.stderr,
-               desc=f"{args.task} {args.method} T={args.truncation}", leave=False)
-    with _StopRequest() as stop:
-        while state.step < args.steps:
-            tick = time.perf_counter()
-            batch = task.sample(curriculum.level, args.batch_size, generator, device)
-            optimizer.zero_grad(set_to_none=True)
-            report = model.trainer(batch.inputs, task.loss_of(batch))
-            _check_finite(report, network, state.step, out_dir)
-            if args.clip > 0:
-                nn.utils.clip_grad_norm_(clipped, args.clip)
-            optimizer.step()
-            errors = task.errors(report.outputs, batch).item()
-            window = state.window
-            window["loss"] += report.loss.item()
-            window["errors"] += errors
-            window["sg"] += report.synthesizer_loss.item() if report.synthesizer_loss is not None \
-                else 0.0
-            window["aux"] += report.aux_loss.item() if report.aux_loss is not None else 0.0
-            window["n"] += 1
-            if curriculum.record(errors):
-                state.levels.append([state.step + 1, curriculum.level])
-            state.step += 1
-            now = time.perf_counter()
-            state.train_seconds += now - tick
-            state.wall_seconds = wall_base + now - session_start
-            bar.update()
-            if args.log_every > 0 and (state.step % args.log_every == 0
-                                       or state.step == args.steps):
-                cosine = (future_gradient_cosine(model.trainer, batch.inputs, task.loss_of(batch))
-                          if args.method != "bptt" else None)
-                _log_line(args, state, curriculum, log, bar, cosine)
-            if on_step is not None:
-                on_step(state.step)
-            if stop.signum is not None:
-                bar.close()
-                raise RunInterrupted(stop.signum, save(), None, state.step)
-            if state.step % args.checkpoint_every == 0 and state.step < args.steps:
-                save()
-    bar.close()
-    save()
-    return _write_summary(args, state, curriculum, out_dir, device)
-
-
-def _check_finite(report, network, step: int, out_dir: Path) -> None:
-    """Stop with one line when the loss, the synthesizer's loss or a gradient is not finite."""
-    bad = None
-    if not torch.isfinite(report.loss):
-        bad = "loss"
-    elif report.synthesizer_loss is not None and not torch.isfinite(report.synthesizer_loss):
-        bad = "synthetic-gradient loss"
-    else:
-        bad = first_nonfinite_gradient(network)
-    if bad:
-        kept = "; the last good checkpoint stays" if (out_dir / "checkpoint.pt").exists() else ""
-        raise UserError(f"training diverged: non-finite {bad} at step {step}{kept}; "
-                        "lower --lr or --discount")
+    loop = _SequenceLoop(args, model, make_optimizer(model, args), task, out_dir, device,
+                         checkpoint, on_step)
+    loop.run()
+    return _write_summary(args, loop.state, loop.curriculum, out_dir, device)
 
 
 def future_gradient_cosine(trainer, inputs: torch.Tensor, chunk_loss) -> float | None:
@@ -254,7 +261,7 @@ def future_gradient_cosine(trainer, inputs: torch.Tensor, chunk_loss) -> float |
                for g, t in pairs) / len(pairs)
 
 
-def _log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog, bar,
+def _log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog,
               cosine: float | None = None) -> None:
     """One metrics.csv row and one printed line for the steps since the last one; `cosine`
     is the synthetic gradient's cosine to the true one on the last batch."""
@@ -277,7 +284,7 @@ def _log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog, ba
         line += f"  aux_loss {row['aux_loss']:.3g}"
     if cosine is not None:
         line += f"  sg_cos {cosine:.3f}"
-    bar.write(f"{line}  {state.train_seconds:.0f}s", file=sys.stdout)
+    tqdm.write(f"{line}  {state.train_seconds:.0f}s", file=sys.stdout)
     sys.stdout.flush()
     state.window = {"loss": 0.0, "errors": 0.0, "sg": 0.0, "aux": 0.0, "n": 0}
 

@@ -1,25 +1,25 @@
-"""The training loop every MNIST script shares: mini-batches by index, a progress bar, one line
-per epoch, evaluation, run records (metrics.csv, summary.json), a checkpoint at the end of every
-epoch and on SIGINT/SIGTERM, and exact resume. The loop is plain backprop-style PyTorch; a DNI
-model runs through it unchanged (its synthetic gradients happen inside its forward)."""
+"""Training by epochs, on `experiment.loop.TrainingLoop`: what every MNIST script shares
+(mini-batches by index, a cosine schedule, evaluation and one line per epoch, the epoch's
+figures, summary.json) and `fit`, its step for one process. The step is plain backprop-style
+PyTorch; a DNI model runs through it unchanged (its synthetic gradients happen inside its
+forward)."""
 
 from __future__ import annotations
 
 import math
-import signal
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from experiment.data import MNIST, batch_order, batches, num_batches
-from experiment.errors import RunInterrupted, UserError
-from experiment.records import MetricsLog, save_checkpoint, write_json
+from experiment.errors import UserError
+from experiment.loop import TrainingLoop
+from experiment.records import CHECKPOINT, MetricsLog, write_json
 
 
 @dataclass
@@ -151,68 +151,124 @@ def first_nonfinite_gradient(named_params: list[tuple[str, torch.nn.Parameter]])
     return next(n for (n, _), norm in zip(with_grad, norms) if not torch.isfinite(norm))
 
 
-# a signal this soon after the first is the same request delivered twice (Ctrl-C reaches
-# every process of the terminal's group, and torchrun forwards it to its workers as well)
-DUPLICATE_SIGNAL_SECONDS = 1.0
+class EpochLoop(TrainingLoop):
+    """Epochs of mini-batches drawn by index from a fresh order each epoch, under a cosine
+    learning-rate schedule, with `evaluate_epoch` at each epoch's end: what `fit` and the
+    pipeline's stages share. A subclass gives `train_step` and `evaluate_epoch`."""
+
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST,
+                 args, out_dir: Path, columns: list[str], checkpoint: dict | None,
+                 checkpoint_name: str = CHECKPOINT, keeps_records: bool = True):
+        self.checkpoint_name = checkpoint_name
+        log = (MetricsLog(out_dir / "metrics.csv", columns,
+                          keep_rows=checkpoint["metrics_rows"] if checkpoint else None)
+               if keeps_records else None)
+        super().__init__(out_dir, model, optimizer, torch.Generator().manual_seed(args.seed),
+                         data.train_x.device, LoopState(), log)
+        self.data, self.args = data, args
+        self.steps_per_epoch = num_batches(len(data.train_x), args.batch_size)
+        self.scheduler = cosine_schedule(optimizer, args.epochs * self.steps_per_epoch)
+        self.order: torch.Tensor | None = None   # this epoch's batch order
+        self.stream = None
+        if checkpoint is not None:
+            self.restore(checkpoint)
+
+    def restore(self, checkpoint: dict) -> list[float]:
+        """Model, optimizer, schedule, RNGs, loop state and batch order; the learning rates
+        this run's flags give take over at the saved point of the schedule."""
+        flag_lrs = super().restore(checkpoint)
+        self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.scheduler.base_lrs = flag_lrs
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group, base in zip(self.optimizer.param_groups, flag_lrs):
+            group["initial_lr"], group["lr"] = base, base * factor
+        self.state, self.order = LoopState(**checkpoint["state"]), checkpoint["order"]
+        return flag_lrs
+
+    def snapshot(self) -> dict:
+        """The common checkpoint, the schedule and the epoch's batch order."""
+        return {**super().snapshot(), "scheduler": self.scheduler.state_dict(),
+                "order": self.order}
+
+    def finished(self) -> bool:
+        return self.state.epoch > self.args.epochs
+
+    def period_over(self) -> bool:
+        return self.state.batch >= self.steps_per_epoch
+
+    def inputs(self) -> torch.Tensor:
+        """What the batches gather besides the labels: the images."""
+        return self.data.train_x
+
+    def begin_period(self) -> None:
+        self.model.train()
+        if self.order is None:
+            self.order = batch_order(len(self.data.train_x), self.generator, self.device)
+        self.stream = batches(self.inputs(), self.data.train_y, self.args.batch_size,
+                              self.order, self.state.batch)
+
+    def progress(self) -> tuple[int, int, str]:
+        return (self.steps_per_epoch, self.state.batch,
+                f"epoch {self.state.epoch}/{self.args.epochs}")
+
+    def where(self, period_ended: bool) -> int | None:
+        return self.state.epoch - (1 if period_ended else 0)
+
+    def evaluate_epoch(self) -> None:
+        """At the end of an epoch: evaluate, print the epoch line, write the epoch row."""
+        raise NotImplementedError
+
+    def end_period(self) -> None:
+        self.evaluate_epoch()
+        self.state.epoch, self.state.batch, self.order = self.state.epoch + 1, 0, None
 
 
-class _StopRequest:
-    """Turns SIGINT/SIGTERM into a request to stop after the current step; a second one,
-    later than DUPLICATE_SIGNAL_SECONDS, stops at once."""
+class _FitLoop(EpochLoop):
+    """`fit`'s step: a forward and backward of the whole model (a DNI model's synthetic
+    gradients happen inside its forward), the divergence check, the probe's figures."""
 
-    def __init__(self):
-        self.signum: int | None = None
-        self.since = 0.0
-        self.previous = {}
+    def __init__(self, model, optimizer, data, args, out_dir, probe: Probe,
+                 checkpoint: dict | None):
+        super().__init__(model, optimizer, data, args, out_dir, probe.columns, checkpoint)
+        self.probe = probe
+        self.forward = probe.forward or (lambda m, x, y: m(x))
+        self.named_params = list(model.named_parameters())
 
-    def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous[signum] = signal.signal(signum, self._handle)
-        return self
+    def train_step(self) -> dict | None:
+        state, probe, args, model = self.state, self.probe, self.args, self.model
+        begin = time.perf_counter()
+        x, y = next(self.stream)
+        state.data_seconds += time.perf_counter() - begin
+        logged = args.log_every > 0 and state.step % args.log_every == 0
+        measured = {}
+        if probe.measure and (logged or state.batch == self.steps_per_epoch - 1):
+            begin = time.perf_counter()
+            measured = probe.measure(model, x, y)
+            self.diagnostic_seconds += time.perf_counter() - begin
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(self.forward(model, x, y), y)
+        loss.backward()
+        bad = "loss" if not torch.isfinite(loss) else first_nonfinite_gradient(self.named_params)
+        if bad and bad != "loss" and probe.nonfinite:  # name the root cause if known
+            bad = probe.nonfinite(model) or bad
+        if bad:
+            raise self.diverged(bad, "lower --lr")
+        self.optimizer.step()
+        self.scheduler.step()
+        state.record_loss(loss.item(), len(y))
+        if probe.every_step:
+            state.record(probe.every_step(model))
+        row = None
+        if logged:
+            row = state.logged_row(measured)
+        elif measured:
+            state.record(measured, window=False)
+        state.batch += 1
+        return row
 
-    def _handle(self, signum, frame):
-        now = time.monotonic()
-        if self.signum is not None and now - self.since > DUPLICATE_SIGNAL_SECONDS:
-            raise KeyboardInterrupt  # asked again: stop at once
-        if self.signum is None:
-            self.signum, self.since = signum, now
-
-    def __exit__(self, *exc):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-
-
-def load_model_and_optimizer(checkpoint: dict, model: torch.nn.Module,
-                             optimizer: torch.optim.Optimizer) -> list[float]:
-    """Load the model's and optimizer's states from `checkpoint` (a mismatch is a UserError);
-    return the learning rates the optimizer had before, i.e. this run's flags."""
-    flag_lrs = [group["lr"] for group in optimizer.param_groups]
-    try:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise UserError(f"the checkpoint does not fit this model ({str(exc)[:120]}...)"
-                        ) from None
-    return flag_lrs
-
-
-def restore_training(checkpoint: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     scheduler, generator: torch.Generator, device: torch.device
-                     ) -> tuple[LoopState, torch.Tensor | None]:
-    """Load model, optimizer, schedule and RNG states from `checkpoint`; learning rates set
-    by this run's flags take over at the saved point of the schedule. Returns the loop state
-    and the epoch's batch order."""
-    flag_lrs = load_model_and_optimizer(checkpoint, model, optimizer)
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    scheduler.base_lrs = flag_lrs
-    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-    for group, base in zip(optimizer.param_groups, flag_lrs):
-        group["initial_lr"], group["lr"] = base, base * factor
-    torch.set_rng_state(checkpoint["rng_torch"].cpu())
-    generator.set_state(checkpoint["rng_data"].cpu())
-    if device.type == "cuda" and checkpoint.get("rng_cuda") is not None:
-        torch.cuda.set_rng_state(checkpoint["rng_cuda"].cpu(), device)
-    return LoopState(**checkpoint["state"]), checkpoint["order"]
+    def evaluate_epoch(self) -> None:
+        finish_epoch(self.args, self.state, self.log,
+                     *evaluate(self.model, self.data.test_x, self.data.test_y))
 
 
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST, args,
@@ -222,87 +278,10 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST, a
     """Train for args.epochs (cosine learning-rate decay), from `checkpoint` when resuming;
     print a line per epoch; write metrics.csv, checkpoint.pt and summary.json; return the
     summary."""
-    probe = probe or Probe()
-    forward = probe.forward or (lambda m, x, y: m(x))
-    device = data.train_x.device
-    generator = torch.Generator().manual_seed(args.seed)
-    steps_per_epoch = num_batches(len(data.train_x), args.batch_size)
-    scheduler = cosine_schedule(optimizer, args.epochs * steps_per_epoch)
-    named_params = list(model.named_parameters())
-    state, order = LoopState(), None
-    if checkpoint is not None:
-        state, order = restore_training(checkpoint, model, optimizer, scheduler, generator,
-                                        device)
-    log = MetricsLog(out_dir / "metrics.csv", probe.columns,
-                     keep_rows=checkpoint["metrics_rows"] if checkpoint else None)
-
-    def save() -> Path:
-        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-        return save_checkpoint(out_dir, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "state": asdict(state), "order": order,
-            "rng_torch": torch.get_rng_state(), "rng_data": generator.get_state(),
-            "rng_cuda": cuda, "metrics_rows": log.rows})
-
-    session_start = time.perf_counter()
-    wall_base = state.wall_seconds
-    with _StopRequest() as stop:
-        while state.epoch <= args.epochs:
-            model.train()
-            if order is None:
-                order = batch_order(len(data.train_x), generator, device)
-            bar = tqdm(total=steps_per_epoch, initial=state.batch, leave=False, disable=None,
-                       desc=f"epoch {state.epoch}/{args.epochs}", file=sys.stderr)
-            tick = time.perf_counter()
-            for x, y in batches(data.train_x, data.train_y, args.batch_size, order, state.batch):
-                now = time.perf_counter()
-                state.data_seconds += now - tick
-                logged = args.log_every > 0 and state.step % args.log_every == 0
-                last = state.batch == steps_per_epoch - 1
-                measured = {}
-                if probe.measure and (logged or last):
-                    measured = probe.measure(model, x, y)
-                    tick += time.perf_counter() - now  # diagnostics are not training time
-                optimizer.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(forward(model, x, y), y)
-                loss.backward()
-                bad = "loss" if not torch.isfinite(loss) else first_nonfinite_gradient(named_params)
-                if bad and bad != "loss" and probe.nonfinite:  # name the root cause if known
-                    bad = probe.nonfinite(model) or bad
-                if bad:
-                    kept = "; the last good checkpoint stays" if (out_dir / "checkpoint.pt"
-                                                                  ).exists() else ""
-                    raise UserError(f"training diverged: non-finite {bad} at step {state.step} "
-                                    f"(epoch {state.epoch}){kept}; lower --lr")
-                optimizer.step()
-                scheduler.step()
-                state.record_loss(loss.item(), len(y))
-                if probe.every_step:
-                    state.record(probe.every_step(model))
-                if logged:
-                    row = state.logged_row(measured)
-                elif measured:
-                    state.record(measured, window=False)
-                state.step += 1
-                state.batch += 1
-                bar.update()
-                now = time.perf_counter()
-                state.train_seconds += now - tick  # the whole step, data path included
-                state.wall_seconds = wall_base + now - session_start
-                tick = now
-                if logged:
-                    log.write({**row, "wall_seconds": state.wall_seconds})
-                if stop.signum is not None:
-                    bar.close()
-                    raise RunInterrupted(stop.signum, save(), state.epoch, state.step)
-            bar.close()
-            finish_epoch(args, state, log, *evaluate(model, data.test_x, data.test_y))
-            state.epoch, state.batch, order = state.epoch + 1, 0, None
-            path = save()
-            if stop.signum is not None:
-                raise RunInterrupted(stop.signum, path, state.epoch - 1, state.step)
-    return write_summary(state, args, out_dir, device, script=script, model_name=model_name,
-                          method=method, extra=extra_summary or {})
+    loop = _FitLoop(model, optimizer, data, args, out_dir, probe or Probe(), checkpoint)
+    loop.run()
+    return write_summary(loop.state, args, out_dir, loop.device, script=script,
+                         model_name=model_name, method=method, extra=extra_summary or {})
 
 
 def finish_epoch(args, state: LoopState, log: MetricsLog, test_loss: float, test_acc: float

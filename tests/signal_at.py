@@ -44,6 +44,7 @@ def main() -> None:
     import torch.nn.functional
 
     import experiment.figures
+    import experiment.loop
     import experiment.pipeline_train
     import experiment.records
     import experiment.rnn_train
@@ -60,13 +61,11 @@ def main() -> None:
         deliver_on_call(experiment.train, "evaluate", nth, signum)
         deliver_on_call(experiment.pipeline_train, "evaluate_pipeline", nth, signum)
     elif name == "checkpoint":
-        for module in (experiment.train, experiment.pipeline_train, experiment.rnn_train):
-            deliver_on_call(module, "save_checkpoint", nth, signum)
+        deliver_on_call(experiment.loop, "save_checkpoint", nth, signum)
     elif name == "checkpoint-write":
         # the first signal comes as the nth write begins, the second inside the file write
-        for module in (experiment.train, experiment.pipeline_train, experiment.rnn_train):
-            deliver_on_call(module, "save_checkpoint", nth, signum)
-        experiment.train.DUPLICATE_SIGNAL_SECONDS = -1.0  # the second counts as a second
+        deliver_on_call(experiment.loop, "save_checkpoint", nth, signum)
+        experiment.loop.DUPLICATE_SIGNAL_SECONDS = -1.0  # the second counts as a second
         deliver_on_call(experiment.records.os, "fsync", nth, signum)
     elif name == "figures":
         deliver_on_call(experiment.figures, "draw_figures", nth, signum)
