@@ -127,6 +127,25 @@ def _note(ax, notes: list[str], drew: bool) -> None:
         ax.set_yticks([])
 
 
+def _save_figure(fig, path: Path) -> Path:
+    """Write a figure as PNG atomically (temporary file, rename) and close it; a folder that
+    cannot be written is a UserError naming the file."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+    finally:
+        plt.close(fig)
+    return path
+
+
 def draw_figures(run_dirs: list[str | Path], out_dir: str | Path) -> dict[Path, list[str]]:
     """Write the four figures for these runs into out_dir; return each one's path with the
     notes written on it: whatever had nothing to draw (a series never measured, all NaN or
@@ -151,18 +170,7 @@ def draw_figures(run_dirs: list[str | Path], out_dir: str | Path) -> dict[Path, 
     written = {}
 
     def save(fig, name, notes):
-        fig.tight_layout()
-        path = out_dir / name
-        tmp = out_dir / f".{name}.tmp.png"
-        try:
-            fig.savefig(tmp, dpi=100)
-            os.replace(tmp, path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
-        finally:
-            plt.close(fig)
-        written[path] = list(notes)
+        written[_save_figure(fig, out_dir / name)] = list(notes)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     notes = []
@@ -274,16 +282,4 @@ def draw_length_curves(run_dirs: list[str | Path], out_path: str | Path) -> Path
     if drew:
         ax.legend(fontsize="small")
     _note(ax, notes, drew)
-    fig.tight_layout()
-    out_path = Path(out_path)
-    tmp = out_path.with_name(f".{out_path.name}.tmp.png")
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, out_path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {out_path}: {exc.strerror or exc}") from None
-    finally:
-        plt.close(fig)
-    return out_path
+    return _save_figure(fig, Path(out_path))
