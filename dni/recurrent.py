@@ -297,8 +297,9 @@ class TruncatedBPTT(nn.Module):
             if objective.requires_grad:                  # a chunk may score nothing
                 objective.backward(retain_graph=aux_term is not None)
             if synthetic is not None and synthetic.requires_grad:
-                # read before the aux loss's backward: it trains the core, not S's target
-                local = s.grad.clone() if s.grad is not None else torch.zeros_like(s)
+                # read before the aux loss's backward (which adds to s.grad): the aux loss
+                # trains the core, not S's target; `* unit` makes the target a new tensor
+                local = s.grad if s.grad is not None else torch.zeros_like(s)
                 target = local * unit                    # bootstrapped: local + synthetic future
                 targets.append(target)
                 fits.append(synthesizer_loss(synthetic, target))

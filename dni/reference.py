@@ -5,14 +5,16 @@ for a loss averaged over a batch of B examples:
 
     for each block i, bottom to top:
         h_i = f_i(x_i)                       x_1 = the input, x_{i+1} = h_i cut from below
-        g_i = S_i(h_i.detach())              the per-example synthetic gradient dL/dh_i
+        g_i = S_i(h_i.detach())              the per-example synthetic gradient (B dL/dh_i);
+                                             interface.py calls g_i / B the gradient
         h_i.backward(scale * g_i / B)        block i learns now: it need not wait for the top
     L = loss(head(x_{n+1})); L.backward()    the head learns from the true loss
     for each interface i:
-        d_i = B * x_{i+1}.grad / scale_i+1   what came back at block i+1's input: the true
+        d_i = B * x_{i+1}.grad / scale       what came back at block i+1's input: the true
                                              dL/dh_n at the top, else block i+1's synthetic
                                              gradient pushed back through f_{i+1} (in the
-                                             loss's units: the scale it was sent under undone)
+                                             loss's units: the scale it was sent under undone,
+                                             1 at the top, where the loss sent it)
         fit S_i on ||g_i - d_i||^2           summed over features, averaged over the batch
 
 `dni.Interface` is this algorithm as a module (an autograd Function fits S_i during the

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from experiment.errors import UserError
-from experiment.records import BASE_COLUMNS
+from experiment.records import BASE_COLUMNS, written_whole
 
 FIGURES = ("classify_loss.png", "grad_loss.png", "grad_cosine.png", "test_acc.png")
 
@@ -135,12 +135,13 @@ def _save_figure(fig, path: Path) -> Path:
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot write {path}: {exc.strerror or exc}") from None
+        with written_whole(tmp, path):  # a failure or Ctrl-C leaves no temporary behind
+            fig.savefig(tmp, dpi=100)
+            os.replace(tmp, path)
     finally:
         plt.close(fig)
     return path

@@ -71,7 +71,10 @@ def load_model_and_optimizer(checkpoint: dict, model: torch.nn.Module,
 class TrainingLoop:
     """The loop; a subclass defines `finished`, `period_over`, `train_step` and, where it
     needs them, the other hooks below. `state` is a dataclass with at least `step`,
-    `train_seconds` and `wall_seconds`; it is checkpointed whole."""
+    `train_seconds` and `wall_seconds`; it is checkpointed whole. `columns`: the metrics.csv
+    columns beyond the common ones (None: this process keeps no records); the file is opened
+    (and, on resume, cut back to the checkpoint's rows) only when `run` starts, so a resume
+    refused before then leaves it as it was."""
 
     checkpoint_name: str = CHECKPOINT
     stops_at_once: bool = True      # False: a signal is passed on (`pass_on_stop`) instead
@@ -79,9 +82,12 @@ class TrainingLoop:
 
     def __init__(self, out_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  generator: torch.Generator, device: torch.device, state,
-                 log: MetricsLog | None):
+                 columns: list[str] | None, checkpoint: dict | None):
         self.out_dir, self.model, self.optimizer = out_dir, model, optimizer
-        self.generator, self.device, self.state, self.log = generator, device, state, log
+        self.generator, self.device, self.state = generator, device, state
+        self.columns = columns
+        self.kept_rows = checkpoint["metrics_rows"] if checkpoint is not None else None
+        self.log: MetricsLog | None = None
         self.diagnostic_seconds = 0.0   # a step's time spent on diagnostics, not training
 
     # what a trainer defines
@@ -160,6 +166,9 @@ class TrainingLoop:
         """Train until `finished()`, period by period; a signal saves and raises
         RunInterrupted (after the step in progress, or at once on a second one)."""
         state = self.state
+        if self.columns is not None and self.log is None:
+            self.log = MetricsLog(self.out_dir / "metrics.csv", self.columns,
+                                  keep_rows=self.kept_rows)
         session_start, wall_base = time.perf_counter(), state.wall_seconds
         with StopRequest() as stop:
             while not self.finished():

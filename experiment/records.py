@@ -29,13 +29,13 @@ def write_json(path: Path, obj: Any) -> None:
     """Write JSON atomically (temporary file, then rename); processes writing the same file
     at once each use their own temporary file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with _written_whole(tmp, path):
+    with written_whole(tmp, path):
         tmp.write_text(json.dumps(obj, indent=2) + "\n")
         os.replace(tmp, path)
 
 
 @contextmanager
-def _written_whole(tmp: Path, path: Path) -> Iterator[None]:
+def written_whole(tmp: Path, path: Path) -> Iterator[None]:
     """Around writing `tmp` and renaming it to `path`: on any failure (a full disk, a second
     Ctrl-C) the temporary file goes, `path` keeps its last whole version, and an OSError
     becomes a UserError that names `path`."""
@@ -118,7 +118,7 @@ def save_checkpoint(out_dir: Path, payload: dict, name: str = CHECKPOINT) -> Pat
     tmp = out_dir / f".{name}.tmp"
     buffer = io.BytesIO()  # serialised first: a failed file write is then a plain OSError
     torch.save({"format": CHECKPOINT_FORMAT, **payload}, buffer)
-    with _written_whole(tmp, path):
+    with written_whole(tmp, path):
         with open(tmp, "wb") as f:
             f.write(buffer.getbuffer())
             f.flush()

@@ -152,11 +152,9 @@ class _SequenceLoop(TrainingLoop):
 
     def __init__(self, args, model: SequenceModel, optimizer, task, out_dir: Path, device,
                  checkpoint: dict | None, on_step: Callable[[int], None] | None):
-        log = MetricsLog(out_dir / "metrics.csv", COLUMNS,
-                         keep_rows=checkpoint["metrics_rows"] if checkpoint else None)
         super().__init__(out_dir, model, optimizer,
                          torch.Generator(device=device).manual_seed(args.seed), device,
-                         RunState(), log)
+                         RunState(), COLUMNS, checkpoint)
         self.args, self.task, self.on_step = args, task, on_step
         self.curriculum = Curriculum(args.threshold, args.window, max_level=args.max_length)
         self.network = list(model.named_parameters())

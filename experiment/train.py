@@ -160,11 +160,9 @@ class EpochLoop(TrainingLoop):
                  args, out_dir: Path, columns: list[str], checkpoint: dict | None,
                  checkpoint_name: str = CHECKPOINT, keeps_records: bool = True):
         self.checkpoint_name = checkpoint_name
-        log = (MetricsLog(out_dir / "metrics.csv", columns,
-                          keep_rows=checkpoint["metrics_rows"] if checkpoint else None)
-               if keeps_records else None)
         super().__init__(out_dir, model, optimizer, torch.Generator().manual_seed(args.seed),
-                         data.train_x.device, LoopState(), log)
+                         data.train_x.device, LoopState(), columns if keeps_records else None,
+                         checkpoint)
         self.data, self.args = data, args
         self.steps_per_epoch = num_batches(len(data.train_x), args.batch_size)
         self.scheduler = cosine_schedule(optimizer, args.epochs * self.steps_per_epoch)

@@ -141,3 +141,18 @@ def test_divergence_stops_with_one_line_and_keeps_the_checkpoint(run_script, tmp
     assert len(lines) == 1 and lines[0].startswith("error: training diverged: non-finite")
     assert "at step" in lines[0] and "checkpoint stays" in lines[0]
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_a_refused_resume_leaves_metrics_csv_as_it_was(run_script, tmp_path):
+    """A checkpoint that does not fit the model is refused before the run's records are
+    touched: metrics.csv keeps even the rows written after the checkpoint."""
+    dni, bp = tmp_path / "dni", tmp_path / "bp"
+    assert run_script("main.py", *SMALL, "--epochs", "1", "--out", dni).returncode == 0
+    assert run_script("mlp.py", *SMALL, "--epochs", "1", "--out", bp).returncode == 0
+    (dni / "checkpoint.pt").write_bytes((bp / "checkpoint.pt").read_bytes())
+    with open(dni / "metrics.csv", "a") as f:
+        f.write("step,99,2,1.0,0.5,,,,,,,,\n")          # a row past the checkpoint
+    before = (dni / "metrics.csv").read_bytes()
+    result = run_script("main.py", "--resume", dni)
+    assert result.returncode == 2 and "does not fit this model" in result.stderr
+    assert (dni / "metrics.csv").read_bytes() == before
