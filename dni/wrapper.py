@@ -101,6 +101,12 @@ class DNI(nn.Module):
     multiplies every synthetic gradient; `forward_unlock` feeds each block above an interface
     a prediction of its input made from the network input; `example_input` builds the
     interfaces now (else at the first forward; build before making an LR scheduler).
+
+    The synthesizers' parameter group in `optim`: learning rate `synthesizer_lr`, or, when it
+    is None, the learning rate the optimizer's first group has now (not the constructor's
+    default, which a per-group setup may not use); every other setting as the optimizer's
+    defaults (betas, eps, ...) except weight decay, which is 0: decay would pull each
+    synthetic gradient towards zero, a bias in the regression on the true one.
     """
 
     def __init__(self, net: nn.Module, optim: torch.optim.Optimizer | None = None,
@@ -117,6 +123,9 @@ class DNI(nn.Module):
         self.requested_blocks = list(blocks) if blocks is not None else None
         self.context_size = context_size
         self.grad_scale = grad_scale
+        if synthesizer_lr is not None and not synthesizer_lr > 0:
+            raise ValueError(f"synthesizer_lr must be positive (None: the optimizer's), got "
+                             f"{synthesizer_lr}")
         self.synthesizer_lr = synthesizer_lr
         self.forward_unlock = forward_unlock
         self.batch_mean = batch_mean
@@ -146,10 +155,16 @@ class DNI(nn.Module):
         self.block_names = names
         params = list(self.synthesizer_parameters())
         if self.optim is not None:
-            lr = self.synthesizer_lr or self.optim.defaults["lr"]
-            self.optim.add_param_group({"params": params, "lr": lr})
+            first = self.optim.param_groups[0]
+            lr = (self.synthesizer_lr if self.synthesizer_lr is not None
+                  else first.get("initial_lr", first["lr"]))
+            group = {"params": params, "lr": lr}
+            if "weight_decay" in self.optim.defaults:
+                group["weight_decay"] = 0.0
+            self.optim.add_param_group(group)
         elif params:
-            self.synthesizer_optimizer = torch.optim.Adam(params, lr=self.synthesizer_lr or 1e-4)
+            lr = self.synthesizer_lr if self.synthesizer_lr is not None else 1e-4
+            self.synthesizer_optimizer = torch.optim.Adam(params, lr=lr)
         self._built = True
 
     def _trace(self, example_input: torch.Tensor) -> tuple[list[str], dict[str, tuple]]:

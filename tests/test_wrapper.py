@@ -203,3 +203,26 @@ def test_a_block_called_twice_is_refused():
 def test_needs_two_blocks():
     with pytest.raises(ValueError, match="two blocks"):
         DNI(nn.Sequential(nn.Linear(3, 3)), example_input=torch.randn(2, 3))
+
+
+def test_synthesizer_group_defaults_as_documented():
+    """synthesizer_lr None takes the first group's learning rate as it is now; 0 or a
+    negative rate is refused (it used to fall back silently); other settings follow the
+    optimizer's defaults but weight decay, which is 0."""
+    def build(opt, **options):
+        return DNI(nn.Sequential(nn.Linear(10, 8), nn.ReLU(), nn.Linear(8, 3)), optim=opt,
+                   example_input=torch.randn(2, 10), **options)
+
+    torch.manual_seed(0)
+    probe = nn.Linear(10, 8)
+    opt = torch.optim.AdamW([{"params": probe.parameters(), "lr": 3e-4}], lr=1e-2,
+                            weight_decay=0.1, betas=(0.8, 0.9))
+    build(opt)
+    group = opt.param_groups[-1]
+    assert group["lr"] == 3e-4 and group["weight_decay"] == 0.0 and group["betas"] == (0.8, 0.9)
+    opt = torch.optim.SGD(probe.parameters(), lr=0.1, momentum=0.9)
+    build(opt, synthesizer_lr=0.02)
+    assert opt.param_groups[-1]["lr"] == 0.02 and opt.param_groups[-1]["momentum"] == 0.9
+    for bad in (0, 0.0, -1e-3):
+        with pytest.raises(ValueError, match="synthesizer_lr"):
+            build(torch.optim.SGD(probe.parameters(), lr=0.1), synthesizer_lr=bad)
