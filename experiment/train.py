@@ -75,11 +75,12 @@ class LoopState:
     def record(self, figures: dict[str, float], window: bool = True) -> None:
         """Add figures (non-finite ones are left out) to the epoch's sums and, with `window`,
         to the logging window's."""
+        sums = [(self.metric_sums, self.metric_counts)]
+        if window:
+            sums.append((self.window_sums, self.window_counts))
         for name, v in figures.items():
             if v is None or not math.isfinite(v):
                 continue
-            sums = ((self.metric_sums, self.metric_counts),) + \
-                (((self.window_sums, self.window_counts),) if window else ())
             for total, count in sums:
                 total[name] = total.get(name, 0.0) + v
                 count[name] = count.get(name, 0) + 1
@@ -87,8 +88,8 @@ class LoopState:
     def logged_row(self, measured: dict[str, float] | None = None) -> dict:
         """Close the logging window: the metrics.csv row (without wall_seconds) of the
         window's means and the figures `measured` at this step (added to the epoch's)."""
-        measured = {k: v for k, v in (measured or {}).items() if v is not None
-                    and math.isfinite(v)}
+        measured = {k: v for k, v in (measured or {}).items()
+                    if v is not None and math.isfinite(v)}
         self.record(measured, window=False)
         means = {n: self.window_sums[n] / self.window_counts[n] for n in self.window_sums}
         row = {**means, **measured, "kind": "step", "step": self.step, "epoch": self.epoch,
