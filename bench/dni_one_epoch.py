@@ -25,7 +25,7 @@ from dni import DNI, LinearSynthesizer, Synthesizer
 from dni.synthesizers import MLPSynthesizer
 from experiment.cli import Parser, positive_int, run
 from experiment.data import batch_order, batches, load_mnist
-from experiment.train import cosine_schedule, evaluate
+from experiment.train import evaluate, learning_rate_schedule
 from model import FCN
 
 
@@ -120,7 +120,7 @@ def run_variant(name: str, data, batch_size: int, seed: int) -> tuple[float, lis
     model = DNI(net, optim=optimizer, synthesizer=factory, example_input=data.train_x[:2],
                 synthesizer_lr=synth_lr)
     steps = math.ceil(len(data.train_x) / batch_size)
-    schedule = cosine_schedule(optimizer, steps)
+    schedule = learning_rate_schedule(optimizer, steps)
     order = batch_order(len(data.train_x), torch.Generator().manual_seed(seed), torch.device("cpu"))
     cosines, start = [], time.perf_counter()
     model.train()

@@ -9,10 +9,8 @@ in its own folder under --results: finished runs are read back, interrupted ones
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +21,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 import torch.nn.functional as F
 
+from bench.script_runs import script_run
 from experiment.cli import Parser, positive_int, run
 from experiment.networks import attach_dni, dni_defaults
 from model import CNN, FCN
@@ -42,18 +41,8 @@ def accuracy_run(model: str, method: str, epochs: int, train_size: int | None, o
                  ) -> dict:
     """Run the script for (model, method) in `out` and return its summary; a finished run is
     read back, an interrupted one resumed from its checkpoint."""
-    summary = out / "summary.json"
-    if summary.exists():
-        return json.loads(summary.read_text())
-    if (out / "checkpoint.pt").exists():
-        argv = [sys.executable, SETTINGS[(model, method)][0], "--resume", str(out)]
-    else:
-        argv = [sys.executable, *SETTINGS[(model, method)], "--epochs", str(epochs),
-                "--out", str(out), "--device", "cpu"]
-        argv += ["--train-size", str(train_size)] if train_size else []
-    print("$", " ".join(argv[1:]), flush=True)
-    subprocess.run(argv, cwd=ROOT, check=True)
-    return json.loads(summary.read_text())
+    command = [*SETTINGS[(model, method)], "--epochs", str(epochs)]
+    return script_run(command + (["--train-size", str(train_size)] if train_size else []), out)
 
 
 def step_costs(model: str, repeats: int = 30, steps: int = 10) -> dict[str, float]:

@@ -93,7 +93,7 @@ def _worker(args) -> None:
     """One rank of a pipelining-schedule or DDP run; the last rank writes the result."""
     from experiment.data import batch_order, batches, load_mnist
     from experiment.pipeline_train import pin_to_cores
-    from experiment.train import cosine_schedule, evaluate
+    from experiment.train import evaluate, learning_rate_schedule
     from model import FCN
 
     torch.set_num_threads(1)
@@ -118,7 +118,7 @@ def _worker(args) -> None:
                 module.reset_running_stats()
         net.zero_grad(set_to_none=True)
     optimizer = adam(params, lr=1e-3)   # as the scripts train
-    scheduler = cosine_schedule(optimizer, steps)
+    scheduler = learning_rate_schedule(optimizer, steps)
     train_seconds = 0.0
     for _ in range(args.epochs):
         order = batch_order(len(data.train_x), generator, torch.device("cpu"))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from experiment.cli import parse_training_args, prepare_run, training_parser
+from experiment.cli import boolean, parse_training_args, prepare_run, training_parser
 from experiment.networks import add_model_arguments, build_network
 from experiment.train import adam, fit
 
@@ -15,16 +15,27 @@ def run_backprop(model_type: str, script: str, description: str) -> None:
     epochs, batch_size, lr = BASELINE_DEFAULTS[model_type]
     parser = training_parser(description, epochs=epochs, batch_size=batch_size, lr=lr)
     add_model_arguments(parser, model_type)
-    args = parse_training_args(parser, script=script, fixed=("depth", "width", "channels",
-                                                             "batch_size", "train_size", "seed"))
+    parser.add_argument("--head-only", type=boolean, nargs="?", const=True, default=False,
+                        help="No Bprop, the paper's lower bound: only the classifier head "
+                             "learns, the hidden blocks keep their random weights "
+                             "(True/False/1/0, or the flag alone)")
+    args = parse_training_args(parser, script=script, absent={"head_only": False},
+                               fixed=("depth", "width", "channels", "batch_size", "train_size",
+                                      "seed", "head_only"))
     _, out_dir, data, checkpoint = prepare_run(args, script)
     train_backprop(model_type, args, data, out_dir, script=script, checkpoint=checkpoint)
 
 
 def train_backprop(model_type: str, args, data, out_dir, *, script: str,
                    checkpoint: dict | None = None) -> dict:
-    """Build `model_type` from args, train it by backprop with Adam; return the summary."""
+    """Build `model_type` from args, train it by backprop with Adam (only its head with
+    args.head_only); return the summary."""
     net = build_network(model_type, args).to(data.train_x.device)
-    optimizer = adam(net.parameters(), lr=args.lr)
+    head_only = getattr(args, "head_only", False)
+    if head_only:
+        for block in list(net)[:-1]:
+            block.requires_grad_(False)
+    optimizer = adam([p for p in net.parameters() if p.requires_grad], lr=args.lr)
     return fit(net, optimizer, data, args, script=script, model_name=model_type,
-               method="backprop", out_dir=out_dir, checkpoint=checkpoint)
+               method="no_bprop" if head_only else "backprop", out_dir=out_dir,
+               checkpoint=checkpoint)

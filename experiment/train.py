@@ -128,9 +128,12 @@ def adam(params, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=True)
 
 
-def cosine_schedule(optimizer: torch.optim.Optimizer, total_steps: int
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, total_steps: int, kind: str = "cosine"
                     ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine decay of every parameter group's learning rate from its value to 0."""
+    """Cosine decay of every parameter group's learning rate from its value to 0 over
+    `total_steps` (kind "cosine"), or the rate held constant (kind "constant")."""
+    if kind == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
 
@@ -153,8 +156,8 @@ def first_nonfinite_gradient(named_params: list[tuple[str, torch.nn.Parameter]])
 
 
 class EpochLoop(TrainingLoop):
-    """Epochs of mini-batches drawn by index from a fresh order each epoch, under a cosine
-    learning-rate schedule, with `evaluate_epoch` at each epoch's end: what `fit` and the
+    """Epochs of mini-batches drawn by index from a fresh order each epoch, under the
+    learning-rate schedule args.schedule names (cosine when absent), with `evaluate_epoch` at each epoch's end: what `fit` and the
     pipeline's stages share. A subclass gives `train_step` and `evaluate_epoch`."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST,
@@ -166,7 +169,8 @@ class EpochLoop(TrainingLoop):
                          checkpoint)
         self.data, self.args = data, args
         self.steps_per_epoch = num_batches(len(data.train_x), args.batch_size)
-        self.scheduler = cosine_schedule(optimizer, args.epochs * self.steps_per_epoch)
+        self.scheduler = learning_rate_schedule(optimizer, args.epochs * self.steps_per_epoch,
+                                         getattr(args, "schedule", "cosine"))
         self.order: torch.Tensor | None = None   # this epoch's batch order
         self.stream = None
         if checkpoint is not None:
