@@ -127,7 +127,7 @@ def _note(ax, notes: list[str], drew: bool) -> None:
         ax.set_yticks([])
 
 
-def _save_figure(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     """Write a figure as PNG atomically (temporary file, rename) and close it; a folder that
     cannot be written is a UserError naming the file."""
     import matplotlib.pyplot as plt
@@ -171,7 +171,7 @@ def draw_figures(run_dirs: list[str | Path], out_dir: str | Path) -> dict[Path, 
     written = {}
 
     def save(fig, name, notes):
-        written[_save_figure(fig, out_dir / name)] = list(notes)
+        written[save_figure(fig, out_dir / name)] = list(notes)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     notes = []
@@ -283,4 +283,4 @@ def draw_length_curves(run_dirs: list[str | Path], out_path: str | Path) -> Path
     if drew:
         ax.legend(fontsize="small")
     _note(ax, notes, drew)
-    return _save_figure(fig, Path(out_path))
+    return save_figure(fig, Path(out_path))
