@@ -1,5 +1,5 @@
-"""The paper's own budget for the 3-layer MNIST FCN: Adam at a constant 3e-5, batch 256, 500k
-updates; DNI with the paper's synthesizer (two hidden layers of 1024, Linear-BN-ReLU, then a
+"""The paper's own budget for main.py's MNIST FCN (3 hidden blocks, the paper's 4-layer FCN):
+Adam at a constant 3e-5, batch 256, 500k updates; DNI with the paper's synthesizer (two hidden layers of 1024, Linear-BN-ReLU, then a
 zero-initialised Linear), cDNI with a linear one, and backprop at the same settings. Draws
 test error against updates beside the 20-epoch runs of main.py's defaults.
 
@@ -53,7 +53,7 @@ def draw(results: Path, defaults: Path, methods: list[str], out: Path) -> Path:
     drawn = 0
     for method in methods:
         for folder, style, what in ((results / method, "-", "paper's settings"),
-                                    (defaults / f"fcn3-{method}-e20",
+                                    (defaults / f"fcn4-{method}-e20",
                                      "--", "main.py / mlp.py defaults, 20 epochs")):
             try:
                 epochs = load_run(folder).epochs
@@ -71,7 +71,7 @@ def draw(results: Path, defaults: Path, methods: list[str], out: Path) -> Path:
     ax.set_yscale("log")
     ax.set_xlabel("updates")
     ax.set_ylabel("test error (%)")
-    ax.set_title("3-layer MNIST FCN: the paper's budget against 20 epochs")
+    ax.set_title("MNIST FCN 3x256 (the paper's 4 layers): its budget against 20 epochs")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
     return save_figure(fig, out)

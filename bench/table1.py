@@ -44,15 +44,15 @@ PAPER = {
 
 
 def cnn_channels(layers: int) -> list[str]:
-    """The CNN's --channels for `layers` hidden conv blocks (32, then 64 channels), each with
-    an interface, below the linear classifier: the FCN's count (--depth) for the CNN."""
-    return [str(c) for c in (32, *[64] * (layers - 1))]
+    """The CNN's --channels for a network of `layers` layers as the paper counts them: layers
+    - 1 conv blocks (32, then 64 channels), each with an interface, then the classifier."""
+    return [str(c) for c in (32, *[64] * (layers - 2))]
 
 
 def command(model: str, layers: int, method: str, epochs: int) -> list[str]:
     """The script and flags of one cell."""
-    if model == "fcn":
-        shape = ["--depth", str(layers)]
+    if model == "fcn":  # the paper counts the classifier among the layers (bench/README.md)
+        shape = ["--depth", str(layers - 1)]
         baseline, name = "mlp.py", "mlp"
     else:
         shape = ["--channels", *cnn_channels(layers)]

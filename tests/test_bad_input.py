@@ -180,6 +180,10 @@ CASES: dict[str, Case] = {
     "bench rnn bad run flag": Case("bench/rnn.py", ["--steps", "-1"], "--steps", data=False),
     "bench baselines epochs negative": Case("bench/baselines.py", ["--mlp-epochs", "-1"],
                                             "--mlp-epochs", data=False),
+    "bench table1 layers zero": Case("bench/table1.py", ["--layers", "0"], "--layers",
+                                     data=False),
+    "bench paper budget unknown method": Case("bench/paper_budget.py", ["--methods", "sgd"],
+                                              "--methods", data=False),
     "bench one-epoch unknown variant": Case("bench/dni_one_epoch.py", ["--variants", "best"],
                                             "--variants", data=False),
     # --resume of what cannot be resumed

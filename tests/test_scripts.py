@@ -69,6 +69,50 @@ def test_cnn_baseline_runs(run_script, tmp_path):
     assert summary["model"] == "cnn" and summary["test_acc"] > 0.3
 
 
+def test_head_only_baseline_trains_only_the_classifier_head(run_script, tmp_path):
+    """No Bprop (--head-only): the hidden blocks' weights are those they started with (the
+    same seed's initial network), the head's have moved; the summary says no_bprop."""
+    from model import FCN
+
+    result = run_script("mlp.py", *TINY, "--head-only", "--depth", "2", "--width", "32",
+                        "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert read_summary(tmp_path)["method"] == "no_bprop"
+    trained = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    torch.manual_seed(0)
+    initial = FCN(depth=2, width=32).state_dict()
+    hidden = [k for k in initial if not k.startswith("2.") and "running" not in k
+              and "num_batches" not in k]
+    assert hidden and all(torch.equal(trained[k], initial[k]) for k in hidden)
+    assert not torch.equal(trained["2.weight"], initial["2.weight"])
+
+
+def test_constant_schedule_keeps_the_rate_and_cosine_decays_it():
+    from experiment.train import learning_rate_schedule
+
+    rates = {}
+    for kind in ("constant", "cosine"):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        schedule = learning_rate_schedule(opt, 10, kind)
+        for _ in range(5):
+            opt.step()
+            schedule.step()
+        rates[kind] = opt.param_groups[0]["lr"]
+    assert rates["constant"] == 0.1
+    assert rates["cosine"] == pytest.approx(0.05)
+
+
+def test_table1_cells_run_the_scripts_the_table_names():
+    from bench.table1 import cnn_channels, command
+
+    assert command("fcn", 5, "no_bprop", 20) == ["mlp.py", "--head-only", "--depth", "4",
+                                                 "--epochs", "20"]
+    assert command("cnn", 4, "cdni", 2) == ["main.py", "--model_type", "cnn", "--conditioned",
+                                            "True", "--channels", "32", "64", "64",
+                                            "--epochs", "2"]
+    assert cnn_channels(3) == ["32", "64"]
+
+
 @pytest.mark.parametrize("argv, method, interfaces, label_inputs, unlocked", [
     (["--model_type", "mlp"], "dni", 3, 0, False),
     (["--model_type", "mlp", "--conditioned", "True", "--synthesizer", "mlp",
