@@ -46,6 +46,7 @@ def draw(results: Path, defaults: Path, methods: list[str], out: Path) -> Path:
     """Test error against updates (log scale) of the paper-budget runs (as far as they have
     got) and of the 20-epoch default runs found in `defaults` (bench/table1.py's folders)."""
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -69,6 +70,9 @@ def draw(results: Path, defaults: Path, methods: list[str], out: Path) -> Path:
         raise UserError(f"no run with epoch records under {results} or {defaults}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("updates")
     ax.set_ylabel("test error (%)")
     ax.set_title("MNIST FCN 3x256 (the paper's 4 layers): its budget against 20 epochs")
