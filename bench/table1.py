@@ -11,14 +11,13 @@ resumed, so the table fills in over several invocations. --table-only prints wha
 
 from __future__ import annotations
 
+import json
 import platform
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-import json
 
 import torch
 
