@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from dni.pipeline import INTERFACE_MODES
 from experiment.baseline import BASELINE_DEFAULTS
 from experiment.cli import (
-    boolean,
+    add_switch,
     learning_rate,
     nonnegative_int,
     parse_training_args,
@@ -54,9 +54,7 @@ def parse_args():
                        "epoch's mean of each (0: epoch rows only)")
     parser.add_argument("--model_type", "--model-type", choices=MODEL_TYPES, default="mlp",
                         help="network to train")
-    parser.add_argument("--conditioned", type=boolean, nargs="?", const=True, default=False,
-                        help="cDNI: synthesizers also see the one-hot label (True/False/1/0, "
-                             "or the flag alone)")
+    add_switch(parser, "--conditioned", "cDNI: synthesizers also see the one-hot label")
     parser.add_argument("--synthesizer", choices=SYNTHESIZER_CHOICES, default=None,
                         help="synthesizer kind (default: linear for mlp, conv for cnn)")
     parser.add_argument("--synth-hidden", type=positive_int, default=None,
@@ -65,14 +63,13 @@ def parse_args():
                         help="synthesizer layers, the zero-initialised output layer included "
                              "(default: 1 linear and conv, 3 mlp)")
     parser.add_argument("--synth-lr", type=learning_rate, default=None,
-                        help="Adam learning rate of the synthesizers, cosine-decayed to 0 "
+                        help="Adam learning rate of the synthesizers, decayed as --schedule says "
                              "(default: mlp 1e-2 for DNI, 1e-3 for cDNI; cnn 1e-3 for DNI, "
                              "1e-4 for cDNI; see bench/README.md)")
     parser.add_argument("--grad-scale", type=positive_float, default=1.0,
                         help="multiplier on every synthetic gradient a block receives")
-    parser.add_argument("--forward-unlock", type=boolean, nargs="?", const=True, default=False,
-                        help="feed each block above an interface a synthetic input predicted "
-                             "from the image (forward unlocking)")
+    add_switch(parser, "--forward-unlock", "feed each block above an interface a synthetic "
+               "input predicted from the image (forward unlocking)")
     parser.add_argument("--baseline", nargs="+", default=None, metavar="RUN_DIR",
                         help="at the end, draw the figures of this run beside these runs "
                              "(e.g. an mlp.py run) into the run folder (default: none)")

@@ -11,7 +11,6 @@ resumed, so the table fills in over several invocations. --table-only prints wha
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from bench.script_runs import script_run
+from bench.script_runs import finished_summary, script_run
 from experiment.cli import Parser, positive_int, run
 
 METHODS = ("no_bprop", "bp", "dni", "cdni")
@@ -69,12 +68,6 @@ def cell_folder(results: Path, model: str, layers: int, method: str, epochs: int
     return results / f"{model}{layers}-{method}-e{epochs}"
 
 
-def read_finished(folder: Path) -> dict | None:
-    """A finished cell's summary, or None."""
-    summary = folder / "summary.json"
-    return json.loads(summary.read_text()) if summary.exists() else None
-
-
 def format_cell(ours: float | None, paper: float | None) -> str:
     """'ours (paper)' test error, a dash where a figure is missing."""
     mine = f"{ours:.2f}" if ours is not None else "-"
@@ -104,7 +97,7 @@ def main() -> None:
     for model, layers in columns:
         for method in args.methods:
             folder = cell_folder(args.results, model, layers, method, args.epochs)
-            summary = read_finished(folder) if args.table_only else script_run(
+            summary = finished_summary(folder) if args.table_only else script_run(
                 command(model, layers, method, args.epochs), folder)
             if summary is not None:
                 errors[(model, layers, method)] = 100 * (1 - summary["test_acc"])

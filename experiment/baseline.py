@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from experiment.cli import boolean, parse_training_args, prepare_run, training_parser
+from experiment.cli import add_switch, parse_training_args, prepare_run, training_parser
 from experiment.networks import add_model_arguments, build_network
 from experiment.train import adam, fit
 
@@ -15,10 +15,8 @@ def run_backprop(model_type: str, script: str, description: str) -> None:
     epochs, batch_size, lr = BASELINE_DEFAULTS[model_type]
     parser = training_parser(description, epochs=epochs, batch_size=batch_size, lr=lr)
     add_model_arguments(parser, model_type)
-    parser.add_argument("--head-only", type=boolean, nargs="?", const=True, default=False,
-                        help="No Bprop, the paper's lower bound: only the classifier head "
-                             "learns, the hidden blocks keep their random weights "
-                             "(True/False/1/0, or the flag alone)")
+    add_switch(parser, "--head-only", "No Bprop, the paper's lower bound: only the classifier "
+               "head learns, the hidden blocks keep their random weights")
     args = parse_training_args(parser, script=script, absent={"head_only": False},
                                fixed=("depth", "width", "channels", "batch_size", "train_size",
                                       "seed", "head_only"))

@@ -102,6 +102,12 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
+def add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
+    """An on/off flag, off by default, that takes True/False/1/0 or stands alone for True."""
+    parser.add_argument(flag, type=boolean, nargs="?", const=True, default=False,
+                        help=f"{help} (True/False/1/0, or the flag alone)")
+
+
 def training_parser(description: str, *, epochs: int | None, batch_size: int | None, lr: float,
                     log_every_help: str = "write a metrics.csv row every N steps "
                                           "(0: epoch rows only)",

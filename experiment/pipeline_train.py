@@ -159,7 +159,7 @@ class _StageLoop(EpochLoop):
 def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: MNIST, args, *,
                  model_name: str, method: str, out_dir: Path, checkpoint: dict | None,
                  extra_summary: dict) -> dict | None:
-    """Train this rank's stage for args.epochs (cosine decay); the last stage prints the epoch
+    """Train this rank's stage for args.epochs (learning rates as --schedule says); the last stage prints the epoch
     lines and writes metrics.csv and summary.json, which it returns (others return None)."""
     collectives = dist.new_group(backend="gloo")  # for the few collectives, apart from p2p
     if checkpoint is not None and checkpoint.get("counts") != stage.counts:
