@@ -35,7 +35,8 @@ from experiment.train import Probe, adam, fit
 SYNTHESIZER_CHOICES = ("linear", "linear_sigmoid", "mlp", "conv")
 # what a resumed run keeps: its network, synthesizers, placement, data and batch order
 RUN_DEFINING_FLAGS = ("model_type", "depth", "width", "channels", "conditioned", "synthesizer",
-                      "synth_hidden", "synth_layers", "forward_unlock", "interfaces_at",
+                      "synth_hidden", "synth_layers", "forward_unlock", "center_gradients",
+                      "interfaces_at",
                       "interfaces", "stages", "staleness", "batch_size", "train_size", "seed")
 
 
@@ -68,6 +69,9 @@ def parse_args():
                              "1e-4 for cDNI; see bench/README.md)")
     parser.add_argument("--grad-scale", type=positive_float, default=1.0,
                         help="multiplier on every synthetic gradient a block receives")
+    add_switch(parser, "--center-gradients", "subtract the batch mean from the synthetic "
+               "gradient of every interface but the top one, whose synthesizer is fit on the "
+               "true gradient (the library's default; False: the paper's DNI)", default=True)
     add_switch(parser, "--forward-unlock", "feed each block above an interface a synthetic "
                "input predicted from the image (forward unlocking)")
     parser.add_argument("--baseline", nargs="+", default=None, metavar="RUN_DIR",
@@ -96,7 +100,8 @@ def parse_args():
                         help="under torchrun: seconds to wait for a neighbouring stage before "
                              "stopping with an error")
     add_model_arguments(parser)
-    args = parse_training_args(parser, absent={"interfaces": "all"},  # runs before edges
+    # runs saved before edge interfaces / before centred gradients ran without them
+    args = parse_training_args(parser, absent={"interfaces": "all", "center_gradients": False},
                                script="main.py", fixed=RUN_DEFINING_FLAGS)
     if world_size_from_env() > 1 and args.forward_unlock:
         parser.error("--forward-unlock is not available in a pipeline (torchrun)")
@@ -164,7 +169,8 @@ def main():
                                  ("num_layers", args.synth_layers)) if v is not None}
     method = "cdni" if args.conditioned else "dni"
     extra = {"synthesizer": args.synthesizer, "synth_lr": args.synth_lr,
-             "grad_scale": args.grad_scale, "forward_unlock": args.forward_unlock}
+             "grad_scale": args.grad_scale, "forward_unlock": args.forward_unlock,
+             "center_gradients": args.center_gradients}
     if world_size_from_env() > 1:
         train_as_pipeline(args, lambda: build_network(args.model_type, args),
                           model_name=args.model_type, method=method,
@@ -176,7 +182,8 @@ def main():
     model = attach_dni(net, optimizer, data.train_x[:2], synthesizer=args.synthesizer,
                        conditioned=args.conditioned, synthesizer_lr=args.synth_lr,
                        grad_scale=args.grad_scale, forward_unlock=args.forward_unlock,
-                       after=args.interfaces_at, **options)
+                       center_gradients=args.center_gradients, after=args.interfaces_at,
+                       **options)
     fit(model, optimizer, data, args, script="main.py", model_name=args.model_type,
         method=method, out_dir=out_dir, probe=interface_probe(model, args.conditioned),
         checkpoint=checkpoint, extra_summary={**extra, "interfaces": model.block_names})

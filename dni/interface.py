@@ -77,16 +77,22 @@ class Interface(nn.Module):
 
     Usage: `next_input = Interface(LinearSynthesizer(256))(h, context)` inside a forward pass.
     With an `input_synthesizer` (forward unlocking), the next block is fed a prediction of h
-    made from the network input, so it need not wait for the blocks below.
+    made from the network input, so it need not wait for the blocks below. `center=True`
+    subtracts the batch mean from every synthetic gradient (batches of two or more): the
+    synthesizer is then fit, and the block driven, by the part of the gradient that differs
+    between examples. `DNI` sets it where the target is itself synthetic (bench/README.md,
+    "Centred synthetic gradients").
     """
 
     def __init__(self, synthesizer: nn.Module, grad_scale: float = 1.0,
-                 input_synthesizer: nn.Module | None = None, batch_mean: bool = True):
+                 input_synthesizer: nn.Module | None = None, batch_mean: bool = True,
+                 center: bool = False):
         super().__init__()
         self.synthesizer = synthesizer
         self.grad_scale = grad_scale
         self.input_synthesizer = input_synthesizer
         self.batch_mean = batch_mean
+        self.center = center
         if not grad_scale > 0:
             raise ValueError(f"grad_scale must be positive, got {grad_scale}")
         self._incoming: tuple[torch.Tensor, float] | None = None  # last step's gradient, scale
@@ -115,13 +121,16 @@ class Interface(nn.Module):
         return float(h.shape[0]) if self.batch_mean else 1.0
 
     def predict(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        """S(h.detach(), c): the per-example synthetic gradient, with the graph into the
-        synthesizer's parameters."""
+        """S(h.detach(), c): the per-example synthetic gradient (centred over the batch when
+        `center`), with the graph into the synthesizer's parameters."""
         if context is None:
             out = self.synthesizer(h.detach(), None)
         else:
             out = self.synthesizer(h.detach(), None, context=context)
-        return out[0] if isinstance(out, tuple) else out
+        out = out[0] if isinstance(out, tuple) else out
+        if self.center and len(out) > 1:
+            out = out - out.mean(0, keepdim=True)
+        return out
 
     def forward(self, h: torch.Tensor, context: torch.Tensor | None = None,
                 net_input: torch.Tensor | None = None) -> torch.Tensor:

@@ -7,6 +7,8 @@ for a loss averaged over a batch of B examples:
         h_i = f_i(x_i)                       x_1 = the input, x_{i+1} = h_i cut from below
         g_i = S_i(h_i.detach())              the per-example synthetic gradient (B dL/dh_i);
                                              interface.py calls g_i / B the gradient
+        (center: g_i -= mean over the batch  for every i but the top one, dni.DNI's default;
+                                             the paper's DNI has no such step)
         h_i.backward(scale * g_i / B)        block i learns now: it need not wait for the top
     L = loss(head(x_{n+1})); L.backward()    the head learns from the true loss
     for each interface i:
@@ -37,19 +39,22 @@ def reference_step(blocks: Sequence[nn.Module], synthesizers: Sequence[nn.Module
                    head: nn.Module, x: torch.Tensor, y: torch.Tensor,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                    scale: float = 1.0, context: torch.Tensor | None = None,
-                   batch_mean: bool = True) -> torch.Tensor:
+                   batch_mean: bool = True, center: bool = False) -> torch.Tensor:
     """Accumulate one step's gradients into every block, synthesizer and the head (the caller
     zeroes them before and steps the optimizer after); return the loss. `synthesizers[i]`
     maps (h, hidden=None[, context=]) to the per-example synthetic gradient (or (it, hidden)),
     as `dni.synthesizers`' modules do; `context` (cDNI) is e.g. the one-hot label;
-    `batch_mean=False` for a loss summed over the batch (then B = 1 above)."""
+    `batch_mean=False` for a loss summed over the batch (then B = 1 above); `center` centres
+    the synthetic gradients below the top interface over the batch."""
     batch = x.shape[0] if batch_mean else 1
     inputs, synthetic = [], []
-    for block, synthesizer in zip(blocks, synthesizers):
+    for i, (block, synthesizer) in enumerate(zip(blocks, synthesizers)):
         h = block(x)
         kwargs = {} if context is None else {"context": context}
         g = synthesizer(h.detach(), None, **kwargs)
         g = g[0] if isinstance(g, tuple) else g
+        if center and i + 1 < len(synthesizers) and len(g) > 1:
+            g = g - g.mean(0, keepdim=True)
         h.backward(scale * g.detach() / batch)
         x = h.detach().requires_grad_()          # block i+1 sees h_i, no path below it
         inputs.append(x)

@@ -101,6 +101,11 @@ class DNI(nn.Module):
     multiplies every synthetic gradient; `forward_unlock` feeds each block above an interface
     a prediction of its input made from the network input; `example_input` builds the
     interfaces now (else at the first forward; build before making an LR scheduler).
+    `center_gradients` (default True) subtracts the batch mean from the synthetic gradient of
+    every interface whose target is itself synthetic (all but the top one, which is fit on
+    the true gradient): without it, the drift such a bootstrapped synthesizer learns pushed
+    a network without BatchNorm below its frozen-feature accuracy (bench/README.md,
+    "Centred synthetic gradients"). False is the paper's DNI.
 
     The synthesizers' parameter group in `optim`: learning rate `synthesizer_lr`, or, when it
     is None, the learning rate the optimizer's first group has now (not the constructor's
@@ -114,7 +119,8 @@ class DNI(nn.Module):
                  blocks: Sequence[str] | None = None, context_size: int = 0,
                  grad_scale: float = 1.0, synthesizer_lr: float | None = None,
                  forward_unlock: bool = False, example_input: torch.Tensor | None = None,
-                 batch_mean: bool = True, **synthesizer_options):
+                 batch_mean: bool = True, center_gradients: bool = True,
+                 **synthesizer_options):
         super().__init__()
         self.net = net
         self.optim = optim
@@ -129,6 +135,7 @@ class DNI(nn.Module):
         self.synthesizer_lr = synthesizer_lr
         self.forward_unlock = forward_unlock
         self.batch_mean = batch_mean
+        self.center_gradients = center_gradients
         self.interfaces = nn.ModuleList()
         self.block_names: list[str] = []
         self.synthesizer_optimizer: torch.optim.Optimizer | None = None
@@ -143,12 +150,14 @@ class DNI(nn.Module):
         interface (and its synthesizer) after each."""
         names, outputs = self._trace(example_input)
         input_size = math.prod(example_input.shape[1:])
-        for name in names:
+        for position, name in enumerate(names):
             shape, dtype, device = outputs[name]
             synthesizer = self.factory(shape, self.context_size)
             unlock = (InputSynthesizer(input_size, shape, context_size=self.context_size)
                       if self.forward_unlock else None)
-            interface = Interface(synthesizer, self.grad_scale, unlock, self.batch_mean)
+            bootstrapped = position < len(names) - 1  # its target is a synthetic gradient
+            interface = Interface(synthesizer, self.grad_scale, unlock, self.batch_mean,
+                                  center=self.center_gradients and bootstrapped)
             interface.to(device=device, dtype=dtype)
             self.interfaces.append(interface)
             self.net.get_submodule(name).register_forward_hook(self._hook(interface))

@@ -102,10 +102,12 @@ def boolean(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
 
 
-def add_switch(parser: argparse.ArgumentParser, flag: str, help: str) -> None:
-    """An on/off flag, off by default, that takes True/False/1/0 or stands alone for True."""
-    parser.add_argument(flag, type=boolean, nargs="?", const=True, default=False,
-                        help=f"{help} (True/False/1/0, or the flag alone)")
+def add_switch(parser: argparse.ArgumentParser, flag: str, help: str,
+               default: bool = False) -> None:
+    """An on/off flag (off unless `default`) that takes True/False/1/0 or stands alone for
+    True."""
+    parser.add_argument(flag, type=boolean, nargs="?", const=True, default=default,
+                        help=f"{help} (True/False/1/0, or the flag alone; default: {default})")
 
 
 def training_parser(description: str, *, epochs: int | None, batch_size: int | None, lr: float,

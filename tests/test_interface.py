@@ -73,10 +73,51 @@ def test_oracle_synthesizer_reproduces_backprop_gradients():
         def forward(self, input, hidden=None, context=None):
             return true[next(calls)] * len(input), None
 
-    model = DNI(net, synthesizer=lambda shape, k: Oracle(shape[0]), example_input=x)
+    model = DNI(net, synthesizer=lambda shape, k: Oracle(shape[0]), example_input=x,
+                center_gradients=False)
     dni_step(model, x, y)
     for got, want in zip([p.grad for p in net.parameters()], bp_grads):
         torch.testing.assert_close(got, want)
+
+
+def test_centred_interface_sends_and_fits_the_batch_centred_gradient():
+    """center=True: the block receives (S - mean_batch S) / B, and the synthesizer is fit on
+    ||(S - mean S) - B d||^2 with d the gradient that arrives from above."""
+    torch.manual_seed(0)
+    block = nn.Linear(D_IN, WIDTH).double()
+    synthesizer = LinearSynthesizer(WIDTH).double()
+    with torch.no_grad():
+        for p in synthesizer.parameters():
+            p.normal_(0, 0.3)
+    copies = copy.deepcopy(block), copy.deepcopy(synthesizer)
+    interface = Interface(synthesizer, center=True)
+    x, _ = batch()
+    above = torch.randn(WIDTH, 3, dtype=torch.float64)
+    (interface(block(x)) @ above).sum().backward()
+
+    ref_block, ref_synthesizer = copies
+    h = ref_block(x)
+    s = ref_synthesizer(h.detach())[0]
+    centred = s - s.mean(0, keepdim=True)
+    assert centred.abs().sum(0).max() > 0 and centred.sum(0).abs().max() < 1e-12
+    want_block = torch.autograd.grad(h, list(ref_block.parameters()), centred.detach() / B)
+    d = above.sum(1).expand(B, WIDTH)          # the gradient of the sum above, per example
+    want_synth = torch.autograd.grad(synthesizer_loss(centred, B * d),
+                                     list(ref_synthesizer.parameters()))
+    for got, want in zip(block.parameters(), want_block):
+        torch.testing.assert_close(got.grad, want)
+    for got, want in zip(synthesizer.parameters(), want_synth):
+        torch.testing.assert_close(got.grad, want)
+
+
+def test_dni_centres_every_interface_but_the_top_one():
+    def centred(**options):
+        model = DNI(make_net(), example_input=batch()[0], **options)
+        return [interface.center for interface in model.interfaces]
+
+    assert centred() == [True, True, False]
+    assert centred(center_gradients=False) == [False, False, False]
+    assert centred(blocks=["1"]) == [False]      # one interface: its target is the true one
 
 
 def step_with_random_synthesizers(grad_scale):

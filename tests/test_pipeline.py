@@ -87,16 +87,18 @@ def ends(counts):
 
 def one_process(conditioned: bool, grad_scale: float, synthesizer: str = "linear",
                 steps: int = STEPS, after: list[int] | None = None, net: str = "mlp",
-                optim: str = "adam", **options):
+                optim: str = "adam", center: bool = False, **options):
     """Blocks, synthesizers and synthesizer buffers after `steps` steps of one-process DNI,
-    with interfaces after every hidden block or after the blocks in `after` (0-based)."""
+    with interfaces after every hidden block or after the blocks in `after` (0-based).
+    Uncentred unless `center`: a centred synthesizer's output bias has a gradient of rounding
+    noise alone, which Adam magnifies (see mlp()); centring is compared under SGD."""
     batches = data(steps, INPUTS[net])
     net = NETS[net](seed=3)
     opt = optimizer(optim, net.parameters())
     model = DNI(net, optim=opt, synthesizer=synthesizer, context_size=5 if conditioned else 0,
                 blocks=None if after is None else [str(i) for i in after],
                 grad_scale=grad_scale, synthesizer_lr=SYNTH_LR, example_input=batches[0][0][:2],
-                **options)
+                center_gradients=center, **options)
     for x, y in batches:
         opt.zero_grad()
         out = model(x, context=y) if conditioned else model(x)
@@ -133,6 +135,7 @@ def _worker(rank, world, port, out, options):
                               context_size=5 if options["conditioned"] else 0,
                               grad_scale=options["grad_scale"], staleness=options["staleness"],
                               message_dtype=options.get("message_dtype"),
+                              center_gradients=options.get("center", False),
                               **options.get("synthesizer_options", {}))
         opt = optimizer(options.get("optim", "adam"),
                         stage.param_groups(lr=LR, synthesizer_lr=SYNTH_LR))
@@ -229,6 +232,26 @@ def test_other_networks_at_staleness_0_follow_one_process_dni(tmp_path, net, cou
                     for k, v in s["block_state"].items() if k.split(".")[-1].startswith("running")})
     assert got.keys() == statistics.keys() and len(got) == (6 if net == "mlp_bn" else 0)
     assert_all_close(list(got.values()), list(statistics.values()))
+
+
+@pytest.mark.parametrize("world, counts, interfaces", [
+    (3, [1, 1, 2], "edges"), (2, [1, 3], "all")])
+def test_centred_pipeline_follows_one_process_dni(tmp_path, world, counts, interfaces):
+    """The library's default, synthetic gradients centred below the top interface: the
+    pipeline centres the same interfaces as one-process DNI (compared under SGD)."""
+    stages = run_stages(tmp_path, world=world, counts=counts, staleness=0,
+                        interfaces=interfaces, optim="sgd", center=True)
+    after = ends(counts) if interfaces == "edges" else None
+    blocks, synth, _, _ = one_process(False, 1.0, after=after, optim="sgd", center=True)
+    assert_all_close([p for s in stages for p in s["blocks"]], blocks)
+    assert_all_close([p for s in stages for p in s["synth"]], synth)
+    # under SGD a centred synthesizer's output bias stays at zero but for rounding (its
+    # gradient sums a centred residual over the batch); uncentred, it learns the mean target
+    _, uncentred, _, _ = one_process(False, 1.0, after=after, optim="sgd")
+    centred = [p.abs().max() for s in stages for p in s["synth"]][1::2]
+    free = [p.abs().max() for p in uncentred[1::2]]
+    assert all(f > 1000 * c for f, c in zip(free[:-1], centred[:-1]))
+    assert centred[-1] > 1e-4 and torch.isclose(centred[-1], free[-1], rtol=0.1)  # not centred
 
 
 def test_three_stages_with_all_interfaces_follow_one_process_dni(tmp_path):

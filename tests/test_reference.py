@@ -1,7 +1,9 @@
 """The hand-written reference step (dni/reference.py, the paper's algorithm line by line)
 equals the production mechanism (`DNI` over `Interface`) step for step: every block's,
 synthesizer's and the head's parameters, over several optimizer steps, with BatchNorm in every
-block, for DNI and cDNI, a grad_scale, and a loss summed over the batch (batch_mean=False)."""
+block, for DNI and cDNI, a grad_scale, a loss summed over the batch (batch_mean=False), and
+the synthetic gradients below the top interface centred over the batch (the default) or not
+(the paper's)."""
 
 import copy
 from functools import partial
@@ -24,10 +26,11 @@ def stack():
     return nn.Sequential(*blocks, nn.Linear(8, 5))
 
 
-@pytest.mark.parametrize("conditioned, scale, batch_mean", [
-    (False, 1.0, True), (True, 1.0, True), (False, 0.5, True),
-    (False, 1.0, False)])                     # a loss summed over the batch
-def test_reference_step_equals_dni(conditioned, scale, batch_mean):
+@pytest.mark.parametrize("conditioned, scale, batch_mean, center", [
+    (False, 1.0, True, False), (True, 1.0, True, False), (False, 0.5, True, False),
+    (False, 1.0, False, False),               # a loss summed over the batch
+    (False, 1.0, True, True), (True, 0.5, True, True)])   # the library's default, centred
+def test_reference_step_equals_dni(conditioned, scale, batch_mean, center):
     x = torch.randn(3, 10, 12)
     y = torch.randint(0, 5, (3, 10))
     net = stack()
@@ -35,7 +38,7 @@ def test_reference_step_equals_dni(conditioned, scale, batch_mean):
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     model = DNI(net, optim=opt, example_input=x[0], grad_scale=scale,
                 context_size=5 if conditioned else 0, synthesizer_lr=0.05,
-                batch_mean=batch_mean)
+                batch_mean=batch_mean, center_gradients=center)
     with torch.no_grad():                     # zero-initialised, S would say nothing at first
         for p in model.interfaces.parameters():
             p.normal_(std=0.2)
@@ -53,6 +56,7 @@ def test_reference_step_equals_dni(conditioned, scale, batch_mean):
         ref_opt.zero_grad()
         ref_loss = reference_step(list(reference)[:-1], synthesizers, reference[-1], x[step],
                                   y[step], loss_fn, scale=scale, batch_mean=batch_mean,
+                                  center=center,
                                   context=one_hot(y[step], 5) if conditioned else None)
         ref_opt.step()
         assert torch.allclose(loss, ref_loss, atol=1e-6), step

@@ -67,7 +67,8 @@ class PipelineStage(nn.Module):
     mini-batches a synthesizer update may lag; `max_batch` is the largest batch it will see
     (default: the example's); `message_dtype` (e.g. torch.bfloat16) is the dtype activations
     and gradients travel in (default: the network's); targets are class indices unless
-    `integer_targets=False`.
+    `integer_targets=False`. `center_gradients` subtracts the batch mean from the synthetic
+    gradients of every interface but the top one, as one-process `DNI` does.
     """
 
     def __init__(self, net: nn.Sequential, example_input: torch.Tensor,
@@ -78,7 +79,7 @@ class PipelineStage(nn.Module):
                  integer_targets: bool = True, max_batch: int | None = None,
                  message_dtype: torch.dtype | None = None,
                  rank: int | None = None, world_size: int | None = None,
-                 **synthesizer_options):
+                 center_gradients: bool = True, **synthesizer_options):
         super().__init__()
         if interfaces not in INTERFACE_MODES:
             raise ValueError(f"interfaces must be one of {INTERFACE_MODES}, got {interfaces!r}")
@@ -106,7 +107,10 @@ class PipelineStage(nn.Module):
         mine = [i for i in self.positions if first <= i < self.block_range[1]]
         self.blocks = nn.ModuleList(blocks[i] for i in range(*self.block_range))
         # this stage's interfaces in block order: the inner ones, then the edge (if not last)
-        self.interfaces = nn.ModuleList(Interface(synthesizers[i], grad_scale) for i in mine)
+        top = max(self.positions, default=None)  # the one interface fit on the true gradient
+        self.interfaces = nn.ModuleList(
+            Interface(synthesizers[i], grad_scale, center=center_gradients and i != top)
+            for i in mine)
         self.is_first, self.is_last = self.rank == 0, self.rank == self.world_size - 1
         self._inner = {i - first: self.interfaces[n] for n, i in enumerate(mine)
                        if i < self.block_range[1] - 1}
