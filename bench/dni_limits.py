@@ -1,7 +1,7 @@
 """What limits unconditioned DNI, per interface and over time: the synthetic gradient's cosine
 to the true one, its norm ratio to it, and how far the lowest block's weights have moved from
 their start (relative to their initial norm; backprop's movement alongside), on MNIST with a
-user's loop (Adam at 1e-3, constant, batch 128).
+user's loop (Adam at 1e-3, constant, batch 128); and variants of DNI tried against them.
 
 Usage: OMP_NUM_THREADS=1 python bench/dni_limits.py [--network fcn|residual|layernorm_dropout]
        [--methods bp dni dni_uncentred] [--epochs 20] [--measure-every 50]
@@ -22,15 +22,70 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from bench.generality import BATCH, LR, METHODS, NETWORKS
-from dni import DNI
+from dni import DNI, LinearSynthesizer, Synthesizer
+from dni.synthesizers import zero_init_
 from experiment.cli import Parser, positive_int, run
 from experiment.data import batch_order, batches, load_mnist
 from experiment.train import evaluate
 from model import FCN
 
-NETWORK_CHOICES = ("fcn", *NETWORKS)
+NETWORK_CHOICES = ("fcn", *NETWORKS, "layernorm")
+
+
+class HeadShapedSynthesizer(Synthesizer):
+    """For the interface just below a linear softmax head W, b: S(h) = W^T (softmax(W h + b)
+    - q(h)), q = softmax(W h + b + V h + c) with V, c learned (zero at the start, so S starts
+    at zero); W and b are read from the head, not trained through S."""
+
+    def __init__(self, size: int, head: nn.Linear):
+        super().__init__(size)
+        self.head = [head]               # in a list: not a submodule, its parameters not S's
+        self.correction = zero_init_(nn.Linear(size, head.out_features))
+
+    def forward(self, input, hidden=None, context=None):
+        """Return (W^T (p - q), None)."""
+        head = self.head[0]
+        logits = F.linear(input, head.weight.detach(), head.bias.detach())
+        q = torch.softmax(logits + self.correction(input), 1)
+        return (torch.softmax(logits, 1) - q) @ head.weight.detach(), None
+
+
+def head_shaped_at_top(net: nn.Module):
+    """A factory: linear synthesizers, a head-shaped one at the top interface."""
+    built, interfaces = [], len(list(net.children())) - 1
+
+    def build(shape: tuple, context_size: int) -> nn.Module:
+        built.append(shape)
+        if len(built) == interfaces:
+            return HeadShapedSynthesizer(shape[0], list(net.children())[-1])
+        return LinearSynthesizer(shape[0])
+    return build
+
+
+# variants of unconditioned DNI beyond bench/generality.py's METHODS: DNI options, and a
+# "coupled" flag for block learning rates scaled by each synthesizer's measured fit
+VARIANTS: dict[str, dict] = {
+    "centre_all": {"centre_all": True},
+    "synth_lr_1e-4": {"synthesizer_lr": 1e-4},
+    "synth_lr_3e-4": {"synthesizer_lr": 3e-4},
+    "head_top": {"head_top": True},
+    "coupled_lr": {"coupled": True},
+    "coupled_lr_uncentred": {"coupled": True, "center_gradients": False},
+}
+COUPLING_DECAY = 0.9
+
+
+def fit_on_target(interface) -> float:
+    """<g, d> / <g, g> for the last step's synthetic gradient g and its target d: the scale
+    that would have fit g best to a target it had not yet seen (0: no better than nothing)."""
+    target = interface.last_target
+    # the bridge's loss gradient is (2 unit / (B scale)) (applied - scale d), unit = B
+    applied = interface._loss_grad * (interface.grad_scale / 2) + interface.grad_scale * target
+    synthetic = applied / interface.grad_scale
+    return ((synthetic * target).sum() / (synthetic * synthetic).sum().clamp_min(1e-30)).item()
 
 
 def relative_movement(block: torch.nn.Module, start: list[torch.Tensor]) -> float:
@@ -42,11 +97,25 @@ def relative_movement(block: torch.nn.Module, start: list[torch.Tensor]) -> floa
 def trace(network: str, method: str, data, epochs: int, every: int, seed: int = 0):
     """Yield (epoch, accuracy, cosines, norm ratios, lowest block's movement) per epoch."""
     torch.manual_seed(seed)
-    net = FCN() if network == "fcn" else NETWORKS[network](784, 10)
-    optimizer = torch.optim.Adam(net.parameters(), lr=LR)
-    options = METHODS[method]
-    model = net if options is None else DNI(net, optim=optimizer, example_input=data.train_x[:2],
-                                           **options)
+    if network == "fcn":
+        net = FCN()
+    elif network == "layernorm":       # layernorm_dropout without its dropout
+        net = NETWORKS["layernorm_dropout"](784, 10, dropout=0.0)
+    else:
+        net = NETWORKS[network](784, 10)
+    blocks = list(net.children())
+    optimizer = torch.optim.Adam([{"params": list(b.parameters())} for b in blocks], lr=LR)
+    spec = METHODS[method] if method in METHODS else VARIANTS[method]
+    options = dict(spec or {})
+    centre_all, coupled = options.pop("centre_all", False), options.pop("coupled", False)
+    if options.pop("head_top", False):
+        options["synthesizer"] = head_shaped_at_top(net)
+    model = net if spec is None else DNI(
+        net, optim=optimizer, example_input=data.train_x[:2], **options)
+    if centre_all:
+        for interface in model.interfaces:
+            interface.center = True
+    fits = [0.0] * (len(blocks) - 1)
     lowest = next(iter(net.children()))
     start = [p.detach().clone() for p in lowest.parameters()]
     generator = torch.Generator().manual_seed(seed)
@@ -56,13 +125,18 @@ def trace(network: str, method: str, data, epochs: int, every: int, seed: int = 
         cosines, ratios = [], []
         order = batch_order(len(data.train_x), generator, data.train_x.device)
         for x, y in batches(data.train_x, data.train_y, BATCH, order):
-            if options is not None and step % every == 0:
+            if model is not net and step % every == 0:
                 pairs = model.synthetic_and_true_gradients(F.cross_entropy, x, y)
                 cosines.append([F.cosine_similarity(g.flatten(), t.flatten(), dim=0).item()
                                 for g, t in pairs])
                 ratios.append([(g.norm() / t.norm().clamp_min(1e-30)).item() for g, t in pairs])
             optimizer.zero_grad()
             F.cross_entropy(model(x), y).backward()
+            if coupled:   # block i's rate: lr times its synthesizer's running fit, in [0, 1]
+                for i, interface in enumerate(model.interfaces):
+                    fits[i] = COUPLING_DECAY * fits[i] + (1 - COUPLING_DECAY) * fit_on_target(
+                        interface)
+                    optimizer.param_groups[i]["lr"] = LR * min(1.0, max(0.0, fits[i]))
             optimizer.step()
             step += 1
         mean = (lambda rows: torch.tensor(rows).mean(0).tolist() if rows else [])
@@ -74,9 +148,12 @@ def main() -> None:
     """Trace each method in turn and print its lines."""
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--network", choices=NETWORK_CHOICES, default="fcn",
-                        help="fcn: main.py's MLP; the others: bench/generality.py's")
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
-                        default=["bp", "dni", "dni_uncentred"], help="methods, in turn")
+                        help="fcn: main.py's MLP; layernorm: layernorm_dropout without dropout; "
+                             "the others: bench/generality.py's (default: fcn)")
+    parser.add_argument("--methods", nargs="+", choices=[*METHODS, *VARIANTS],
+                        default=["bp", "dni", "dni_uncentred"],
+                        help="methods in turn: bench/generality.py's, or VARIANTS here "
+                             "(default: bp dni dni_uncentred)")
     parser.add_argument("--epochs", type=positive_int, default=20, help="epochs per method")
     parser.add_argument("--measure-every", type=positive_int, default=50,
                         help="steps between measurements of the true gradient")
