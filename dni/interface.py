@@ -78,7 +78,7 @@ class Interface(nn.Module):
     Usage: `next_input = Interface(LinearSynthesizer(256))(h, context)` inside a forward pass.
     With an `input_synthesizer` (forward unlocking), the next block is fed a prediction of h
     made from the network input, so it need not wait for the blocks below. `center=True`
-    subtracts the batch mean from every synthetic gradient (batches of two or more): the
+    subtracts the batch mean from every synthetic gradient (a batch of one gets none): the
     synthesizer is then fit, and the block driven, by the part of the gradient that differs
     between examples. `DNI` sets it where the target is itself synthetic (bench/README.md,
     "centred synthetic gradients").
@@ -128,7 +128,7 @@ class Interface(nn.Module):
         else:
             out = self.synthesizer(h.detach(), None, context=context)
         out = out[0] if isinstance(out, tuple) else out
-        if self.center and len(out) > 1:
+        if self.center:   # a batch of one centres to zero: no example to tell it from
             out = out - out.mean(0, keepdim=True)
         return out
 

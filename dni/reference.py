@@ -53,7 +53,7 @@ def reference_step(blocks: Sequence[nn.Module], synthesizers: Sequence[nn.Module
         kwargs = {} if context is None else {"context": context}
         g = synthesizer(h.detach(), None, **kwargs)
         g = g[0] if isinstance(g, tuple) else g
-        if center and i + 1 < len(synthesizers) and len(g) > 1:
+        if center and i + 1 < len(synthesizers):
             g = g - g.mean(0, keepdim=True)
         h.backward(scale * g.detach() / batch)
         x = h.detach().requires_grad_()          # block i+1 sees h_i, no path below it

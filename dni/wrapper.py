@@ -105,7 +105,9 @@ class DNI(nn.Module):
     every interface whose target is itself synthetic (all but the top one, which is fit on
     the true gradient): without it, the drift such a bootstrapped synthesizer learns pushed
     a network without BatchNorm below its frozen-feature accuracy (bench/README.md,
-    "centred synthetic gradients"). False is the paper's DNI.
+    "centred synthetic gradients"). False is the paper's DNI. The top interface is the last
+    one called; in a network where a lower block also feeds the loss by another path, its
+    target is partly true and still centred.
 
     The synthesizers' parameter group in `optim`: learning rate `synthesizer_lr`, or, when it
     is None, the learning rate the optimizer's first group has now (not the constructor's

@@ -80,9 +80,11 @@ def test_oracle_synthesizer_reproduces_backprop_gradients():
         torch.testing.assert_close(got, want)
 
 
-def test_centred_interface_sends_and_fits_the_batch_centred_gradient():
-    """center=True: the block receives (S - mean_batch S) / B, and the synthesizer is fit on
-    ||(S - mean S) - B d||^2 with d the gradient that arrives from above."""
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_centred_interface_sends_and_fits_the_batch_centred_gradient(scale):
+    """center=True: the block receives scale * (S - mean_batch S) / B, and the synthesizer is
+    fit on ||(S - mean S) - B d||^2 with d the gradient that arrives from above (different for
+    every example, so a target ignored or mis-scaled would show)."""
     torch.manual_seed(0)
     block = nn.Linear(D_IN, WIDTH).double()
     synthesizer = LinearSynthesizer(WIDTH).double()
@@ -90,24 +92,31 @@ def test_centred_interface_sends_and_fits_the_batch_centred_gradient():
         for p in synthesizer.parameters():
             p.normal_(0, 0.3)
     copies = copy.deepcopy(block), copy.deepcopy(synthesizer)
-    interface = Interface(synthesizer, center=True)
+    interface = Interface(synthesizer, grad_scale=scale, center=True)
     x, _ = batch()
     above = torch.randn(WIDTH, 3, dtype=torch.float64)
-    (interface(block(x)) @ above).sum().backward()
+
+    def loss_above(h):
+        return (torch.tanh(h) @ above).pow(2).sum() / B
+
+    loss_above(interface(block(x))).backward()
 
     ref_block, ref_synthesizer = copies
     h = ref_block(x)
     s = ref_synthesizer(h.detach())[0]
     centred = s - s.mean(0, keepdim=True)
     assert centred.abs().sum(0).max() > 0 and centred.sum(0).abs().max() < 1e-12
-    want_block = torch.autograd.grad(h, list(ref_block.parameters()), centred.detach() / B)
-    d = above.sum(1).expand(B, WIDTH)          # the gradient of the sum above, per example
+    want_block = torch.autograd.grad(h, list(ref_block.parameters()), scale * centred.detach() / B)
+    h_above = h.detach().requires_grad_()
+    d, = torch.autograd.grad(loss_above(h_above), h_above)
+    assert (d - d.mean(0)).abs().max() > 1e-3            # the target differs between examples
     want_synth = torch.autograd.grad(synthesizer_loss(centred, B * d),
                                      list(ref_synthesizer.parameters()))
     for got, want in zip(block.parameters(), want_block):
         torch.testing.assert_close(got.grad, want)
     for got, want in zip(synthesizer.parameters(), want_synth):
         torch.testing.assert_close(got.grad, want)
+    torch.testing.assert_close(interface.last_target, d)
 
 
 def test_dni_centres_every_interface_but_the_top_one():
@@ -118,6 +127,7 @@ def test_dni_centres_every_interface_but_the_top_one():
     assert centred() == [True, True, False]
     assert centred(center_gradients=False) == [False, False, False]
     assert centred(blocks=["1"]) == [False]      # one interface: its target is the true one
+    assert centred(blocks=["2", "0"]) == [True, False]   # call order decides, not the list's
 
 
 def step_with_random_synthesizers(grad_scale):
