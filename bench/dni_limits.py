@@ -94,6 +94,11 @@ def relative_movement(block: torch.nn.Module, start: list[torch.Tensor]) -> floa
     return math.sqrt(moved / sum(p0.pow(2).sum() for p0 in start))
 
 
+def column_means(rows: list[list[float]]) -> list[float]:
+    """The mean of each column of equal-length rows ([] for no rows)."""
+    return torch.tensor(rows).mean(0).tolist() if rows else []
+
+
 def trace(network: str, method: str, data, epochs: int, every: int, seed: int = 0):
     """Yield (epoch, accuracy, cosines, norm ratios, lowest block's movement) per epoch."""
     torch.manual_seed(seed)
@@ -116,7 +121,7 @@ def trace(network: str, method: str, data, epochs: int, every: int, seed: int = 
         for interface in model.interfaces:
             interface.center = True
     fits = [0.0] * (len(blocks) - 1)
-    lowest = next(iter(net.children()))
+    lowest = blocks[0]
     start = [p.detach().clone() for p in lowest.parameters()]
     generator = torch.Generator().manual_seed(seed)
     step = 0
@@ -139,9 +144,8 @@ def trace(network: str, method: str, data, epochs: int, every: int, seed: int = 
                     optimizer.param_groups[i]["lr"] = LR * min(1.0, max(0.0, fits[i]))
             optimizer.step()
             step += 1
-        mean = (lambda rows: torch.tensor(rows).mean(0).tolist() if rows else [])
-        yield (epoch, evaluate(model, data.test_x, data.test_y)[1], mean(cosines), mean(ratios),
-               relative_movement(lowest, start))
+        yield (epoch, evaluate(model, data.test_x, data.test_y)[1], column_means(cosines),
+               column_means(ratios), relative_movement(lowest, start))
 
 
 def main() -> None:
