@@ -123,9 +123,10 @@ def training_parser(description: str, *, epochs: int | None, batch_size: int | N
                         help=batch_size_help)
     parser.add_argument("--lr", type=learning_rate, default=lr,
                         help="Adam learning rate of the network (decayed as --schedule says)")
-    parser.add_argument("--schedule", choices=["cosine", "constant"], default="cosine",
+    parser.add_argument("--schedule", choices=["cosine", "constant", "step"], default="cosine",
                         help="learning-rate schedule of every rate: cosine decay to 0 over "
-                             "the run, or constant (the paper's)")
+                             "the run, constant, or step (the paper's: a tenth from 60%% of "
+                             "the run, a hundredth from 80%%) (default: cosine)")
     parser.add_argument("--train-size", type=positive_int, default=None,
                         help="use only the first N training examples (default: all 60000)")
     parser.add_argument("--out", default=None,

@@ -128,12 +128,23 @@ def adam(params, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, fused=True)
 
 
+# where the paper's rate drops tenfold, as fractions of the run (Jaderberg et al., appendix)
+STEP_MILESTONES = (0.6, 0.8)
+
+
 def learning_rate_schedule(optimizer: torch.optim.Optimizer, total_steps: int, kind: str = "cosine"
                     ) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine decay of every parameter group's learning rate from its value to 0 over
-    `total_steps` (kind "cosine"), or the rate held constant (kind "constant")."""
+    `total_steps` (kind "cosine"), the rate held constant (kind "constant"), or the DNI
+    paper's steps (kind "step": a tenth from 60% of the run, a hundredth from 80%, its 300k and
+    400k of 500k updates)."""
     if kind == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    if kind == "step":
+        first, second = STEP_MILESTONES
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: 1.0 if step < first * total_steps
+            else 0.1 if step < second * total_steps else 0.01)
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
 

@@ -87,19 +87,22 @@ def test_head_only_baseline_trains_only_the_classifier_head(run_script, tmp_path
     assert not torch.equal(trained["2.weight"], initial["2.weight"])
 
 
-def test_constant_schedule_keeps_the_rate_and_cosine_decays_it():
+def test_schedules_constant_cosine_and_the_papers_steps():
     from experiment.train import learning_rate_schedule
 
     rates = {}
-    for kind in ("constant", "cosine"):
+    for kind in ("constant", "cosine", "step"):
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         schedule = learning_rate_schedule(opt, 10, kind)
-        for _ in range(5):
+        rates[kind] = []
+        for _ in range(10):
+            rates[kind].append(opt.param_groups[0]["lr"])
             opt.step()
             schedule.step()
-        rates[kind] = opt.param_groups[0]["lr"]
-    assert rates["constant"] == 0.1
-    assert rates["cosine"] == pytest.approx(0.05)
+    assert rates["constant"] == [0.1] * 10
+    assert rates["cosine"][5] == pytest.approx(0.05)
+    # the paper's 500k-update run: a tenth from update 300k, a hundredth from 400k
+    assert rates["step"] == pytest.approx([0.1] * 6 + [0.01] * 2 + [0.001] * 2)
 
 
 def test_table1_cells_run_the_scripts_the_table_names():
