@@ -81,10 +81,7 @@ COUPLING_DECAY = 0.9
 def fit_on_target(interface) -> float:
     """<g, d> / <g, g> for the last step's synthetic gradient g and its target d: the scale
     that would have fit g best to a target it had not yet seen (0: no better than nothing)."""
-    target = interface.last_target
-    # the bridge's loss gradient is (2 unit / (B scale)) (applied - scale d), unit = B
-    applied = interface._loss_grad * (interface.grad_scale / 2) + interface.grad_scale * target
-    synthetic = applied / interface.grad_scale
+    target, synthetic = interface.last_target, interface.last_synthetic
     return ((synthetic * target).sum() / (synthetic * synthetic).sum().clamp_min(1e-30)).item()
 
 

@@ -108,6 +108,17 @@ class Interface(nn.Module):
         return incoming if delivered == 1.0 else incoming / delivered
 
     @property
+    def last_synthetic(self) -> torch.Tensor | None:
+        """The last step's synthetic gradient g_i as the block received it, without grad_scale:
+        in the loss's units, like `last_target` (None before the first target arrives)."""
+        if self._loss_grad is None:
+            return None
+        # the bridge's loss gradient is (2 unit / B) (g - d), g and d in the loss's units
+        batch = self._loss_grad.shape[0]
+        per_unit = 1.0 if self.batch_mean else float(batch)   # B / unit
+        return torch.add(self.last_target, self._loss_grad, alpha=per_unit / 2.0)
+
+    @property
     def last_loss(self) -> torch.Tensor | None:
         """The synthesizer's regression loss on the last step (None before the first)."""
         if self._loss_grad is None:

@@ -117,6 +117,7 @@ def test_centred_interface_sends_and_fits_the_batch_centred_gradient(scale):
     for got, want in zip(synthesizer.parameters(), want_synth):
         torch.testing.assert_close(got.grad, want)
     torch.testing.assert_close(interface.last_target, d)
+    torch.testing.assert_close(interface.last_synthetic, centred.detach() / B)
 
 
 def test_dni_centres_every_interface_but_the_top_one():
@@ -156,6 +157,8 @@ def test_top_target_is_true_gradient_and_lower_targets_are_bootstrapped(grad_sca
         g_next = synth[i + 1].predict(h_next) / B  # the synthetic gradient block i+1 received
         want = torch.autograd.grad((g_next.detach() * h_next).sum(), h_i)[0]
         torch.testing.assert_close(model.interfaces[i].last_target, want)
+    for i, interface in enumerate(model.interfaces):   # what each block received, unscaled
+        torch.testing.assert_close(interface.last_synthetic, synth[i].predict(hs[i]) / B)
 
 
 @pytest.mark.parametrize("grad_scale", [1.0, 0.1])
@@ -223,10 +226,12 @@ def test_grad_scale_and_sum_reduction():
     x, _ = batch()
     h = block(x)
     g = interface.predict(h).detach()
-    interface(h)
+    interface(h).pow(2).sum().backward()
     want = torch.autograd.grad((0.1 * g * block(x)).sum(), list(block.parameters()))
     for got, expected in zip(block.parameters(), want):
         torch.testing.assert_close(got.grad, expected)
+    torch.testing.assert_close(interface.last_synthetic, g)        # summed loss: S itself
+    torch.testing.assert_close(interface.last_target, 2 * h.detach())
 
 
 def test_forward_unlock_input_synthesizer():
