@@ -4,7 +4,8 @@ their start (relative to their initial norm; backprop's movement alongside), on 
 user's loop (Adam at 1e-3, constant, batch 128); and variants of DNI tried against them.
 
 Usage: OMP_NUM_THREADS=1 python bench/dni_limits.py [--network fcn|residual|layernorm_dropout]
-       [--methods bp dni dni_uncentred] [--epochs 20] [--measure-every 50]
+       [--dataset mnist|digits] [--methods bp dni dni_uncentred] [--epochs 20]
+       [--measure-every 50] [--seeds 0]
 One line per method and epoch: test accuracy, then per interface (1 the lowest) the epoch's
 mean cosine and norm ratio ||g|| / ||dL/dh|| (measured every --measure-every steps by an extra
 backward that leaves training untouched), and the lowest block's relative movement.
@@ -12,6 +13,7 @@ backward that leaves training untouched), and the lowest block's relative moveme
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 import time
@@ -24,11 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.generality import BATCH, LR, METHODS, NETWORKS
-from dni import DNI, LinearSynthesizer, Synthesizer
+from bench.generality import BATCH, DATASETS, LR, METHODS, NETWORKS
+from dni import DNI, Interface, LinearSynthesizer, Synthesizer, synthesizer_loss
+from dni.interface import _Bridge
 from dni.synthesizers import zero_init_
+from dni.wrapper import _Pass
 from experiment.cli import Parser, positive_int, run
-from experiment.data import batch_order, batches, load_mnist
+from experiment.data import batch_order, batches
 from experiment.train import evaluate
 from model import FCN
 
@@ -65,8 +69,62 @@ def head_shaped_at_top(net: nn.Module):
     return build
 
 
-# variants of unconditioned DNI beyond bench/generality.py's METHODS: DNI options, and a
-# "coupled" flag for block learning rates scaled by each synthesizer's measured fit
+class SlowCopyInterface(Interface):
+    """An interface that sends its block (and, through it, the target of the interface below)
+    the synthetic gradient of `slow`, a copy of its synthesizer whose parameters follow the
+    synthesizer's by an exponential moving average; the synthesizer itself is still the one
+    fit on the target (the recurrent case's slow target copy, bench/README.md)."""
+
+    slow: nn.Module
+
+    def forward(self, h, context=None, net_input=None):
+        """Send slow(h) into h's block; fit the synthesizer on what comes back from above."""
+        synthetic = self.predict(h, context)
+        with torch.no_grad():
+            sent = self.slow(h.detach(), None)
+            sent = sent[0] if isinstance(sent, tuple) else sent
+            if self.center:
+                sent = sent - sent.mean(0, keepdim=True)
+        unit = self.unit(h)
+        self.send_gradient(h, sent)
+        fitted = synthetic.detach() * (self.grad_scale / unit)  # the residual is S's, not slow's
+        return _Bridge.apply(h.detach(), synthetic, fitted, self, unit)
+
+
+def use_slow_copies(model: DNI) -> None:
+    """Turn every interface of `model` into a SlowCopyInterface, its copy starting equal."""
+    for interface in model.interfaces:
+        interface.__class__ = SlowCopyInterface
+        interface.slow = copy.deepcopy(interface.synthesizer).requires_grad_(False)
+
+
+def follow_synthesizers(model: DNI, decay: float) -> None:
+    """slow <- decay * slow + (1 - decay) * synthesizer, for every interface."""
+    with torch.no_grad():
+        for interface in model.interfaces:
+            for slow, fast in zip(interface.slow.parameters(),
+                                  interface.synthesizer.parameters()):
+                slow.lerp_(fast, 1 - decay)
+
+
+def backprop_step(model: DNI, x: torch.Tensor, y: torch.Tensor) -> None:
+    """A warm-start step: the blocks get the true gradient (backprop) and every synthesizer is
+    fit on the true gradient at its interface; nothing is synthetic."""
+    model._pass = _Pass(None, x, probe=[])       # the hooks record each h, change nothing
+    try:
+        loss = F.cross_entropy(model.net(x), y)
+        hs = [h for h, _ in model._pass.probe]
+    finally:
+        model._pass = None
+    true = torch.autograd.grad(loss, hs, retain_graph=True)
+    loss.backward()
+    for interface, h, gradient in zip(model.interfaces, hs, true):
+        synthesizer_loss(interface.predict(h), interface.unit(h) * gradient).backward()
+
+
+# variants of unconditioned DNI beyond bench/generality.py's METHODS: DNI options, a
+# "coupled" flag for block learning rates scaled by each synthesizer's measured fit, slow
+# synthesizer copies (their decay), and warm starts (steps of backprop before DNI)
 VARIANTS: dict[str, dict] = {
     "centre_all": {"centre_all": True},
     "synth_lr_1e-4": {"synthesizer_lr": 1e-4},
@@ -74,6 +132,10 @@ VARIANTS: dict[str, dict] = {
     "head_top": {"head_top": True},
     "coupled_lr": {"coupled": True},
     "coupled_lr_uncentred": {"coupled": True, "center_gradients": False},
+    "slow_copy_0.5": {"slow_copy": 0.5},
+    "slow_copy_0.9": {"slow_copy": 0.9},
+    "warm_start_24": {"warm_start": 24},
+    "warm_start_120": {"warm_start": 120},
 }
 COUPLING_DECAY = 0.9
 
@@ -99,17 +161,19 @@ def column_means(rows: list[list[float]]) -> list[float]:
 def trace(network: str, method: str, data, epochs: int, every: int, seed: int = 0):
     """Yield (epoch, accuracy, cosines, norm ratios, lowest block's movement) per epoch."""
     torch.manual_seed(seed)
+    size, classes = math.prod(data.train_x.shape[1:]), data.num_classes
     if network == "fcn":
-        net = FCN()
+        net = FCN(in_features=size, num_classes=classes)
     elif network == "layernorm":       # layernorm_dropout without its dropout
-        net = NETWORKS["layernorm_dropout"](784, 10, dropout=0.0)
+        net = NETWORKS["layernorm_dropout"](size, classes, dropout=0.0)
     else:
-        net = NETWORKS[network](784, 10)
+        net = NETWORKS[network](size, classes)
     blocks = list(net.children())
     optimizer = torch.optim.Adam([{"params": list(b.parameters())} for b in blocks], lr=LR)
     spec = METHODS[method] if method in METHODS else VARIANTS[method]
     options = dict(spec or {})
     centre_all, coupled = options.pop("centre_all", False), options.pop("coupled", False)
+    slow_decay, warm_steps = options.pop("slow_copy", None), options.pop("warm_start", 0)
     if options.pop("head_top", False):
         options["synthesizer"] = head_shaped_at_top(net)
     model = net if spec is None else DNI(
@@ -117,6 +181,8 @@ def trace(network: str, method: str, data, epochs: int, every: int, seed: int = 
     if centre_all:
         for interface in model.interfaces:
             interface.center = True
+    if slow_decay is not None:
+        use_slow_copies(model)
     fits = [0.0] * (len(blocks) - 1)
     lowest = blocks[0]
     start = [p.detach().clone() for p in lowest.parameters()]
@@ -133,13 +199,18 @@ def trace(network: str, method: str, data, epochs: int, every: int, seed: int = 
                                 for g, t in pairs])
                 ratios.append([(g.norm() / t.norm().clamp_min(1e-30)).item() for g, t in pairs])
             optimizer.zero_grad()
-            F.cross_entropy(model(x), y).backward()
+            if step < warm_steps:
+                backprop_step(model, x, y)
+            else:
+                F.cross_entropy(model(x), y).backward()
             if coupled:   # block i's rate: lr times its synthesizer's running fit, in [0, 1]
                 for i, interface in enumerate(model.interfaces):
                     fits[i] = COUPLING_DECAY * fits[i] + (1 - COUPLING_DECAY) * fit_on_target(
                         interface)
                     optimizer.param_groups[i]["lr"] = LR * min(1.0, max(0.0, fits[i]))
             optimizer.step()
+            if slow_decay is not None:
+                follow_synthesizers(model, slow_decay)
             step += 1
         yield (epoch, evaluate(model, data.test_x, data.test_y)[1], column_means(cosines),
                column_means(ratios), relative_movement(lowest, start))
@@ -158,19 +229,23 @@ def main() -> None:
     parser.add_argument("--epochs", type=positive_int, default=20, help="epochs per method")
     parser.add_argument("--measure-every", type=positive_int, default=50,
                         help="steps between measurements of the true gradient")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.add_argument("--dataset", choices=list(DATASETS), default="mnist",
+                        help="data set, as in bench/generality.py (default: mnist)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="random seeds, each run in turn (default: 0)")
     args = parser.parse_args()
-    data = load_mnist(ROOT / "data")
-    print(f"{args.network}, Adam {LR}, batch {BATCH}, torch {torch.__version__}, "
+    data = DATASETS[args.dataset]()
+    print(f"{args.network}, {args.dataset}, Adam {LR}, batch {BATCH}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} thread(s)")
     for method in args.methods:
-        start = time.perf_counter()
-        for epoch, accuracy, cosines, ratios, moved in trace(
-                args.network, method, data, args.epochs, args.measure_every, args.seed):
-            figures = "".join(f"  cos{i} {c:+.3f} ratio{i} {r:.2f}"
-                              for i, (c, r) in enumerate(zip(cosines, ratios), 1))
-            print(f"{method:>14} epoch {epoch:2d}  acc {accuracy:.2%}{figures}  moved1 "
-                  f"{moved:.3f}  {time.perf_counter() - start:.0f}s", flush=True)
+        for seed in args.seeds:
+            start = time.perf_counter()
+            for epoch, accuracy, cosines, ratios, moved in trace(
+                    args.network, method, data, args.epochs, args.measure_every, seed):
+                figures = "".join(f"  cos{i} {c:+.3f} ratio{i} {r:.2f}"
+                                  for i, (c, r) in enumerate(zip(cosines, ratios), 1))
+                print(f"{method:>14} seed {seed} epoch {epoch:2d}  acc {accuracy:.2%}{figures}  "
+                      f"moved1 {moved:.3f}  {time.perf_counter() - start:.0f}s", flush=True)
 
 
 if __name__ == "__main__":
