@@ -23,6 +23,7 @@ from bench.script_runs import script_run
 from experiment.cli import Parser, positive_int, run
 from experiment.errors import UserError
 from experiment.figures import load_run, save_figure
+from experiment.train import STEP_MILESTONES
 
 TRAIN_SIZE, BATCH = 60000, 256
 PAPER = ["--batch-size", str(BATCH), "--lr", "3e-5", "--schedule", "step",
@@ -43,9 +44,11 @@ def epochs_for(updates: int) -> int:
     return math.ceil(updates / math.ceil(TRAIN_SIZE / BATCH))
 
 
-def draw(results: Path, defaults: Path, methods: list[str], out: Path) -> Path:
+def draw(results: Path, defaults: Path, methods: list[str], out: Path,
+         updates: int = 500_000) -> Path:
     """Test error against updates (log scale) of the paper-budget runs (as far as they have
-    got) and of the 20-epoch default runs found in `defaults` (bench/table1.py's folders)."""
+    got) and of the 20-epoch default runs found in `defaults` (bench/table1.py's folders);
+    dotted lines where the paper's schedule divides the rate by ten."""
     import matplotlib
     import matplotlib.ticker
     matplotlib.use("Agg")
@@ -69,6 +72,8 @@ def draw(results: Path, defaults: Path, methods: list[str], out: Path) -> Path:
                 drawn += 1
     if not drawn:
         raise UserError(f"no run with epoch records under {results} or {defaults}")
+    for milestone in STEP_MILESTONES:
+        ax.axvline(milestone * updates, color="grey", linestyle=":", linewidth=1)
     ax.set_xscale("log")
     ax.set_yscale("log")
     plain = matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}")
@@ -101,7 +106,8 @@ def main() -> None:
             summary = script_run([*COMMANDS[method], "--epochs", str(epochs_for(args.updates))],
                                  args.results / method)
             print(f"{NAMES[method]}: test error {100 * (1 - summary['test_acc']):.2f}%")
-    path = draw(args.results, args.defaults, args.methods, args.results / "test_error.png")
+    path = draw(args.results, args.defaults, args.methods, args.results / "test_error.png",
+                args.updates)
     print(f"figure: {path}")
 
 
