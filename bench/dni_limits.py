@@ -124,7 +124,8 @@ def backprop_step(model: DNI, x: torch.Tensor, y: torch.Tensor) -> None:
 
 # variants of unconditioned DNI beyond bench/generality.py's METHODS: DNI options, a
 # "coupled" flag for block learning rates scaled by each synthesizer's measured fit, slow
-# synthesizer copies (their decay), and warm starts (steps of backprop before DNI)
+# synthesizer copies (their decay), warm starts (steps of backprop before DNI), and
+# synthesizers that also see the network input
 VARIANTS: dict[str, dict] = {
     "centre_all": {"centre_all": True},
     "synth_lr_1e-4": {"synthesizer_lr": 1e-4},
@@ -136,6 +137,7 @@ VARIANTS: dict[str, dict] = {
     "slow_copy_0.9": {"slow_copy": 0.9},
     "warm_start_24": {"warm_start": 24},
     "warm_start_120": {"warm_start": 120},
+    "sees_input": {"sees_input": True},
 }
 COUPLING_DECAY = 0.9
 
@@ -174,6 +176,10 @@ def trace(network: str, method: str, data, epochs: int, every: int, seed: int = 
     options = dict(spec or {})
     centre_all, coupled = options.pop("centre_all", False), options.pop("coupled", False)
     slow_decay, warm_steps = options.pop("slow_copy", None), options.pop("warm_start", 0)
+    sees_input = options.pop("sees_input", False)
+    if sees_input:      # every synthesizer also sees the flattened network input, as context
+        options["context_size"] = size
+    conditioned = options.get("context_size", 0) > 0
     if options.pop("head_top", False):
         options["synthesizer"] = head_shaped_at_top(net)
     model = net if spec is None else DNI(
@@ -193,8 +199,9 @@ def trace(network: str, method: str, data, epochs: int, every: int, seed: int = 
         cosines, ratios = [], []
         order = batch_order(len(data.train_x), generator, data.train_x.device)
         for x, y in batches(data.train_x, data.train_y, BATCH, order):
+            context = x.flatten(1) if sees_input else y if conditioned else None
             if model is not net and step % every == 0:
-                pairs = model.synthetic_and_true_gradients(F.cross_entropy, x, y)
+                pairs = model.synthetic_and_true_gradients(F.cross_entropy, x, y, context)
                 cosines.append([F.cosine_similarity(g.flatten(), t.flatten(), dim=0).item()
                                 for g, t in pairs])
                 ratios.append([(g.norm() / t.norm().clamp_min(1e-30)).item() for g, t in pairs])
@@ -202,7 +209,8 @@ def trace(network: str, method: str, data, epochs: int, every: int, seed: int = 
             if step < warm_steps:
                 backprop_step(model, x, y)
             else:
-                F.cross_entropy(model(x), y).backward()
+                out = model(x, context=context) if conditioned else model(x)
+                F.cross_entropy(out, y).backward()
             if coupled:   # block i's rate: lr times its synthesizer's running fit, in [0, 1]
                 for i, interface in enumerate(model.interfaces):
                     fits[i] = COUPLING_DECAY * fits[i] + (1 - COUPLING_DECAY) * fit_on_target(
