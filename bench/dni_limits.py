@@ -30,7 +30,6 @@ from bench.generality import BATCH, DATASETS, LR, METHODS, NETWORKS
 from dni import DNI, Interface, LinearSynthesizer, Synthesizer, synthesizer_loss
 from dni.interface import _Bridge
 from dni.synthesizers import zero_init_
-from dni.wrapper import _Pass
 from experiment.cli import Parser, positive_int, run
 from experiment.data import batch_order, batches
 from experiment.train import evaluate
@@ -110,12 +109,14 @@ def follow_synthesizers(model: DNI, decay: float) -> None:
 def backprop_step(model: DNI, x: torch.Tensor, y: torch.Tensor) -> None:
     """A warm-start step: the blocks get the true gradient (backprop) and every synthesizer is
     fit on the true gradient at its interface; nothing is synthetic."""
-    model._pass = _Pass(None, x, probe=[])       # the hooks record each h, change nothing
-    try:
+    hs: list[torch.Tensor] = []      # each block's output, in call order like the interfaces
+    handles = [model.net.get_submodule(name).register_forward_hook(
+        lambda module, args, output: hs.append(output)) for name in model.block_names]
+    try:      # the inner network on its own: DNI's hooks pass outside DNI's forward
         loss = F.cross_entropy(model.net(x), y)
-        hs = [h for h, _ in model._pass.probe]
     finally:
-        model._pass = None
+        for handle in handles:
+            handle.remove()
     true = torch.autograd.grad(loss, hs, retain_graph=True)
     loss.backward()
     for interface, h, gradient in zip(model.interfaces, hs, true):
