@@ -107,24 +107,27 @@ class Interface(nn.Module):
         incoming, delivered = self._incoming
         return incoming if delivered == 1.0 else incoming / delivered
 
+    def _last_residual(self) -> torch.Tensor | None:
+        """S - unit d of the last step, in the synthesizer's units: the bridge's loss gradient
+        is (2 / B) (S - unit d)."""
+        if self._loss_grad is None:
+            return None
+        return self._loss_grad * (self._loss_grad.shape[0] / 2.0)
+
     @property
     def last_synthetic(self) -> torch.Tensor | None:
         """The last step's synthetic gradient g_i as the block received it, without grad_scale:
         in the loss's units, like `last_target` (None before the first target arrives)."""
-        if self._loss_grad is None:
+        residual = self._last_residual()
+        if residual is None:
             return None
-        # the bridge's loss gradient is (2 unit / B) (g - d), g and d in the loss's units
-        batch = self._loss_grad.shape[0]
-        per_unit = 1.0 if self.batch_mean else float(batch)   # B / unit
-        return torch.add(self.last_target, self._loss_grad, alpha=per_unit / 2.0)
+        return self.last_target + residual / self.unit(residual)    # g = d + (S - unit d) / unit
 
     @property
     def last_loss(self) -> torch.Tensor | None:
         """The synthesizer's regression loss on the last step (None before the first)."""
-        if self._loss_grad is None:
-            return None
-        batch = self._loss_grad.shape[0]
-        return (self._loss_grad * (batch / 2.0)).pow(2).sum() / batch  # residual S - B d
+        residual = self._last_residual()
+        return None if residual is None else residual.pow(2).sum() / residual.shape[0]
 
     def unit(self, h: torch.Tensor) -> float:
         """How many loss units one per-example synthesizer unit is: the batch size for a
