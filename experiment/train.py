@@ -121,32 +121,39 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
     return figures
 
 
-def adam(params, lr: float) -> torch.optim.Adam:
+def adam(params, lr: float, capturable: bool = False) -> torch.optim.Adam:
     """The scripts' optimizer: Adam with its fused kernel, one pass over each tensor a step.
     The default on CPU, one tensor at a time, makes several passes and temporaries; on the
-    MLP's first block it took half of a pipeline stage's step (bench/README.md)."""
-    return torch.optim.Adam(params, lr=lr, fused=True)
+    MLP's first block it took half of a pipeline stage's step (bench/README.md).
+    `capturable`: its step may be captured in a CUDA graph (experiment.graphed)."""
+    return torch.optim.Adam(params, lr=lr, fused=True, capturable=capturable)
 
 
 # where the paper's rate drops tenfold, as fractions of the run (Jaderberg et al., appendix)
 STEP_MILESTONES = (0.6, 0.8)
+SCHEDULES = ("cosine", "constant", "step")
+
+
+def rate_factor(kind: str, step: int, total_steps: int) -> float:
+    """What the schedule `kind` multiplies every learning rate by at `step` of `total_steps`:
+    cosine decay to 0, constant 1, or the DNI paper's steps (a tenth from 60% of the run, a
+    hundredth from 80%, its 300k and 400k of 500k updates)."""
+    if kind == "constant":
+        return 1.0
+    if kind == "step":
+        first, second = STEP_MILESTONES
+        return 1.0 if step < first * total_steps else 0.1 if step < second * total_steps else 0.01
+    if kind != "cosine":
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}")
+    return 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))
 
 
 def learning_rate_schedule(optimizer: torch.optim.Optimizer, total_steps: int, kind: str = "cosine"
                     ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Cosine decay of every parameter group's learning rate from its value to 0 over
-    `total_steps` (kind "cosine"), the rate held constant (kind "constant"), or the DNI
-    paper's steps (kind "step": a tenth from 60% of the run, a hundredth from 80%, its 300k and
-    400k of 500k updates)."""
-    if kind == "constant":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    if kind == "step":
-        first, second = STEP_MILESTONES
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 1.0 if step < first * total_steps
-            else 0.1 if step < second * total_steps else 0.01)
+    """Every parameter group's learning rate times `rate_factor(kind, step, total_steps)`."""
+    rate_factor(kind, 0, total_steps)  # an unknown kind fails here, not at the first step
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+        optimizer, lambda step: rate_factor(kind, step, total_steps))
 
 
 def format_fields(fields: dict[str, float]) -> str:
