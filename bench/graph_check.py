@@ -71,7 +71,7 @@ def main() -> None:
     parser.add_argument("--tolerance", type=positive_float, default=1e-4,
                         help="the largest relative difference that passes")
     parser.add_argument("--train-size", type=positive_int, default=None,
-                        help="the first N training images only")
+                        help="the first N training images only (default: all 60,000)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="where to train (auto: a GPU when there is one)")
     args = parser.parse_args()

@@ -319,7 +319,8 @@ def main() -> None:
     parser.add_argument("--print-every", type=positive_int, default=50,
                         help="graphs engine: epochs between printed lines of each run")
     parser.add_argument("--train-size", type=positive_int, default=None,
-                        help="graphs engine: the first N training images only (for tests)")
+                        help="graphs engine: the first N training images only, for tests (default: all "
+                             "60,000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run")
     parser.add_argument("--results", type=Path, default=ROOT / "runs" / "bench-paper-budget",
                         help="folder of the run folders, kept between invocations")

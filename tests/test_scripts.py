@@ -22,7 +22,8 @@ def help_entries(text):
 
 
 @pytest.mark.parametrize("script", ["main.py", "mlp.py", "cnn.py", "rnn_tasks.py",
-                                    "misc/plot.py", "bench/parallel.py"])
+                                    "misc/plot.py", "bench/parallel.py", "bench/paper_budget.py",
+                                    "bench/graph_check.py"])
 def test_help_shows_every_default(run_script, script):
     """Every flag's help says its default (argparse's, or what the script makes of None)."""
     result = run_script(script, "--help")

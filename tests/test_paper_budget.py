@@ -1,0 +1,74 @@
+"""bench/paper_budget.py and bench/graph_check.py on the CPU: the graphs engine's runs resume
+exactly after a stop, the scripts engine runs what the paper sets, and the GPU check's
+comparison sees a difference."""
+
+import csv
+
+import pytest
+import torch
+
+from bench.graph_check import relative_difference
+from bench.paper_budget import command
+
+TINY = ["--engine", "graphs", "--device", "cpu", "--train-size", "1024", "--updates", "12",
+        "--layers", "3", "--measure-every", "2"]   # 4 updates an epoch, 3 epochs
+
+
+def records(folder):
+    """metrics.csv rows without the wall-clock column."""
+    with open(folder / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [{k: v for k, v in row.items() if k != "wall_seconds"} for row in rows]
+
+
+def test_graphs_engine_stops_and_resumes_exactly(run_script, tmp_path):
+    whole = run_script("bench/paper_budget.py", *TINY, "--results", tmp_path / "whole",
+                       "--defaults", tmp_path / "none")
+    assert whole.returncode == 0, whole.stderr
+    assert "fcn3-dni: test error" in whole.stdout
+    for _ in range(3):   # a stop after every epoch, then the same command again
+        part = run_script("bench/paper_budget.py", *TINY, "--results", tmp_path / "parts",
+                          "--defaults", tmp_path / "none", "--stop-after", "1e-9")
+        assert part.returncode == 0, part.stderr
+    assert "run the same command to go on" in part.stdout or "test error" in part.stdout
+    for run in ("fcn3-dni", "fcn3-cdni", "fcn3-bp"):
+        assert (tmp_path / "parts" / run / "summary.json").exists(), run
+        assert not (tmp_path / "parts" / run / "checkpoint.pt").exists()
+        rows = records(tmp_path / "whole" / run)
+        assert [int(r["step"]) for r in rows] == [4, 8, 12]
+        assert records(tmp_path / "parts" / run) == rows
+    # the interfaces' cosines are measured on the epochs asked for (2) and the last (3)
+    cosines = [r["cos1"] for r in records(tmp_path / "whole" / "fcn3-dni")]
+    assert cosines[0] == "" and cosines[1] != "" and cosines[2] != ""
+
+
+def test_scripts_engine_runs_the_papers_settings():
+    bp, dni, cdni = (command(m, 3) for m in ("bp", "dni", "cdni"))
+    paper = ["--depth", "2", "--batch-size", "256", "--lr", "3e-05", "--schedule", "step"]
+    assert bp[:1] == ["mlp.py"] and all(flag in bp for flag in paper)
+    assert dni[:3] == ["main.py", "--model_type", "mlp"]
+    for flags in (dni, cdni):   # the paper's DNI: no centring, the synthesizers at 3e-5
+        assert flags[flags.index("--center-gradients") + 1] == "False"
+        assert flags[flags.index("--synth-lr") + 1] == "3e-05"
+    assert dni[dni.index("--synthesizer") + 1] == "mlp"
+    assert dni[dni.index("--synth-hidden") + 1] == "1024"
+    assert cdni[cdni.index("--synthesizer") + 1] == "linear"
+    assert cdni[cdni.index("--conditioned") + 1] == "True"
+
+
+def test_graph_check_sees_a_difference():
+    torch.manual_seed(0)
+    a = torch.nn.Linear(4, 3)
+    b = torch.nn.Linear(4, 3)
+    b.load_state_dict(a.state_dict())
+    assert relative_difference(a, b) == 0.0
+    with torch.no_grad():
+        b.weight[1, 2] += 1e-3 * b.weight.abs().max()
+    assert relative_difference(a, b) == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_graph_check_script_runs(run_script):
+    result = run_script("bench/graph_check.py", "--layers", "3", "--methods", "cdni",
+                        "--steps", "2", "--timed", "2", "--train-size", "512", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert "fcn3-cdni" in result.stdout and "no GPU" in result.stdout
