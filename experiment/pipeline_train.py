@@ -143,8 +143,9 @@ class _StageLoop(EpochLoop):
 
     def evaluate_epoch(self) -> None:
         if self.state.epoch == self.args.epochs:
-            # the synthesizer updates still owed; the cosine schedule is at 0 by now, so here
-            # they move only Adam's moments (the library's users may differ)
+            # the synthesizer updates still owed, at the rates the schedule ends on: under
+            # cosine (0 by now) they move only Adam's moments, under constant or step they
+            # also move the edge synthesizers (never the blocks: only those have gradients)
             self.stage.drain(self.optimizer)
         figures = evaluate_pipeline(self.stage, self.data, self.args.batch_size)
         if self.stage.is_last:
