@@ -5,8 +5,11 @@ each run from one seed, one replaying its captured step, one eager, on the same 
 Usage: python bench/graph_check.py [--layers 3 4] [--methods dni cdni bp] [--steps 20]
        [--timed 200]
 Prints, per run, the largest parameter difference between the two copies (relative to the
-parameter's largest value) and each one's milliseconds per step; exits 1 when a difference
-is over --tolerance. Without a GPU both copies run eagerly (a check of the script only).
+parameter's largest value) after --steps steps, the second half at a tenth of the learning
+rate (a changed rate must reach the captured step), and each copy's milliseconds per step;
+exits 1 when a difference is over --tolerance. The captured copy went through the capture's
+warm-up steps and was put back, so a faulty put-back shows as a difference too. Without a GPU
+both copies run eagerly (a check of the script only).
 """
 
 from __future__ import annotations
@@ -86,9 +89,11 @@ def main() -> None:
             eager = build_run(method, layers, data, 0, scratch)
             graphed.trainer.capture()
             order = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(1))
+            steps = min(args.steps, graphed.trainer.steps_per_epoch)
             for trainer in (graphed.trainer, eager.trainer):
                 trainer.start_epoch(order)
-                for _ in range(min(args.steps, trainer.steps_per_epoch)):
+                for step in range(steps):   # the second half at a tenth of the rate
+                    trainer.set_rate_factor(1.0 if step < steps // 2 else 0.1)
                     trainer.step()
                 if trainer.stream is not None:
                     trainer.stream.synchronize()

@@ -11,8 +11,8 @@ Engines: `scripts` runs main.py / mlp.py, one run after another, each in its own
 checkpoint every epoch (the CPU's way). `graphs` trains all the runs at once in this process,
 each step one CUDA graph replay on the run's own stream (a GPU's way: 500k small steps are
 launch-bound; on a CPU it runs the same steps eagerly); every batch is a full 256 (the rest of
-an epoch's order is left out); a checkpoint at --stop-after seconds or a signal. Either way,
-run the command again to resume. --figure-only draws what the runs have logged so far.
+an epoch's order is left out); a checkpoint every --checkpoint-every epochs and at the epoch's
+end after --stop-after seconds or a signal. Either way, run the command again to resume. --figure-only draws what the runs have logged so far.
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ class BudgetRun:
     folder: Path
     epoch: int = 1                  # the epoch in progress
     step: int = 0
-    train_seconds: float = 0.0
+    wall_seconds: float = 0.0       # since the run began, over every invocation
     rows: int = 0
     log: MetricsLog | None = None
 
@@ -123,28 +123,36 @@ def build_run(method: str, layers: int, data, seed: int, results: Path) -> Budge
                      torch.Generator().manual_seed(seed), results / run_name(method, layers))
 
 
-def resume(run: BudgetRun) -> None:
+def budget_of(args) -> dict:
+    """What a saved run must have been started with to be resumed by this command."""
+    return {"updates": args.updates, "train_size": args.train_size, "seed": args.seed}
+
+
+def resume(run: BudgetRun, args) -> None:
     """Load the run's checkpoint, if it has one (before the capture, which keeps it)."""
     path = run.folder / CHECKPOINT
     if not path.exists():
         return
     saved = load_checkpoint(run.folder, run.trainer.device)
+    if saved.get("budget") != budget_of(args):
+        raise UserError(f"{path} was saved by a run with {saved.get('budget')}, not "
+                        f"{budget_of(args)}: give the same flags, or delete its folder")
     try:
         run.trainer.load_state(saved["trainer"])
     except (ValueError, KeyError, RuntimeError) as exc:
         raise UserError(f"{path} does not fit the {run.name} run ({exc}); delete its folder "
                         "to start it again") from None
-    run.generator.set_state(saved["generator"])
+    run.generator.set_state(saved["generator"].cpu())   # loaded onto the training device
     run.epoch, run.step, run.rows = saved["epoch"], saved["step"], saved["rows"]
-    run.train_seconds = saved["train_seconds"]
+    run.wall_seconds = saved["wall_seconds"]
 
 
-def checkpoint(run: BudgetRun) -> Path:
+def checkpoint(run: BudgetRun, args) -> Path:
     """Save the run at an epoch's end."""
     return save_checkpoint(run.folder, {
         "trainer": run.trainer.state(), "generator": run.generator.get_state(),
         "epoch": run.epoch, "step": run.step, "rows": run.rows,
-        "train_seconds": run.train_seconds})
+        "wall_seconds": run.wall_seconds, "budget": budget_of(args)})
 
 
 def cosine_columns(run: BudgetRun) -> dict[str, float]:
@@ -160,8 +168,9 @@ def cosine_columns(run: BudgetRun) -> dict[str, float]:
 
 
 def train_graphed(names: list[tuple[str, int]], data, args) -> list[BudgetRun]:
-    """Train the runs (method, layers) together, one step of each in turn; stop with
-    checkpoints when --stop-after has passed (or on a signal) at an epoch's end."""
+    """Train the runs (method, layers) together, one step of each in turn, with a checkpoint
+    every --checkpoint-every epochs; stop (all saved) at the first epoch's end after
+    --stop-after seconds or a signal. Returns the runs left unfinished."""
     runs = [build_run(method, layers, data, args.seed, args.results) for method, layers in names]
     runs = [r for r in runs if finished_summary(r.folder) is None]
     if not runs:
@@ -172,7 +181,7 @@ def train_graphed(names: list[tuple[str, int]], data, args) -> list[BudgetRun]:
     begin = time.perf_counter()
     for r in runs:
         r.folder.mkdir(parents=True, exist_ok=True)
-        resume(r)
+        resume(r, args)
         r.trainer.capture()
         columns = [f"cos{i}" for i in range(1, r.interfaces + 1)]
         r.log = MetricsLog(r.folder / "metrics.csv", columns,
@@ -191,10 +200,11 @@ def train_graphed(names: list[tuple[str, int]], data, args) -> list[BudgetRun]:
                     r.trainer.set_rate_factor(rate_factor(SCHEDULE, r.step, total_steps))
                     r.trainer.step()
                     r.step += 1
-            for r in runs:
-                end_epoch(r, data, args, epochs, tick, started)
-            if runs[0].epoch in (3, 12):   # the pace, once warm: what the rest will take
-                pace = (time.perf_counter() - tick)
+            for r in list(runs):
+                if not end_epoch(r, data, args, epochs, time.perf_counter() - tick):
+                    runs.remove(r)
+            if runs and runs[0].epoch in (3, 12):   # the pace, once warm: what the rest takes
+                pace = time.perf_counter() - tick
                 print(f"{pace:.3f}s an epoch of {len(runs)} runs: about "
                       f"{pace * (epochs - runs[0].epoch + 1):.0f}s to the end", flush=True)
             for r in [r for r in runs if r.epoch > epochs]:
@@ -203,47 +213,57 @@ def train_graphed(names: list[tuple[str, int]], data, args) -> list[BudgetRun]:
             out_of_time = time.perf_counter() - started > args.stop_after
             if runs and (out_of_time or stop.signum is not None):
                 for r in runs:
-                    checkpoint(r)
+                    checkpoint(r, args)
                 why = "--stop-after passed" if out_of_time else "stopped by a signal"
                 print(f"{why}: {len(runs)} runs saved at update {runs[0].step:,} of "
                       f"{total_steps:,}; run the same command to go on", flush=True)
                 return runs
+            if runs and (runs[0].epoch - 1) % args.checkpoint_every == 0:
+                for r in runs:
+                    checkpoint(r, args)
     return []
 
 
-def end_epoch(run: BudgetRun, data, args, epochs: int, tick: float, started: float) -> None:
-    """Evaluate the run, write its epoch row, print a line every --print-every epochs."""
+def end_epoch(run: BudgetRun, data, args, epochs: int, seconds: float) -> bool:
+    """Evaluate the run, write its epoch row, print a line every --print-every epochs;
+    `seconds`: the epoch's wall time (all the runs trained together). False when the run has
+    diverged: its summary says so and it trains no more."""
     with run.trainer.on_stream():
         train_loss = run.trainer.epoch_loss()
-        run.train_seconds += time.perf_counter() - tick   # shared by the runs stepped together
+        if not math.isfinite(train_loss):
+            print(f"{run.name} diverged: non-finite training loss in epoch {run.epoch}; it "
+                  "stops, the other runs go on", flush=True)
+            finish(run, args, diverged=True)
+            return False
         test_loss, test_acc = evaluate(run.model, data.test_x, data.test_y,
                                        batch_size=len(data.test_x))
         measure = run.epoch % args.measure_every == 0 or run.epoch == epochs
         cosines = cosine_columns(run) if measure else {}
-    if not math.isfinite(train_loss):
-        raise UserError(f"{run.name} diverged: non-finite training loss in epoch {run.epoch}")
+    run.wall_seconds += seconds
     run.log.write({"kind": "epoch", "step": run.step, "epoch": run.epoch,
-                   "wall_seconds": time.perf_counter() - started, "train_loss": train_loss,
+                   "wall_seconds": run.wall_seconds, "train_loss": train_loss,
                    "test_loss": test_loss, "test_acc": test_acc, **cosines})
     run.rows += 1
     if run.epoch % args.print_every == 0 or run.epoch == epochs:
-        wall = time.perf_counter() - started
         extra = "".join(f"  {k} {v:.3f}" for k, v in cosines.items())
         print(f"{run.name:<10} epoch {run.epoch:>4}/{epochs}  update {run.step:>7,}  "
               f"train_loss {train_loss:.4f}  test error {100 * (1 - test_acc):.2f}%  "
-              f"{wall:.0f}s{extra}", flush=True)
+              f"{run.wall_seconds:.0f}s{extra}", flush=True)
     run.epoch += 1
+    return True
 
 
-def finish(run: BudgetRun, args) -> None:
-    """summary.json of a finished run (what the scripts engine's runs also leave)."""
-    last = load_run(run.folder).epochs[-1]
+def finish(run: BudgetRun, args, diverged: bool = False) -> None:
+    """summary.json of a run that has ended (the scripts engine's runs leave one too); its
+    figures are those of its last evaluated epoch."""
+    epochs = load_run(run.folder).epochs
+    last = epochs[-1] if epochs else {"test_acc": float("nan"), "test_loss": float("nan")}
     write_json(run.folder / "summary.json", {
         "script": "bench/paper_budget.py", "engine": "graphs", "method": run.method,
         "layers": run.layers, "updates": run.step, "batch_size": BATCH, "lr": LR,
         "schedule": SCHEDULE, "test_acc": last["test_acc"], "test_loss": last["test_loss"],
-        "train_seconds": run.train_seconds, "device": str(run.trainer.device),
-        "torch": torch.__version__, "seed": args.seed})
+        "diverged": diverged, "wall_seconds": run.wall_seconds,
+        "device": str(run.trainer.device), "torch": torch.__version__, "budget": budget_of(args)})
     (run.folder / CHECKPOINT).unlink(missing_ok=True)
 
 
@@ -313,6 +333,8 @@ def main() -> None:
                         help="graphs engine: seconds of training after which the runs are saved "
                              "at the next epoch's end and the command stops (run it again to "
                              "go on)")
+    parser.add_argument("--checkpoint-every", type=positive_int, default=50,
+                        help="graphs engine: epochs between checkpoints of every run")
     parser.add_argument("--measure-every", type=positive_int, default=10,
                         help="graphs engine: epochs between measurements of each interface's "
                              "cosine to the true gradient (and at the last epoch)")
@@ -353,7 +375,8 @@ def main() -> None:
             summary = finished_summary(args.results / run_name(method, depth))
             if summary is not None:
                 print(f"{run_name(method, depth)}: test error "
-                      f"{100 * (1 - summary['test_acc']):.2f}%")
+                      f"{100 * (1 - summary['test_acc']):.2f}%"
+                      + (" (diverged)" if summary.get("diverged") else ""))
     path = draw(args.results, args.defaults, args.methods, args.layers,
                 args.results / "test_error.png", args.updates)
     print(f"figure: {path}")

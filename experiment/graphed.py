@@ -101,12 +101,18 @@ class GraphedTrainer:
 
     def capture(self, warmup: int = 3) -> None:
         """On a GPU, record the step as a CUDA graph after `warmup` eager steps (which CUDA
-        needs before a capture); model, optimizer and counters are then put back as they were,
-        in place, so capturing changes no training. Elsewhere nothing happens."""
+        needs before a capture); model and optimizer are then put back as they were, in place,
+        so capturing changes no training (the epoch's counters are reset: capture between
+        epochs). Elsewhere nothing happens."""
         if self.stream is None:
             return
-        saved = self.state()
+        groups = self.optimizer.param_groups
+        if len(groups) != len(self.base_rates) or not all(
+                isinstance(g["lr"], torch.Tensor) and g.get("capturable") for g in groups):
+            raise ValueError("every parameter group must exist when the trainer is made, with "
+                             "capturable=True (a DNI model: build it with example_input)")
         self._after_current_stream()
+        saved = self.state()
         with self.on_stream():
             for _ in range(warmup):
                 self._step()
@@ -190,3 +196,5 @@ class GraphedTrainer:
         self.steps_left = 0
         self.rate_factor = -1.0   # force the rates to be written
         self.set_rate_factor(state["rate_factor"])
+        if self.stream is not None:   # the copies are done before `state`'s tensors are freed
+            self.stream.synchronize()

@@ -10,8 +10,14 @@ import torch
 from bench.graph_check import relative_difference
 from bench.paper_budget import command
 
-TINY = ["--engine", "graphs", "--device", "cpu", "--train-size", "1024", "--updates", "12",
-        "--layers", "3", "--measure-every", "2"]   # 4 updates an epoch, 3 epochs
+
+def tiny(updates=12):
+    """The graphs engine on the CPU: 4 updates an epoch, so 3 epochs of 12 updates."""
+    return ["--engine", "graphs", "--device", "cpu", "--train-size", "1024", "--updates",
+            str(updates), "--layers", "3", "--measure-every", "2"]
+
+
+TINY = tiny()
 
 
 def records(folder):
@@ -72,3 +78,44 @@ def test_graph_check_script_runs(run_script):
                         "--steps", "2", "--timed", "2", "--train-size", "512", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     assert "fcn3-cdni" in result.stdout and "no GPU" in result.stdout
+
+
+def test_resume_refuses_other_budget_flags(run_script, tmp_path):
+    first = run_script("bench/paper_budget.py", *TINY, "--methods", "bp", "--results", tmp_path,
+                       "--defaults", tmp_path / "none", "--stop-after", "1e-9")
+    assert first.returncode == 0, first.stderr
+    assert (tmp_path / "fcn3-bp" / "checkpoint.pt").exists()
+    again = run_script("bench/paper_budget.py", *tiny(updates=16), "--methods", "bp", "--results", tmp_path,
+                       "--defaults", tmp_path / "none")
+    assert again.returncode == 2
+    assert again.stderr.startswith("error:") and "'updates': 12" in again.stderr
+
+
+def test_a_diverged_run_stops_alone(mnist_root, tmp_path, monkeypatch, capsys):
+    import argparse
+    import json
+
+    import bench.paper_budget as budget
+    from experiment.data import load_mnist
+
+    build = budget.build_run
+
+    def poisoned(method, layers, data, seed, results):
+        run = build(method, layers, data, seed, results)
+        if method == "bp":
+            with torch.no_grad():
+                next(run.model.parameters()).fill_(float("inf"))
+        return run
+
+    monkeypatch.setattr(budget, "build_run", poisoned)
+    args = argparse.Namespace(updates=8, train_size=512, seed=0, results=tmp_path,
+                              stop_after=float("inf"), checkpoint_every=1, measure_every=1,
+                              print_every=1)
+    data = load_mnist(mnist_root, "cpu", 512)
+    assert budget.train_graphed([("cdni", 3), ("bp", 3)], data, args) == []
+    assert "fcn3-bp diverged" in capsys.readouterr().out
+    bp = json.loads((tmp_path / "fcn3-bp" / "summary.json").read_text())
+    cdni = json.loads((tmp_path / "fcn3-cdni" / "summary.json").read_text())
+    assert bp["diverged"] and bp["updates"] == 2      # stopped after its first epoch
+    assert not cdni["diverged"] and cdni["updates"] == 8
+    assert not (tmp_path / "fcn3-cdni" / "checkpoint.pt").exists()
