@@ -7,6 +7,8 @@ period begins and ends, when the run is done, and what its checkpoint holds beyo
 parts (model, optimizer, loop state, random number generators, metrics rows).
 `experiment.train.fit` (the MNIST scripts), `experiment.pipeline_train.fit_pipeline` (a
 pipeline stage under torchrun) and `experiment.rnn_train.train` (rnn_tasks.py) are the three.
+(bench/paper_budget.py's graphs engine steps several runs in turn, one model each, with
+`experiment.graphed`; it keeps its own small loop because this one holds one model.)
 """
 
 from __future__ import annotations
