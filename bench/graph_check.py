@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from bench.paper_budget import METHODS, build_run
+from bench.paper_budget import add_run_arguments, build_run
 from experiment.cli import Parser, positive_float, positive_int, resolve_device, run
 from experiment.data import load_mnist
 from experiment.graphed import GraphedTrainer
@@ -63,20 +63,13 @@ def milliseconds_per_step(trainer: GraphedTrainer, order: torch.Tensor, steps: i
 def main() -> None:
     """Compare and time the graph and eager copies of each run."""
     parser = Parser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", nargs="+", type=positive_int, default=[3, 4],
-                        help="FCN depths as the paper counts layers")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
-                        help="runs at each depth")
+    add_run_arguments(parser)
     parser.add_argument("--steps", type=positive_int, default=20,
                         help="steps of both copies before they are compared")
     parser.add_argument("--timed", type=positive_int, default=200,
                         help="steps timed for each copy after the comparison")
     parser.add_argument("--tolerance", type=positive_float, default=1e-4,
                         help="the largest relative difference that passes")
-    parser.add_argument("--train-size", type=positive_int, default=None,
-                        help="the first N training images only (default: all 60,000)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="where to train (auto: a GPU when there is one)")
     args = parser.parse_args()
     device = resolve_device(args.device)
     data = load_mnist(ROOT / "data", device, args.train_size)

@@ -314,21 +314,30 @@ def draw(results: Path, defaults: Path, methods: list[str], layers: list[int], o
     return save_figure(fig, out)
 
 
-def main() -> None:
-    """Run (or resume) the paper-budget runs, print their errors, then draw the figure."""
-    parser = Parser(description=__doc__.split("\n\n")[0])
+def add_run_arguments(parser, engine: str = "") -> None:
+    """The flags that choose the runs and where they train: --layers, --methods, --device,
+    --train-size (`engine`: the help's prefix where only one engine uses the last two)."""
     parser.add_argument("--layers", nargs="+", type=positive_int, default=[3, 4],
                         help="FCN depths as the paper counts layers (3: two hidden blocks)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
                         help="runs at each depth")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help=f"{engine}where to train (auto: a GPU when there is one)")
+    parser.add_argument("--train-size", type=positive_int, default=None,
+                        help=f"{engine}the first N training images only, for tests (default: "
+                             "all 60,000)")
+
+
+def main() -> None:
+    """Run (or resume) the paper-budget runs, print their errors, then draw the figure."""
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    add_run_arguments(parser, engine="graphs engine: ")
     parser.add_argument("--updates", type=positive_int, default=UPDATES,
                         help="updates of each run (the paper's 500k)")
     parser.add_argument("--engine", choices=["graphs", "scripts"], default=None,
                         help="graphs: all runs in this process, CUDA graph steps; scripts: "
                              "main.py / mlp.py one after another (default: graphs when a GPU "
                              "is there, else scripts)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                        help="graphs engine: where to train (auto: a GPU when there is one)")
     parser.add_argument("--stop-after", type=positive_float, default=float("inf"),
                         help="graphs engine: seconds of training after which the runs are saved "
                              "at the next epoch's end and the command stops (run it again to "
@@ -340,9 +349,6 @@ def main() -> None:
                              "cosine to the true gradient (and at the last epoch)")
     parser.add_argument("--print-every", type=positive_int, default=50,
                         help="graphs engine: epochs between printed lines of each run")
-    parser.add_argument("--train-size", type=positive_int, default=None,
-                        help="graphs engine: the first N training images only, for tests (default: all "
-                             "60,000)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every run")
     parser.add_argument("--results", type=Path, default=ROOT / "runs" / "bench-paper-budget",
                         help="folder of the run folders, kept between invocations")
