@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from bench.script_runs import finished_summary, script_run
 from experiment.cli import Parser, positive_float, positive_int, resolve_device, run
+from experiment.data import batch_order, load_mnist, num_batches
 from experiment.errors import UserError
 from experiment.figures import load_run, save_figure
 from experiment.graphed import GraphedTrainer, one_hot_rows
@@ -194,7 +195,7 @@ def train_graphed(names: list[tuple[str, int]], data, args) -> list[BudgetRun]:
         while runs:
             tick = time.perf_counter()
             for r in runs:
-                r.trainer.start_epoch(torch.randperm(len(data.train_x), generator=r.generator))
+                r.trainer.start_epoch(batch_order(len(data.train_x), r.generator, data.train_x.device))
             for _ in range(steps_per_epoch):
                 for r in runs:
                     r.trainer.set_rate_factor(rate_factor(SCHEDULE, r.step, total_steps))
@@ -365,15 +366,13 @@ def main() -> None:
                     else f"{platform.machine()}, {torch.get_num_threads()} threads")
         print(f"engine {engine} on {device} ({hardware}), torch {torch.__version__}", flush=True)
         if engine == "graphs":
-            from experiment.data import load_mnist
-
             data = load_mnist(ROOT / "data", device, args.train_size)
             if train_graphed(names, data, args):
                 return   # stopped early: saved, nothing to report yet
         else:
             if args.train_size is not None:
                 raise UserError("--train-size is for the graphs engine")
-            epochs = epochs_for(args.updates, math.ceil(60000 / BATCH))
+            epochs = epochs_for(args.updates, num_batches(60000, BATCH))
             for method, depth in names:
                 script_run([*command(method, depth), "--epochs", str(epochs)],
                            args.results / run_name(method, depth))

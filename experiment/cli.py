@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from experiment.errors import USER_ERROR_EXIT, RunInterrupted, UserError
+from experiment.train import SCHEDULES
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -123,7 +124,7 @@ def training_parser(description: str, *, epochs: int | None, batch_size: int | N
                         help=batch_size_help)
     parser.add_argument("--lr", type=learning_rate, default=lr,
                         help="Adam learning rate of the network (decayed as --schedule says)")
-    parser.add_argument("--schedule", choices=["cosine", "constant", "step"], default="cosine",
+    parser.add_argument("--schedule", choices=SCHEDULES, default="cosine",
                         help="learning-rate schedule of every rate: cosine decay to 0 over "
                              "the run, constant, or step (the paper's: a tenth from 60%% of "
                              "the run, a hundredth from 80%%) (default: cosine)")

@@ -92,11 +92,10 @@ class GraphedTrainer:
         if self.steps_left <= 0:
             raise RuntimeError("the epoch's batches are used up: call start_epoch first")
         self.steps_left -= 1
-        if self.graph is not None:
-            with self.on_stream():
+        with self.on_stream():
+            if self.graph is not None:
                 self.graph.replay()
-        else:
-            with self.on_stream():
+            else:
                 self._step()
 
     def capture(self, warmup: int = 3) -> None:
