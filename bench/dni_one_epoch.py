@@ -1,5 +1,6 @@
 """One epoch of unconditioned DNI on the MNIST MLP under variants main.py does not expose:
-frozen blocks, a closed-form (ridge) linear synthesizer, low-rank and MLP synthesizers.
+frozen blocks, a closed-form (ridge) linear synthesizer, a nearest-neighbour memory, low-rank and
+MLP synthesizers.
 
 Usage: OMP_NUM_THREADS=1 python bench/dni_one_epoch.py [--variants NAME ...] [--batch-size 64]
 Prints one row per variant: test accuracy after one epoch and each interface's cosine between
@@ -60,6 +61,39 @@ class RidgeSynthesizer(Synthesizer):
         self.weight.copy_(torch.cholesky_solve(self.cross.T, factor).T)
 
 
+class NearestNeighbourSynthesizer(Synthesizer):
+    """Non-parametric synthesizer: the mean target of the k stored activations nearest to h,
+    from a ring memory of the last `capacity` (activation, per-example target) pairs. It never
+    sees a label; what it knows of one is what earlier targets near h carried."""
+
+    def __init__(self, size: int, capacity: int = 8192, k: int = 16):
+        super().__init__(size)
+        self.k = k
+        self.register_buffer("keys", torch.zeros(capacity, size))
+        self.register_buffer("values", torch.zeros(capacity, size))
+        self.filled, self.next = 0, 0
+        self.anchor = nn.Parameter(torch.zeros(()))
+        self._last: torch.Tensor | None = None
+
+    def forward(self, input, hidden=None, context=None):
+        """Return (mean target of the k nearest stored activations, None)."""
+        self._last = input.detach()
+        if self.filled < self.k:
+            return torch.zeros_like(input) + self.anchor, None
+        keys = self.keys[:self.filled]
+        distance = keys.pow(2).sum(1) - 2 * input @ keys.T
+        nearest = distance.topk(self.k, dim=1, largest=False).indices
+        return self.values[nearest].mean(1) + self.anchor, None
+
+    @torch.no_grad()
+    def solve(self, target: torch.Tensor) -> None:
+        """Store the last batch's activations with their per-example targets."""
+        rows = torch.arange(self.next, self.next + len(target)) % len(self.keys)
+        self.keys[rows], self.values[rows] = self._last, target
+        self.next = int(rows[-1]) + 1
+        self.filled = min(self.filled + len(target), len(self.keys))
+
+
 class NoiseSynthesizer(Synthesizer):
     """A control, not a synthesizer: Gaussian noise of a fixed size in place of a gradient,
     to tell a learned signal from a mere perturbation of the blocks below."""
@@ -74,16 +108,16 @@ class NoiseSynthesizer(Synthesizer):
         return torch.randn_like(input) * self.std + self.anchor, None
 
 
-class NoiseBelowTop:
-    """Builds, in interface order, noise controls for interfaces 1 and 2 and a linear
-    synthesizer for interface 3 (the top one)."""
+class BelowAndTop:
+    """Builds, in interface order, `below(size)` for interfaces 1 and 2 and `top(size)` for
+    interface 3 (the top one)."""
 
-    def __init__(self):
-        self.built = 0
+    def __init__(self, below, top):
+        self.below, self.top, self.built = below, top, 0
 
     def __call__(self, size: int) -> nn.Module:
         self.built += 1
-        return NoiseSynthesizer(size) if self.built % 3 else LinearSynthesizer(size)
+        return self.below(size) if self.built % 3 else self.top(size)
 
 
 # name: (synthesizer factory or kind, per-block lr multipliers, synthesizer lr, network lr)
@@ -91,7 +125,8 @@ VARIANTS = {
     "linear": ("linear", (1, 1, 1), 1e-2, 1e-3),
     "frozen hidden blocks": ("linear", (0, 0, 0), 1e-2, 1e-3),
     "only block 3 learns": ("linear", (0, 0, 1), 1e-2, 1e-3),
-    "noise into blocks 1 and 2": (NoiseBelowTop(), (1, 1, 1), 1e-2, 1e-3),
+    "noise into blocks 1 and 2": (BelowAndTop(NoiseSynthesizer, LinearSynthesizer), (1, 1, 1),
+                                  1e-2, 1e-3),
     "noise into all blocks": (NoiseSynthesizer, (1, 1, 1), 1e-2, 1e-3),
     "linear, synth lr 3e-2": ("linear", (1, 1, 1), 3e-2, 1e-3),
     "linear, lr 2e-3": ("linear", (1, 1, 1), 1e-2, 2e-3),
@@ -101,6 +136,13 @@ VARIANTS = {
     "ridge, decay 0.999": (lambda n: RidgeSynthesizer(n, 0.999), (1, 1, 1), 1e-2, 1e-3),
     "low rank 16": (lambda n: LinearSynthesizer(n, hidden_size=16, num_layers=2), (1, 1, 1), 1e-2, 1e-3),
     "low rank 64": (lambda n: LinearSynthesizer(n, hidden_size=64, num_layers=2), (1, 1, 1), 1e-2, 1e-3),
+    "nearest 16 of 8192": (lambda n: NearestNeighbourSynthesizer(n), (1, 1, 1), 1e-2, 1e-3),
+    "nearest 4 of 8192": (lambda n: NearestNeighbourSynthesizer(n, k=4), (1, 1, 1), 1e-2, 1e-3),
+    "nearest 1 of 8192": (lambda n: NearestNeighbourSynthesizer(n, k=1), (1, 1, 1), 1e-2, 1e-3),
+    "nearest 16 at the top, linear below": (
+        BelowAndTop(LinearSynthesizer, NearestNeighbourSynthesizer), (1, 1, 1), 1e-2, 1e-3),
+    "nearest 16 at the top, blocks 1-2 frozen": (
+        BelowAndTop(LinearSynthesizer, NearestNeighbourSynthesizer), (0, 0, 1), 1e-2, 1e-3),
     "mlp 1x1024, synth lr 1e-2": (lambda n: MLPSynthesizer(n, hidden_size=1024, num_layers=2),
                                   (1, 1, 1), 1e-2, 1e-3),
     "mlp 1x1024, synth lr 1e-3": (lambda n: MLPSynthesizer(n, hidden_size=1024, num_layers=2),
@@ -132,7 +174,7 @@ def run_variant(name: str, data, batch_size: int, seed: int) -> tuple[float, lis
         optimizer.step()
         schedule.step()
         for interface in model.interfaces:
-            if isinstance(interface.synthesizer, RidgeSynthesizer):
+            if isinstance(interface.synthesizer, (RidgeSynthesizer, NearestNeighbourSynthesizer)):
                 interface.synthesizer.solve(interface.last_target * len(x))
     seconds = time.perf_counter() - start
     _, accuracy = evaluate(model, data.test_x, data.test_y)
