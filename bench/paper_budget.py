@@ -5,14 +5,15 @@ as the paper has them (no centring), and backprop at the same settings. Draws te
 against updates beside the 20-epoch runs of the scripts' defaults.
 
 Usage: python bench/paper_budget.py [--layers 3 4] [--methods dni cdni bp] [--updates 500000]
-       [--engine graphs|scripts] [--results DIR] [--defaults DIR] [--figure-only]
+       [--engine graphs|scripts] [--jobs 1] [--results DIR] [--defaults DIR] [--figure-only]
 Layers count as the paper counts them, the classifier included (--depth layers-1).
-Engines: `scripts` runs main.py / mlp.py, one run after another, each in its own folder with a
-checkpoint every epoch (the CPU's way). `graphs` trains all the runs at once in this process,
-each step one CUDA graph replay on the run's own stream (a GPU's way: 500k small steps are
-launch-bound; on a CPU it runs the same steps eagerly); every batch is a full 256 (the rest of
-an epoch's order is left out); a checkpoint every --checkpoint-every epochs and at the epoch's
-end after --stop-after seconds or a signal. Either way, run the command again to resume. --figure-only draws what the runs have logged so far.
+Engines: `scripts` runs main.py / mlp.py, one run after another (or --jobs at once, one thread
+each), each in its own folder with a checkpoint every epoch (the CPU's way). `graphs` trains all
+the runs at once in this process, each step one CUDA graph replay on the run's own stream (a
+GPU's way: 500k small steps are launch-bound; on a CPU it runs the same steps eagerly); every
+batch is a full 256 (the rest of an epoch's order is left out); a checkpoint every
+--checkpoint-every epochs and at the epoch's end after --stop-after seconds or a signal. Either
+way, run the command again to resume. --figure-only draws what the runs have logged so far.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 import torch.nn.functional as F
 
-from bench.script_runs import finished_summary, script_run
+from bench.script_runs import finished_summary, script_runs
 from experiment.cli import Parser, positive_float, positive_int, resolve_device, run
 from experiment.data import batch_order, load_mnist, num_batches
 from experiment.errors import UserError
@@ -343,6 +344,9 @@ def main() -> None:
                         help="graphs engine: seconds of training after which the runs are saved "
                              "at the next epoch's end and the command stops (run it again to "
                              "go on)")
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="scripts engine: runs at once, each on one thread (1: one after "
+                             "another, on the threads torch chooses)")
     parser.add_argument("--checkpoint-every", type=positive_int, default=50,
                         help="graphs engine: epochs between checkpoints of every run")
     parser.add_argument("--measure-every", type=positive_int, default=10,
@@ -362,8 +366,11 @@ def main() -> None:
     if not args.figure_only:
         device = resolve_device(args.device)
         engine = args.engine or ("graphs" if device.type == "cuda" else "scripts")
+        threads = (f"{args.jobs} runs at once, one thread each"
+                   if engine == "scripts" and args.jobs > 1
+                   else f"{torch.get_num_threads()} threads")
         hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else f"{platform.machine()}, {torch.get_num_threads()} threads")
+                    else f"{platform.machine()}, {threads}")
         print(f"engine {engine} on {device} ({hardware}), torch {torch.__version__}", flush=True)
         if engine == "graphs":
             data = load_mnist(ROOT / "data", device, args.train_size)
@@ -373,9 +380,9 @@ def main() -> None:
             if args.train_size is not None:
                 raise UserError("--train-size is for the graphs engine")
             epochs = epochs_for(args.updates, num_batches(60000, BATCH))
-            for method, depth in names:
-                script_run([*command(method, depth), "--epochs", str(epochs)],
-                           args.results / run_name(method, depth))
+            script_runs([([*command(method, depth), "--epochs", str(epochs)],
+                          args.results / run_name(method, depth)) for method, depth in names],
+                        args.jobs)
         for method, depth in names:
             summary = finished_summary(args.results / run_name(method, depth))
             if summary is not None:

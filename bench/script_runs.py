@@ -5,8 +5,10 @@ resumes from its checkpoint the next time)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -18,10 +20,11 @@ def finished_summary(out: Path) -> dict | None:
     return json.loads(summary.read_text()) if summary.exists() else None
 
 
-def script_run(command: list[str], out: Path) -> dict:
+def script_run(command: list[str], out: Path, label: str | None = None) -> dict:
     """The summary of `command` (a script and its flags, e.g. ["mlp.py", "--depth", "4"]) run
     with --out `out` on the CPU: read back when finished, resumed when a checkpoint is there,
-    started otherwise."""
+    started otherwise. With a `label`, the script runs on one thread and each line it prints
+    is prefixed with the label (several runs at once, `script_runs`)."""
     finished = finished_summary(out)
     if finished is not None:
         return finished
@@ -29,6 +32,28 @@ def script_run(command: list[str], out: Path) -> dict:
         argv = [sys.executable, command[0], "--resume", str(out)]
     else:
         argv = [sys.executable, *command, "--out", str(out), "--device", "cpu"]
-    print("$", " ".join(argv[1:]), flush=True)
-    subprocess.run(argv, cwd=ROOT, check=True)
+    prefix = "" if label is None else f"[{label}] "
+    print(f"{prefix}$", " ".join(argv[1:]), flush=True)
+    if label is None:
+        subprocess.run(argv, cwd=ROOT, check=True)
+    else:
+        # one thread each: OpenMP threads of runs that share the cores wait on each other
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        with subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) as child:
+            for line in child.stdout:
+                print(prefix + line, end="", flush=True)
+        if child.returncode:
+            raise subprocess.CalledProcessError(child.returncode, argv)
     return json.loads((out / "summary.json").read_text())
+
+
+def script_runs(runs: list[tuple[list[str], Path]], jobs: int = 1) -> list[dict]:
+    """The summaries of `script_run(command, out)` for each (command, out) of `runs`, in order:
+    one after another when `jobs` is 1, else up to `jobs` at once, each on one thread with its
+    lines prefixed by its folder's name."""
+    if jobs == 1:
+        return [script_run(command, out) for command, out in runs]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [pool.submit(script_run, command, out, out.name) for command, out in runs]
+        return [future.result() for future in futures]

@@ -4,9 +4,10 @@ the classifier head learns), backprop, DNI and cDNI, for the FCN at 3 to 6 layer
 scripts' defaults otherwise).
 
 Usage: python bench/table1.py [--models fcn cnn] [--layers 3 4 5 6] [--methods ...]
-       [--epochs 20] [--results DIR] [--table-only]
+       [--epochs 20] [--results DIR] [--jobs 1] [--table-only]
 Every run has its own folder under --results: finished runs are read back, interrupted ones
-resumed, so the table fills in over several invocations. --table-only prints what is there.
+resumed, so the table fills in over several invocations. --jobs N runs N cells at once, one
+thread each. --table-only prints what is there.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from bench.script_runs import finished_summary, script_run
+from bench.script_runs import finished_summary, script_runs
 from experiment.cli import Parser, positive_int, run
 
 METHODS = ("no_bprop", "bp", "dni", "cdni")
@@ -86,21 +87,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=positive_int, default=20, help="epochs of every run")
     parser.add_argument("--results", type=Path, default=ROOT / "runs" / "bench-table1",
                         help="folder of the run folders, kept between invocations")
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="runs at once, each on one thread (1: one after another, on the "
+                             "threads torch chooses)")
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: print the table of the runs already finished")
     args = parser.parse_args()
-    print(f"hardware: {platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    threads = (f"{args.jobs} runs at once, one thread each" if args.jobs > 1
+               else f"{torch.get_num_threads()} threads")
+    print(f"hardware: {platform.machine()}, {threads}, torch {torch.__version__}")
     columns = [(m, n) for m in args.models for n in LAYERS[m]
                if args.layers is None or n in args.layers]
-    errors: dict[tuple[str, int, str], float] = {}
-    for model, layers in columns:
-        for method in args.methods:
-            folder = cell_folder(args.results, model, layers, method, args.epochs)
-            summary = finished_summary(folder) if args.table_only else script_run(
-                command(model, layers, method, args.epochs), folder)
-            if summary is not None:
-                errors[(model, layers, method)] = 100 * (1 - summary["test_acc"])
+    cells = [(model, layers, method) for model, layers in columns for method in args.methods]
+    folders = [cell_folder(args.results, *cell, args.epochs) for cell in cells]
+    if args.table_only:
+        summaries = [finished_summary(folder) for folder in folders]
+    else:
+        summaries = script_runs([(command(*cell, args.epochs), folder)
+                                 for cell, folder in zip(cells, folders)], args.jobs)
+    errors = {cell: 100 * (1 - summary["test_acc"])
+              for cell, summary in zip(cells, summaries) if summary is not None}
     print(f"\nTest error %, ours after {args.epochs} epochs (the paper's after 500k iterations "
           "in brackets" + ("" if PAPER_VERIFIED else ", as recalled, not yet checked against "
                            "the paper") + ")\n")
