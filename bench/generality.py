@@ -80,13 +80,15 @@ METHODS: dict[str, dict | None] = {
     "cdni": {"context_size": 10},
     "cdni_uncentred": {"context_size": 10, "center_gradients": False},
     "dni_lr10x": {"synthesizer_lr": 10 * LR},         # a faster synthesizer, tried once
+    "dni_above_dropout": {"cut_before_dropout": False},   # the defaults before the cut moved
 }
 DEFAULT_METHODS = ["bp", "dni", "dni_uncentred", "cdni", "cdni_uncentred"]
 METHOD_NAMES = {"bp": "backprop", "dni": "DNI(net, optim=opt)",
                 "dni_uncentred": "DNI, center_gradients=False",
                 "cdni": "cDNI (context_size=10)",
                 "cdni_uncentred": "cDNI, center_gradients=False",
-                "dni_lr10x": "DNI, synthesizer_lr = 10 lr"}
+                "dni_lr10x": "DNI, synthesizer_lr = 10 lr",
+                "dni_above_dropout": "DNI, cut_before_dropout=False"}
 
 
 def train_cell(network: str, data: ImageSplits, method: str, epochs: int, seed: int = 0,

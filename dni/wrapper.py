@@ -6,9 +6,10 @@ training loop unchanged.
     net = DNI(net, optim=opt, context_size=10)    # cDNI: call net(x, context=labels)
 
 Each interface sits at the output of a block (a submodule) through a forward hook, so the
-network's own forward code runs as written. The synthesizers' parameters join `opt` as one
-extra parameter group (`opt.param_groups[-1]`, same optimizer class); without `optim` they get
-their own Adam, `net.synthesizer_optimizer`, which the caller steps.
+network's own forward code runs as written; below a block's trailing dropout, not above it.
+The synthesizers' parameters join `opt` as one extra parameter group (`opt.param_groups[-1]`,
+same optimizer class); without `optim` they get their own Adam, `net.synthesizer_optimizer`,
+which the caller steps.
 """
 
 from __future__ import annotations
@@ -70,6 +71,31 @@ def synthesizer_factory(kind: str, **options) -> SynthesizerFactory:
     return build
 
 
+def is_dropout(module: nn.Module) -> bool:
+    """Whether `module` is one of torch's dropout layers (Dropout, Dropout1d/2d/3d,
+    AlphaDropout, FeatureAlphaDropout)."""
+    return isinstance(module, nn.modules.dropout._DropoutNd)
+
+
+def interface_site(net: nn.Module, name: str) -> str:
+    """Where an interface after block `name` goes: the block itself, or, when it is an
+    nn.Sequential that ends in dropout layers, the last module before them (searched down
+    through nested Sequentials). A synthesizer cannot predict a random mask, so it reads the
+    unmasked activation, and the masked one is the next block's input; its target then
+    carries the mask, as the true gradient there does."""
+    block = net.get_submodule(name)
+    while isinstance(block, nn.Sequential):
+        children = list(block.named_children())
+        kept = len(children)
+        while kept and is_dropout(children[kept - 1][1]):
+            kept -= 1
+        if kept in (0, len(children)):    # no trailing dropout, or nothing but dropout
+            break
+        child, block = children[kept - 1]
+        name = f"{name}.{child}" if name else child
+    return name
+
+
 @contextmanager
 def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
     """Run `net` in eval mode inside the block; every submodule's own mode is restored after."""
@@ -95,12 +121,19 @@ class DNI(nn.Module):
     """Wraps any nn.Module so that each chosen block trains on synthetic gradients.
 
     Usage: `net = DNI(net, optim=opt)` then the usual loop. Blocks default to every direct
-    child module but the last one called; `blocks=["layer1", ...]` names them instead. In eval
-    mode (or under no_grad) the output is the inner network's own and no synthesizer runs.
+    child module but the last one called (dropout layers excepted, see below); `blocks=
+    ["layer1", ...]` names them instead. In eval mode (or under no_grad) the output is the
+    inner network's own and no synthesizer runs.
     `batch_mean=False` for losses summed (not averaged) over the batch; `grad_scale`
     multiplies every synthetic gradient; `forward_unlock` feeds each block above an interface
     a prediction of its input made from the network input; `example_input` builds the
     interfaces now (else at the first forward; build before making an LR scheduler).
+    `cut_before_dropout` (default True) moves an interface above a block's trailing dropout
+    to just below it, and gives a dropout layer that is a block of its own no interface: the
+    synthesizer then sees the activation without the random mask it cannot predict (MNIST,
+    LayerNorm and dropout 0.2: 93.06% against 86.43% after 20 epochs, bench/README.md). Only
+    nn.Sequential blocks are looked into: a dropout called in a block's own forward code stays
+    above its interface.
     `center_gradients` (default True) subtracts the batch mean from the synthetic gradient of
     every interface whose target is itself synthetic (all but the top one, which is fit on
     the true gradient): without it, the drift such a bootstrapped synthesizer learns pushed
@@ -122,7 +155,7 @@ class DNI(nn.Module):
                  grad_scale: float = 1.0, synthesizer_lr: float | None = None,
                  forward_unlock: bool = False, example_input: torch.Tensor | None = None,
                  batch_mean: bool = True, center_gradients: bool = True,
-                 **synthesizer_options):
+                 cut_before_dropout: bool = True, **synthesizer_options):
         super().__init__()
         self.net = net
         self.optim = optim
@@ -138,6 +171,7 @@ class DNI(nn.Module):
         self.forward_unlock = forward_unlock
         self.batch_mean = batch_mean
         self.center_gradients = center_gradients
+        self.cut_before_dropout = cut_before_dropout
         self.interfaces = nn.ModuleList()
         self.block_names: list[str] = []
         self.synthesizer_optimizer: torch.optim.Optimizer | None = None
@@ -188,7 +222,10 @@ class DNI(nn.Module):
             if unknown:
                 raise ValueError(f"blocks {unknown} are not submodules of the network")
         else:
-            candidates = [name for name, _ in self.net.named_children()]
+            candidates = [name for name, child in self.net.named_children()
+                          if not (self.cut_before_dropout and is_dropout(child))]
+        if self.cut_before_dropout:
+            candidates = [interface_site(self.net, name) for name in candidates]
         order: list[str] = []
         shapes: dict[str, tuple] = {}
         calls: dict[str, int] = {}

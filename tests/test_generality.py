@@ -25,12 +25,14 @@ def test_digits_split_is_fixed_standardised_and_disjoint(digits):
     assert sum(tuple(r.tolist()) in rows for r in digits.test_x.flatten(1)) < 5  # a few twins
 
 
-@pytest.mark.parametrize("network, blocks", [("residual", 4), ("layernorm_dropout", 3)])
-def test_networks_get_an_interface_after_every_block_but_the_head(network, blocks):
+@pytest.mark.parametrize("network, names", [("residual", ["0", "1", "2", "3"]),
+                                            ("layernorm_dropout", ["0.3", "1.2", "2.2"])])
+def test_networks_get_an_interface_after_every_block_but_the_head(network, names):
+    """After every block but the head; in layernorm_dropout, before each block's dropout."""
     net = NETWORKS[network](64, 10)
     model = DNI(net, optim=torch.optim.Adam(net.parameters()), example_input=torch.zeros(2, 1, 8, 8))
-    assert model.block_names == [str(i) for i in range(blocks)]
-    assert [i.center for i in model.interfaces] == [True] * (blocks - 1) + [False]
+    assert model.block_names == names
+    assert [i.center for i in model.interfaces] == [True] * (len(names) - 1) + [False]
 
 
 @pytest.mark.parametrize("network", ["residual", "layernorm_dropout"])
@@ -52,3 +54,22 @@ def test_table_reports_each_method_against_backprop(tmp_path):
     assert rows[2] == "| digits | residual | backprop | 90.00% |"
     assert rows[3] == "| digits | residual | DNI(net, optim=opt) | 85.00% (-5.00) |"
     assert rows[4] == "| digits | residual | cDNI (context_size=10) |  |"
+
+
+def test_the_cut_below_dropout_beats_the_cut_above_it(mnist_root):
+    """DNI(net, optim=opt) now puts each interface of layernorm_dropout below the block's
+    dropout; above it (the old default) the synthesizer sees a random mask it cannot predict.
+    10,000 MNIST images, 4 epochs, two seeds: at least 2.5 points better on average."""
+    import dataclasses
+
+    from experiment.data import load_mnist
+
+    mnist = load_mnist(mnist_root)
+    small = dataclasses.replace(mnist, train_x=mnist.train_x[:10_000],
+                                train_y=mnist.train_y[:10_000], test_x=mnist.test_x[:2000],
+                                test_y=mnist.test_y[:2000])
+    new = [train_cell("layernorm_dropout", small, "dni", 4, seed)[-1] for seed in (0, 1)]
+    old = [train_cell("layernorm_dropout", small, "dni_above_dropout", 4, seed)[-1]
+           for seed in (0, 1)]
+    assert min(old) > 0.5
+    assert sum(new) / 2 >= sum(old) / 2 + 0.025, (new, old)

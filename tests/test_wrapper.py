@@ -163,7 +163,8 @@ def test_gradient_cosines_do_not_touch_training():
     rng = torch.get_rng_state()
     cosines = model.gradient_cosines(F.cross_entropy, x, y)
     assert torch.equal(torch.get_rng_state(), rng)
-    assert len(cosines) == 3 and all(-1 <= c <= 1 for c in cosines)
+    # two interfaces (the dropout layer gets none), but its mask is still drawn in the probe
+    assert len(cosines) == 2 and all(-1 <= c <= 1 for c in cosines)
     assert all(p.grad is None for p in model.parameters())
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, state[k])
@@ -226,3 +227,55 @@ def test_synthesizer_group_defaults_as_documented():
     for bad in (0, 0.0, -1e-3):
         with pytest.raises(ValueError, match="synthesizer_lr"):
             build(torch.optim.SGD(probe.parameters(), lr=0.1), synthesizer_lr=bad)
+
+
+def test_an_interface_above_dropout_sits_below_it_and_its_target_carries_the_mask():
+    """A block ending in dropout gets its interface before the dropout: the block receives
+    S(h)/B at the unmasked h, and the synthesizer is fit on the true dL/dh there, which is
+    zero wherever the mask dropped a unit."""
+    import copy
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Dropout(0.5)),
+                        nn.Linear(5, 3)).double()
+    x, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    model = DNI(net, example_input=x)
+    assert model.block_names == ["0.1"] and not model.interfaces[0].center
+    with torch.no_grad():
+        for p in model.synthesizer_parameters():
+            p.normal_(0, 0.3)
+    reference, synthesizer = copy.deepcopy(net), copy.deepcopy(model.interfaces[0].synthesizer)
+
+    torch.manual_seed(1)
+    F.cross_entropy(model(x), y).backward()
+
+    torch.manual_seed(1)                 # the same dropout mask: it is the only random draw
+    block = reference[0]
+    h = block[1](block[0](x))
+    loss = F.cross_entropy(reference[1](block[2](h)), y)
+    true, = torch.autograd.grad(loss, h, retain_graph=True)
+    synthetic = synthesizer(h.detach())[0] / len(x)
+    expected = torch.autograd.grad(h, list(block.parameters()), synthetic, retain_graph=True)
+    loss.backward()                      # the head's gradients
+    assert (true == 0).any() and (true != 0).any()
+    torch.testing.assert_close(model.interfaces[0].last_target, true)
+    for got, want in zip(net[0].parameters(), expected):
+        torch.testing.assert_close(got.grad, want)
+    for got, want in zip(net[1].parameters(), reference[1].parameters()):
+        torch.testing.assert_close(got.grad, want.grad)
+
+
+def test_dropout_layers_get_no_interface_of_their_own():
+    flat = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Dropout(0.2), nn.Linear(6, 6),
+                         nn.ReLU(), nn.AlphaDropout(0.1), nn.Linear(6, 2))
+    assert DNI(flat, example_input=torch.randn(2, 4)).block_names == ["0", "1", "3", "4"]
+    nested = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.Sequential(nn.ReLU(), nn.Dropout()),
+                                         nn.Dropout()), nn.Linear(6, 2))
+    assert DNI(nested, example_input=torch.randn(2, 4)).block_names == ["0.1.0"]
+    only_dropout = nn.Sequential(nn.Sequential(nn.Linear(4, 6)), nn.Sequential(nn.Dropout()),
+                                 nn.Linear(6, 2))
+    assert DNI(only_dropout, example_input=torch.randn(2, 4)).block_names == ["0", "1"]
+    as_before = DNI(flat, example_input=torch.randn(2, 4), cut_before_dropout=False)
+    assert as_before.block_names == ["0", "1", "2", "3", "4", "5"]
+    named = DNI(nested, blocks=["0"], example_input=torch.randn(2, 4))
+    assert named.block_names == ["0.1.0"]
