@@ -73,24 +73,34 @@ def synthesizer_factory(kind: str, **options) -> SynthesizerFactory:
 
 def is_dropout(module: nn.Module) -> bool:
     """Whether `module` is one of torch's dropout layers (Dropout, Dropout1d/2d/3d,
-    AlphaDropout, FeatureAlphaDropout)."""
-    return isinstance(module, nn.modules.dropout._DropoutNd)
+    AlphaDropout, FeatureAlphaDropout), or a plain nn.Sequential of nothing else."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return True
+    children = list(module.children())
+    return _plain_sequential(module) and bool(children) and all(map(is_dropout, children))
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    """An nn.Sequential whose forward is Sequential's own (a subclass may add a skip path)."""
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
 
 
 def interface_site(net: nn.Module, name: str) -> str:
-    """Where an interface after block `name` goes: the block itself, or, when it is an
-    nn.Sequential that ends in dropout layers, the last module before them (searched down
-    through nested Sequentials). A synthesizer cannot predict a random mask, so it reads the
-    unmasked activation, and the masked one is the next block's input; its target then
-    carries the mask, as the true gradient there does."""
+    """Where an interface after block `name` goes: the block itself, or, when it is a plain
+    nn.Sequential that ends in dropout layers (none of them in place), the last module before
+    them (searched down through nested ones). A synthesizer cannot predict a random mask, so
+    it reads the unmasked activation, and the masked one is the next block's input; its
+    target then carries the mask, as the true gradient there does."""
     block = net.get_submodule(name)
-    while isinstance(block, nn.Sequential):
+    while _plain_sequential(block):
         children = list(block.named_children())
         kept = len(children)
         while kept and is_dropout(children[kept - 1][1]):
             kept -= 1
-        if kept in (0, len(children)):    # no trailing dropout, or nothing but dropout
-            break
+        trailing = [module for _, module in children[kept:]]
+        if kept in (0, len(children)) or any(
+                getattr(m, "inplace", False) for d in trailing for m in d.modules()):
+            break   # no trailing dropout, nothing but dropout, or one that writes in place
         child, block = children[kept - 1]
         name = f"{name}.{child}" if name else child
     return name
@@ -129,11 +139,13 @@ class DNI(nn.Module):
     a prediction of its input made from the network input; `example_input` builds the
     interfaces now (else at the first forward; build before making an LR scheduler).
     `cut_before_dropout` (default True) moves an interface above a block's trailing dropout
-    to just below it, and gives a dropout layer that is a block of its own no interface: the
+    to just below it, and gives a dropout layer that is a child of its own no interface: the
     synthesizer then sees the activation without the random mask it cannot predict (MNIST,
     LayerNorm and dropout 0.2: 93.06% against 86.43% after 20 epochs, bench/README.md). Only
-    nn.Sequential blocks are looked into: a dropout called in a block's own forward code stays
-    above its interface.
+    plain nn.Sequential blocks are looked into (not subclasses with their own forward, not
+    in-place dropout): a dropout called in a block's own forward code stays above its
+    interface. Names given in `blocks=` are moved the same way, so `block_names` (where the
+    interfaces are) may name submodules of them.
     `center_gradients` (default True) subtracts the batch mean from the synthetic gradient of
     every interface whose target is itself synthetic (all but the top one, which is fit on
     the true gradient): without it, the drift such a bootstrapped synthesizer learns pushed
@@ -250,8 +262,11 @@ class DNI(nn.Module):
                 handle.remove()
         repeated = [n for n in order if calls[n] > 1]
         if repeated:
+            hint = ("name the blocks with blocks=" if not self.cut_before_dropout else
+                    "name the blocks with blocks=, or cut_before_dropout=False keeps the "
+                    "interfaces at the blocks' outputs")
             raise ValueError(f"blocks {repeated} are called more than once in a forward pass; an "
-                             "interface needs a block called once (name the blocks with blocks=)")
+                             f"interface needs a block called once ({hint})")
         if self.requested_blocks is None:
             order = order[:-1]  # the last block called ends in the loss: no interface after it
         else:

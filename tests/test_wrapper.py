@@ -274,8 +274,38 @@ def test_dropout_layers_get_no_interface_of_their_own():
     assert DNI(nested, example_input=torch.randn(2, 4)).block_names == ["0.1.0"]
     only_dropout = nn.Sequential(nn.Sequential(nn.Linear(4, 6)), nn.Sequential(nn.Dropout()),
                                  nn.Linear(6, 2))
-    assert DNI(only_dropout, example_input=torch.randn(2, 4)).block_names == ["0", "1"]
+    assert DNI(only_dropout, example_input=torch.randn(2, 4)).block_names == ["0"]
     as_before = DNI(flat, example_input=torch.randn(2, 4), cut_before_dropout=False)
     assert as_before.block_names == ["0", "1", "2", "3", "4", "5"]
     named = DNI(nested, blocks=["0"], example_input=torch.randn(2, 4))
     assert named.block_names == ["0.1.0"]
+
+
+def test_the_cut_stays_at_blocks_it_cannot_look_into():
+    """A Sequential subclass with its own forward (a skip path around the dropout) and an
+    in-place dropout keep the interface at the block's output, and train."""
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    skip = nn.Sequential(nn.Linear(4, 6), Residual(nn.Linear(6, 6), nn.Dropout(0.5)),
+                         nn.Linear(6, 2))
+    in_place = nn.Sequential(nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6),
+                                           nn.Dropout(0.5, inplace=True)),
+                             nn.Linear(6, 2))
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    for net, names in ((skip, ["0", "1"]), (in_place, ["0"])):
+        model = DNI(net, optim=torch.optim.SGD(net.parameters(), lr=0.1), example_input=x)
+        assert model.block_names == names
+        F.cross_entropy(model(x), y).backward()
+        assert all(p.grad is not None for p in net[0].parameters())
+
+
+def test_a_module_shared_by_two_cut_blocks_is_refused_with_the_way_out():
+    act = nn.ReLU()
+    net = nn.Sequential(nn.Sequential(nn.Linear(4, 6), act, nn.Dropout()),
+                        nn.Sequential(nn.Linear(6, 6), act, nn.Dropout()), nn.Linear(6, 2))
+    with pytest.raises(ValueError, match="cut_before_dropout=False"):
+        DNI(net, example_input=torch.randn(2, 4))
+    assert DNI(net, example_input=torch.randn(2, 4), cut_before_dropout=False).block_names == [
+        "0", "1"]
