@@ -11,6 +11,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from experiment.errors import ScriptFailed
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,7 +37,7 @@ def script_run(command: list[str], out: Path, label: str | None = None) -> dict:
     prefix = "" if label is None else f"[{label}] "
     print(f"{prefix}$", " ".join(argv[1:]), flush=True)
     if label is None:
-        subprocess.run(argv, cwd=ROOT, check=True)
+        status = subprocess.run(argv, cwd=ROOT, check=False).returncode
     else:
         # one thread each: OpenMP threads of runs that share the cores wait on each other
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -43,8 +45,9 @@ def script_run(command: list[str], out: Path, label: str | None = None) -> dict:
                               stderr=subprocess.STDOUT, text=True) as child:
             for line in child.stdout:
                 print(prefix + line, end="", flush=True)
-        if child.returncode:
-            raise subprocess.CalledProcessError(child.returncode, argv)
+        status = child.returncode
+    if status:
+        raise ScriptFailed(command, status, out)
     return json.loads((out / "summary.json").read_text())
 
 

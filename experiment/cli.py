@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from experiment.errors import USER_ERROR_EXIT, RunInterrupted, UserError
+from experiment.errors import USER_ERROR_EXIT, RunInterrupted, ScriptFailed, UserError
 from experiment.train import SCHEDULES
 
 
@@ -220,7 +220,8 @@ def prepare_out_dir(out: str | None, script: str) -> Path:
 def run(main: Callable[[], None]) -> None:
     """Run a script's main: UserError, and a file the system refuses to read or write
     (OSError: a full disk, a read-only folder), -> one `error:` line and exit 2; a signal ->
-    its message and 128 + its number; Ctrl-C outside the loop -> exit 130."""
+    its message and 128 + its number; a script a bench ran that did not finish -> one line and
+    its status; Ctrl-C outside the loop -> exit 130."""
     try:
         main()
     except UserError as exc:
@@ -230,7 +231,7 @@ def run(main: Callable[[], None]) -> None:
         where = f"{exc.filename}: " if exc.filename else ""
         sys.stderr.write(f"error: cannot read or write {where}{exc.strerror or exc}\n")
         sys.exit(USER_ERROR_EXIT)
-    except RunInterrupted as exc:
+    except (RunInterrupted, ScriptFailed) as exc:
         sys.stderr.write(f"{exc}\n")
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:

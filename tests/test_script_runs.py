@@ -1,11 +1,11 @@
 """bench/script_runs.py: several script runs at once, each line labelled with its run, read
 back once finished, and a failed run reported."""
 
-import subprocess
-
 import pytest
 
 from bench.script_runs import script_runs
+from experiment.cli import run
+from experiment.errors import ScriptFailed
 
 TINY = ["--epochs", "1", "--train-size", "256", "--batch-size", "64"]
 
@@ -27,6 +27,18 @@ def test_runs_at_once_are_labelled_then_read_back(mnist_root, tmp_path, capsys):
 def test_a_failed_run_raises_after_the_others(mnist_root, tmp_path):
     good = (["mlp.py", *TINY, "--data-dir", str(mnist_root)], tmp_path / "good")
     bad = (["mlp.py", "--epochs", "0"], tmp_path / "bad")
-    with pytest.raises(subprocess.CalledProcessError):
+    with pytest.raises(ScriptFailed) as failed:
         script_runs([bad, good], jobs=2)
     assert (tmp_path / "good" / "summary.json").exists()
+    assert failed.value.exit_code == 2 and str(tmp_path / "bad") in str(failed.value)
+
+
+def test_a_bench_whose_script_failed_says_so_in_one_line(capsys):
+    def bench():
+        raise ScriptFailed(["main.py", "--epochs", "3"], -15, "runs/x")
+
+    with pytest.raises(SystemExit) as stopped:
+        run(bench)
+    assert stopped.value.code == 128 + 15
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("main.py for runs/x ended with exit status 143")
