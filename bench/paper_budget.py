@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 import torch.nn.functional as F
 
-from bench.script_runs import finished_summary, script_runs
+from bench.script_runs import add_jobs_argument, finished_summary, script_runs, threads_note
 from experiment.cli import Parser, positive_float, positive_int, resolve_device, run
 from experiment.data import batch_order, load_mnist, num_batches
 from experiment.errors import UserError
@@ -344,9 +344,7 @@ def main() -> None:
                         help="graphs engine: seconds of training after which the runs are saved "
                              "at the next epoch's end and the command stops (run it again to "
                              "go on)")
-    parser.add_argument("--jobs", type=positive_int, default=1,
-                        help="scripts engine: runs at once, each on one thread (1: one after "
-                             "another, on the threads torch chooses)")
+    add_jobs_argument(parser, "scripts engine: ")
     parser.add_argument("--checkpoint-every", type=positive_int, default=50,
                         help="graphs engine: epochs between checkpoints of every run")
     parser.add_argument("--measure-every", type=positive_int, default=10,
@@ -366,11 +364,8 @@ def main() -> None:
     if not args.figure_only:
         device = resolve_device(args.device)
         engine = args.engine or ("graphs" if device.type == "cuda" else "scripts")
-        threads = (f"{args.jobs} runs at once, one thread each"
-                   if engine == "scripts" and args.jobs > 1
-                   else f"{torch.get_num_threads()} threads")
-        hardware = (torch.cuda.get_device_name(device) if device.type == "cuda"
-                    else f"{platform.machine()}, {threads}")
+        hardware = (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                    f"{platform.machine()}, {threads_note(args.jobs if engine == 'scripts' else 1)}")
         print(f"engine {engine} on {device} ({hardware}), torch {torch.__version__}", flush=True)
         if engine == "graphs":
             data = load_mnist(ROOT / "data", device, args.train_size)

@@ -11,6 +11,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import torch
+
+from experiment.cli import positive_int
 from experiment.errors import ScriptFailed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,3 +63,17 @@ def script_runs(runs: list[tuple[list[str], Path]], jobs: int = 1) -> list[dict]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [pool.submit(script_run, command, out, out.name) for command, out in runs]
         return [future.result() for future in futures]
+
+
+def add_jobs_argument(parser, engine: str = "") -> None:
+    """--jobs, runs at once for `script_runs` (`engine`: the help's prefix where only one
+    engine uses it)."""
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help=f"{engine}runs at once, each on one thread (1: one after another, "
+                             "on the threads torch chooses)")
+
+
+def threads_note(jobs: int) -> str:
+    """How the runs use the CPU's threads, for a bench's first line."""
+    return (f"{jobs} runs at once, one thread each" if jobs > 1
+            else f"{torch.get_num_threads()} threads")

@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
-from bench.script_runs import finished_summary, script_runs
+from bench.script_runs import add_jobs_argument, finished_summary, script_runs, threads_note
 from experiment.cli import Parser, positive_int, run
 
 METHODS = ("no_bprop", "bp", "dni", "cdni")
@@ -87,15 +87,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=positive_int, default=20, help="epochs of every run")
     parser.add_argument("--results", type=Path, default=ROOT / "runs" / "bench-table1",
                         help="folder of the run folders, kept between invocations")
-    parser.add_argument("--jobs", type=positive_int, default=1,
-                        help="runs at once, each on one thread (1: one after another, on the "
-                             "threads torch chooses)")
+    add_jobs_argument(parser)
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: print the table of the runs already finished")
     args = parser.parse_args()
-    threads = (f"{args.jobs} runs at once, one thread each" if args.jobs > 1
-               else f"{torch.get_num_threads()} threads")
-    print(f"hardware: {platform.machine()}, {threads}, torch {torch.__version__}")
+    print(f"hardware: {platform.machine()}, {threads_note(args.jobs)}, torch {torch.__version__}")
     columns = [(m, n) for m in args.models for n in LAYERS[m]
                if args.layers is None or n in args.layers]
     cells = [(model, layers, method) for model, layers in columns for method in args.methods]
