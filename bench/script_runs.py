@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,6 +20,56 @@ from experiment.cli import positive_int
 from experiment.errors import ScriptFailed
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+class StopsPassedOn:
+    """SIGINT and SIGTERM sent to a bench, passed on to the scripts it is running (each
+    saves its checkpoint after its step and stops), and no script started after one."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.children: set[subprocess.Popen] = set()
+
+    def handle(self, signum, frame) -> None:
+        """The signal handler: remember the first stop, pass each one on."""
+        if self.signum is None:
+            self.signum = signum
+        for child in list(self.children):
+            child.send_signal(signum)  # a terminal's Ctrl-C also reached it: one request
+
+    def start(self, argv: list[str], **popen) -> subprocess.Popen | None:
+        """Popen(argv), refused (None) once a stop was asked for; a stop that comes while
+        it starts reaches it too."""
+        if self.signum is not None:
+            return None
+        child = subprocess.Popen(argv, **popen)
+        self.children.add(child)
+        if self.signum is not None:
+            child.send_signal(self.signum)
+        return child
+
+    def finished(self, child: subprocess.Popen) -> None:
+        """Forget a child that has ended."""
+        self.children.discard(child)
+
+
+STOPS = StopsPassedOn()
+
+
+@contextmanager
+def stops_passed_on():
+    """While the bench runs its scripts, a signal to it goes to them (signal handlers can only
+    be set from the main thread; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, STOPS.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        STOPS.signum = None
 
 
 def finished_summary(out: Path) -> dict | None:
@@ -38,17 +91,23 @@ def script_run(command: list[str], out: Path, label: str | None = None) -> dict:
     else:
         argv = [sys.executable, *command, "--out", str(out), "--device", "cpu"]
     prefix = "" if label is None else f"[{label}] "
-    print(f"{prefix}$", " ".join(argv[1:]), flush=True)
     if label is None:
-        status = subprocess.run(argv, cwd=ROOT, check=False).returncode
+        popen = {}
     else:
         # one thread each: OpenMP threads of runs that share the cores wait on each other
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-        with subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) as child:
-            for line in child.stdout:
+        popen = {"env": {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+                 "stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    child = STOPS.start(argv, cwd=ROOT, **popen)
+    if child is None:  # the bench was asked to stop before this run began
+        raise ScriptFailed(command, 128 + STOPS.signum, out, started=False)
+    print(f"{prefix}$", " ".join(argv[1:]), flush=True)
+    try:
+        with child:
+            for line in child.stdout or ():
                 print(prefix + line, end="", flush=True)
-        status = child.returncode
+            status = child.wait()
+    finally:
+        STOPS.finished(child)
     if status:
         raise ScriptFailed(command, status, out)
     return json.loads((out / "summary.json").read_text())
@@ -57,12 +116,14 @@ def script_run(command: list[str], out: Path, label: str | None = None) -> dict:
 def script_runs(runs: list[tuple[list[str], Path]], jobs: int = 1) -> list[dict]:
     """The summaries of `script_run(command, out)` for each (command, out) of `runs`, in order:
     one after another when `jobs` is 1, else up to `jobs` at once, each on one thread with its
-    lines prefixed by its folder's name."""
-    if jobs == 1:
-        return [script_run(command, out) for command, out in runs]
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = [pool.submit(script_run, command, out, out.name) for command, out in runs]
-        return [future.result() for future in futures]
+    lines prefixed by its folder's name. SIGINT or SIGTERM to the bench stops the running
+    scripts (each saves its checkpoint) and starts no more."""
+    with stops_passed_on():
+        if jobs == 1:
+            return [script_run(command, out) for command, out in runs]
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(script_run, command, out, out.name) for command, out in runs]
+            return [future.result() for future in futures]
 
 
 def add_jobs_argument(parser, engine: str = "") -> None:

@@ -26,10 +26,14 @@ class RunInterrupted(Exception):
 class ScriptFailed(Exception):
     """A training script that a bench ran stopped before its end (its own message is above in
     the output): the bench exits with the script's status, 128 + the signal's number when a
-    signal ended it."""
+    signal ended it; `started` False: a signal stopped the bench before the script began."""
 
-    def __init__(self, command: list[str], status: int, out):
+    def __init__(self, command: list[str], status: int, out, started: bool = True):
         self.exit_code = status if status > 0 else 128 - status
+        if not started:
+            super().__init__(f"{command[0]} for {out} did not start: the bench was stopped "
+                             f"(exit status {self.exit_code}); the same command starts it")
+            return
         super().__init__(f"{command[0]} for {out} ended with exit status {self.exit_code} (its "
                          "message is above); the same command resumes it from its checkpoint, "
                          "if it saved one")

@@ -1,11 +1,20 @@
 """bench/script_runs.py: several script runs at once, each line labelled with its run, read
 back once finished, and a failed run reported."""
 
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
 import pytest
 
 from bench.script_runs import script_runs
 from experiment.cli import run
 from experiment.errors import ScriptFailed
+from tests.conftest import ROOT
 
 TINY = ["--epochs", "1", "--train-size", "256", "--batch-size", "64"]
 
@@ -42,3 +51,52 @@ def test_a_bench_whose_script_failed_says_so_in_one_line(capsys):
     assert stopped.value.code == 128 + 15
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("main.py for runs/x ended with exit status 143")
+
+
+BENCH = """
+import sys
+from pathlib import Path
+from bench.script_runs import script_runs
+from experiment.cli import run
+out, data, jobs = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+tiny = ["--train-size", "256", "--batch-size", "64", "--epochs", "100000", "--data-dir", data]
+run(lambda: script_runs([(["mlp.py", *tiny], out / name) for name in "abc"], jobs=jobs))
+"""
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_a_signal_to_the_bench_reaches_its_scripts(mnist_root, tmp_path, jobs):
+    """SIGTERM sent to the bench alone (not its process group): each running script saves its
+    checkpoint and stops, no further script starts, the bench exits 128 + 15."""
+    bench = subprocess.Popen([sys.executable, "-c", BENCH, str(tmp_path), str(mnist_root),
+                              str(jobs)], cwd=ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    watchdog = threading.Timer(180, os.killpg, (bench.pid, signal.SIGKILL))
+    watchdog.start()                           # a bench that never gets going fails, not hangs
+    try:
+        running = ["a", "b"][:jobs]
+        seen, lines = set(), []
+        for line in bench.stdout:              # wait until each running script is in its epochs
+            lines.append(line)
+            started = re.match(r"(\[(\w)\] )?epoch +2/", line)
+            if started:
+                seen.add(started.group(2) or "a")
+            if len(seen) == jobs:
+                break
+        assert len(seen) == jobs, "".join(lines)
+        bench.send_signal(signal.SIGTERM)
+        rest, err = bench.communicate(timeout=120)
+        printed = "".join(lines) + rest
+        assert bench.returncode == 128 + signal.SIGTERM, err
+        assert printed.count("stopped by SIGTERM") + err.count("stopped by SIGTERM") == jobs
+        for name in running:
+            assert (tmp_path / name / "checkpoint.pt").exists()
+            assert not (tmp_path / name / "summary.json").exists()
+        assert not (tmp_path / "c").exists()
+        last = err.splitlines()[-1]
+        assert last.startswith(f"mlp.py for {tmp_path / 'a'} ended with exit status 143")
+    finally:
+        watchdog.cancel()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(bench.pid, signal.SIGKILL)    # nothing left running when it fails
