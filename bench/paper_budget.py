@@ -13,7 +13,8 @@ the runs at once in this process, each step one CUDA graph replay on the run's o
 GPU's way: 500k small steps are launch-bound; on a CPU it runs the same steps eagerly); every
 batch is a full 256 (the rest of an epoch's order is left out); a checkpoint every
 --checkpoint-every epochs and at the epoch's end after --stop-after seconds or a signal. Either
-way, run the command again to resume. --figure-only draws what the runs have logged so far.
+way, run the command again to resume. --figure-only prints where the runs stand and draws
+what they have logged so far.
 """
 
 from __future__ import annotations
@@ -269,6 +270,47 @@ def finish(run: BudgetRun, args, diverged: bool = False) -> None:
     (run.folder / CHECKPOINT).unlink(missing_ok=True)
 
 
+# -- where the runs stand ------------------------------------------------------------------
+
+RECENT = 50   # epochs the standing table averages over
+
+
+def standing(results: Path, methods: list[str], layers: list[int],
+             updates: int = UPDATES) -> list[str]:
+    """A markdown table of where each run under `results` stands: updates so far, test error
+    now, its best and where, the mean error and each interface's mean cosine to the true
+    gradient over the last RECENT epochs, and the paper's figure (runs not begun are left out)."""
+    from bench.table1 import PAPER
+
+    header = (f"| run | updates of {updates:,} | test error now | best (at update) | mean, last "
+              f"{RECENT} epochs | cosines, last {RECENT} epochs | paper |")
+    lines = [header, "|---" * 7 + "|"]
+    for depth in layers:
+        for method in methods:
+            folder = results / run_name(method, depth)
+            if not (folder / "metrics.csv").exists():
+                continue
+            epochs = [r for r in load_run(folder).epochs if "test_acc" in r]
+            if not epochs:
+                continue
+            errors = [100 * (1 - r["test_acc"]) for r in epochs]
+            best = min(range(len(errors)), key=errors.__getitem__)
+            recent = epochs[-RECENT:]
+            cosines = []
+            for column in sorted({k for r in recent for k in r if k.startswith("cos")}):
+                values = [r[column] for r in recent if column in r]
+                cosines.append(f"{sum(values) / len(values):.2f}")
+            state = ("finished" if finished_summary(folder) is not None
+                     else f"epoch {int(epochs[-1]['epoch'])}")
+            paper = PAPER.get(("fcn", depth), {}).get(method)
+            lines.append(
+                f"| {NAMES[method]}, FCN {depth} | {int(epochs[-1]['step']):,} ({state}) | "
+                f"{errors[-1]:.2f}% | {errors[best]:.2f}% ({int(epochs[best]['step']):,}) | "
+                f"{sum(errors[-RECENT:]) / len(recent):.2f}% | {' '.join(cosines) or '-'} | "
+                f"{paper if paper is not None else '-'} |")
+    return lines
+
+
 # -- the figure ----------------------------------------------------------------------------
 
 def draw(results: Path, defaults: Path, methods: list[str], layers: list[int], out: Path,
@@ -358,7 +400,8 @@ def main() -> None:
     parser.add_argument("--defaults", type=Path, default=ROOT / "runs" / "bench-table1",
                         help="bench/table1.py's results, for the 20-epoch default runs")
     parser.add_argument("--figure-only", action="store_true",
-                        help="run nothing: draw the figure from what has been logged")
+                        help="run nothing: print where the runs stand and draw the figure from "
+                             "what they have logged")
     args = parser.parse_args()
     names = [(method, depth) for depth in args.layers for method in args.methods]
     if not args.figure_only:
@@ -384,6 +427,7 @@ def main() -> None:
                 print(f"{run_name(method, depth)}: test error "
                       f"{100 * (1 - summary['test_acc']):.2f}%"
                       + (" (diverged)" if summary.get("diverged") else ""))
+    print("\n".join(standing(args.results, args.methods, args.layers, args.updates)))
     path = draw(args.results, args.defaults, args.methods, args.layers,
                 args.results / "test_error.png", args.updates)
     print(f"figure: {path}")

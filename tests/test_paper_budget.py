@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bench.graph_check import relative_difference
-from bench.paper_budget import command
+from bench.paper_budget import RECENT, command, standing
 
 
 def tiny(updates=12):
@@ -60,6 +60,31 @@ def test_scripts_engine_runs_the_papers_settings():
     assert dni[dni.index("--synth-hidden") + 1] == "1024"
     assert cdni[cdni.index("--synthesizer") + 1] == "linear"
     assert cdni[cdni.index("--conditioned") + 1] == "True"
+
+
+def test_standing_says_where_each_run_is(tmp_path):
+    """The table's figures from a metrics.csv written by hand: the last error, the best and
+    its update, the means over the last RECENT epochs (cosines where measured), the paper's."""
+    folder = tmp_path / "fcn3-dni"
+    folder.mkdir()
+    accuracies = [0.90, 0.985, 0.97] + [0.975] * (RECENT - 2)   # the first falls out of RECENT
+    lines = ["kind,step,epoch,wall_seconds,train_loss,test_loss,test_acc,cos1,cos2"]
+    for epoch, acc in enumerate(accuracies, start=1):
+        cosines = "0.1,0.3" if epoch == 2 else "0.3,0.5" if epoch % 2 else ","
+        lines.append(f"epoch,{235 * epoch},{epoch},1.0,0.1,0.1,{acc},{cosines}")
+    (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+    table = standing(tmp_path, ["dni", "cdni"], [3])
+    assert len(table) == 3                               # the header, its rule, one run
+    cells = [c.strip() for c in table[2].strip("|").split("|")]
+    mean_error = (1.5 + 3.0 + 2.5 * (RECENT - 2)) / RECENT
+    assert cells[:5] == ["DNI, FCN 3", f"{235 * len(accuracies):,} (epoch {len(accuracies)})",
+                         "2.50%", "1.50% (470)", f"{mean_error:.2f}%"]
+    assert cells[5] != "" and cells[6] == "1.9"
+    odd = [e for e in range(3, len(accuracies) + 1) if e % 2]
+    want = [(0.1 + 0.3 * len(odd)) / (1 + len(odd)), (0.3 + 0.5 * len(odd)) / (1 + len(odd))]
+    assert cells[5] == " ".join(f"{c:.2f}" for c in want)
+    (folder / "summary.json").write_text("{}")
+    assert "(finished)" in standing(tmp_path, ["dni"], [3])[2]
 
 
 def test_graph_check_sees_a_difference():
