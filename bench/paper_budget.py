@@ -290,7 +290,11 @@ def standing(results: Path, methods: list[str], layers: list[int],
             folder = results / run_name(method, depth)
             if not (folder / "metrics.csv").exists():
                 continue
-            epochs = [r for r in load_run(folder).epochs if "test_acc" in r]
+            try:
+                epochs = [r for r in load_run(folder).epochs if "test_acc" in r]
+            except UserError as exc:   # e.g. read while a resuming run rewrites it
+                lines.append(f"| {NAMES[method]}, FCN {depth} | unreadable: {exc} |||||")
+                continue
             if not epochs:
                 continue
             errors = [100 * (1 - r["test_acc"]) for r in epochs]
@@ -300,7 +304,7 @@ def standing(results: Path, methods: list[str], layers: list[int],
             for column in sorted({k for r in recent for k in r if k.startswith("cos")}):
                 values = [r[column] for r in recent if column in r]
                 cosines.append(f"{sum(values) / len(values):.2f}")
-            state = ("finished" if finished_summary(folder) is not None
+            state = ("finished" if (folder / "summary.json").exists()
                      else f"epoch {int(epochs[-1]['epoch'])}")
             paper = PAPER.get(("fcn", depth), {}).get(method)
             lines.append(

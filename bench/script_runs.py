@@ -23,19 +23,22 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 class StopsPassedOn:
-    """SIGINT and SIGTERM sent to a bench, passed on to the scripts it is running (each
-    saves its checkpoint after its step and stops), and no script started after one."""
+    """SIGTERM sent to a bench, passed on to the scripts it is running (each saves its
+    checkpoint after its step and stops); after it or SIGINT, no script starts. SIGINT is not
+    passed on: a terminal's Ctrl-C reaches every process of its group, the scripts included,
+    and a copy of a second Ctrl-C would reach a script after it had already stopped."""
 
     def __init__(self):
         self.signum: int | None = None
         self.children: set[subprocess.Popen] = set()
 
     def handle(self, signum, frame) -> None:
-        """The signal handler: remember the first stop, pass each one on."""
+        """The signal handler: remember the first stop, pass each SIGTERM on."""
         if self.signum is None:
             self.signum = signum
-        for child in list(self.children):
-            child.send_signal(signum)  # a terminal's Ctrl-C also reached it: one request
+        if signum == signal.SIGTERM:
+            for child in list(self.children):
+                child.send_signal(signum)
 
     def start(self, argv: list[str], **popen) -> subprocess.Popen | None:
         """Popen(argv), refused (None) once a stop was asked for; a stop that comes while
@@ -44,7 +47,7 @@ class StopsPassedOn:
             return None
         child = subprocess.Popen(argv, **popen)
         self.children.add(child)
-        if self.signum is not None:
+        if self.signum == signal.SIGTERM:
             child.send_signal(self.signum)
         return child
 
@@ -100,8 +103,8 @@ def script_run(command: list[str], out: Path, label: str | None = None) -> dict:
     child = STOPS.start(argv, cwd=ROOT, **popen)
     if child is None:  # the bench was asked to stop before this run began
         raise ScriptFailed(command, 128 + STOPS.signum, out, started=False)
-    print(f"{prefix}$", " ".join(argv[1:]), flush=True)
     try:
+        print(f"{prefix}$", " ".join(argv[1:]), flush=True)
         with child:
             for line in child.stdout or ():
                 print(prefix + line, end="", flush=True)
@@ -116,7 +119,7 @@ def script_run(command: list[str], out: Path, label: str | None = None) -> dict:
 def script_runs(runs: list[tuple[list[str], Path]], jobs: int = 1) -> list[dict]:
     """The summaries of `script_run(command, out)` for each (command, out) of `runs`, in order:
     one after another when `jobs` is 1, else up to `jobs` at once, each on one thread with its
-    lines prefixed by its folder's name. SIGINT or SIGTERM to the bench stops the running
+    lines prefixed by its folder's name. Ctrl-C, or SIGTERM to the bench, stops the running
     scripts (each saves its checkpoint) and starts no more."""
     with stops_passed_on():
         if jobs == 1:

@@ -97,11 +97,15 @@ class MetricsLog:
         if keep_rows is None or not path.exists():
             with open(path, "w", newline="") as f:
                 csv.writer(f).writerow(self.columns)
-        else:  # resuming: drop rows written after the checkpoint
+        else:  # resuming: drop rows written after the checkpoint, in one rename (a signal
+            # that kills the run while it resumes must not cut the records short)
             with open(path, newline="") as f:
                 lines = list(csv.reader(f))[:keep_rows + 1]
-            with open(path, "w", newline="") as f:
-                csv.writer(f).writerows(lines)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            with written_whole(tmp, path):
+                with open(tmp, "w", newline="") as f:
+                    csv.writer(f).writerows(lines)
+                os.replace(tmp, path)
             self.rows = len(lines) - 1
 
     def write(self, row: dict[str, Any]) -> None:

@@ -85,6 +85,11 @@ def test_standing_says_where_each_run_is(tmp_path):
     assert cells[5] == " ".join(f"{c:.2f}" for c in want)
     (folder / "summary.json").write_text("{}")
     assert "(finished)" in standing(tmp_path, ["dni"], [3])[2]
+    cut = tmp_path / "fcn4-dni"                          # as read mid-line, or mid-rewrite
+    cut.mkdir()
+    (cut / "metrics.csv").write_text(lines[0] + "\n" + lines[1][:12])
+    row = standing(tmp_path, ["dni"], [3, 4])[3]
+    assert row.startswith("| DNI, FCN 4 | unreadable: ") and "cut off" in row
 
 
 def test_graph_check_sees_a_difference():

@@ -64,10 +64,12 @@ run(lambda: script_runs([(["mlp.py", *tiny], out / name) for name in "abc"], job
 """
 
 
-@pytest.mark.parametrize("jobs", [1, 2])
-def test_a_signal_to_the_bench_reaches_its_scripts(mnist_root, tmp_path, jobs):
-    """SIGTERM sent to the bench alone (not its process group): each running script saves its
-    checkpoint and stops, no further script starts, the bench exits 128 + 15."""
+@pytest.mark.parametrize("jobs, signum, to_group", [
+    (1, signal.SIGTERM, False), (2, signal.SIGTERM, False), (2, signal.SIGINT, True)])
+def test_a_signal_to_the_bench_reaches_its_scripts(mnist_root, tmp_path, jobs, signum, to_group):
+    """SIGTERM sent to the bench alone, or SIGINT to its whole process group as a terminal's
+    Ctrl-C is: each running script stops after its step, saying so, no further script starts,
+    the bench exits 128 + the signal's number in one line, and nothing prints a traceback."""
     bench = subprocess.Popen([sys.executable, "-c", BENCH, str(tmp_path), str(mnist_root),
                               str(jobs)], cwd=ROOT, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, start_new_session=True,
@@ -85,17 +87,21 @@ def test_a_signal_to_the_bench_reaches_its_scripts(mnist_root, tmp_path, jobs):
             if len(seen) == jobs:
                 break
         assert len(seen) == jobs, "".join(lines)
-        bench.send_signal(signal.SIGTERM)
+        if to_group:
+            os.killpg(bench.pid, signum)
+        else:
+            bench.send_signal(signum)
         rest, err = bench.communicate(timeout=120)
-        printed = "".join(lines) + rest
-        assert bench.returncode == 128 + signal.SIGTERM, err
-        assert printed.count("stopped by SIGTERM") + err.count("stopped by SIGTERM") == jobs
+        printed = "".join(lines) + rest + err
+        assert bench.returncode == 128 + signum, err
+        assert printed.count(f"stopped by {signal.Signals(signum).name}") == jobs, printed
+        assert "Traceback" not in printed
         for name in running:
-            assert (tmp_path / name / "checkpoint.pt").exists()
             assert not (tmp_path / name / "summary.json").exists()
         assert not (tmp_path / "c").exists()
         last = err.splitlines()[-1]
-        assert last.startswith(f"mlp.py for {tmp_path / 'a'} ended with exit status 143")
+        assert last.startswith(f"mlp.py for {tmp_path / 'a'} ended with exit status "
+                               f"{128 + signum} ")
     finally:
         watchdog.cancel()
         with contextlib.suppress(ProcessLookupError):
