@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import torch
 import torch.nn.functional as F
 
-from bench.script_runs import script_run
+from bench.script_runs import script_runs
 from experiment.cli import Parser, positive_int, run
 from experiment.networks import attach_dni, dni_defaults
 from model import CNN, FCN
@@ -42,7 +42,8 @@ def accuracy_run(model: str, method: str, epochs: int, train_size: int | None, o
     """Run the script for (model, method) in `out` and return its summary; a finished run is
     read back, an interrupted one resumed from its checkpoint."""
     command = [*SETTINGS[(model, method)], "--epochs", str(epochs)]
-    return script_run(command + (["--train-size", str(train_size)] if train_size else []), out)
+    return script_runs([(command + (["--train-size", str(train_size)] if train_size else []),
+                         out)])[0]
 
 
 def step_costs(model: str, repeats: int = 30, steps: int = 10) -> dict[str, float]:
