@@ -280,10 +280,11 @@ def standing(results: Path, methods: list[str], layers: list[int],
     """A markdown table of where each run under `results` stands: updates so far, test error
     now, its best and where, the mean error and each interface's mean cosine to the true
     gradient over the last RECENT epochs, and the paper's figure (runs not begun are left out)."""
-    from bench.table1 import PAPER
+    from bench.table1 import PAPER, PAPER_VERIFIED
 
+    source = "paper" if PAPER_VERIFIED else "paper, as recalled"
     header = (f"| run | updates of {updates:,} | test error now | best (at update) | mean, last "
-              f"{RECENT} epochs | cosines, last {RECENT} epochs | paper |")
+              f"{RECENT} epochs | cosines, last {RECENT} epochs | {source} |")
     lines = [header, "|---" * 7 + "|"]
     for depth in layers:
         for method in methods:
@@ -291,19 +292,20 @@ def standing(results: Path, methods: list[str], layers: list[int],
             if not (folder / "metrics.csv").exists():
                 continue
             try:
-                epochs = [r for r in load_run(folder).epochs if "test_acc" in r]
+                records = load_run(folder)
             except UserError as exc:   # e.g. read while a resuming run rewrites it
                 lines.append(f"| {NAMES[method]}, FCN {depth} | unreadable: {exc} |||||")
                 continue
+            epochs = [r for r in records.epochs if "test_acc" in r]
             if not epochs:
                 continue
             errors = [100 * (1 - r["test_acc"]) for r in epochs]
             best = min(range(len(errors)), key=errors.__getitem__)
             recent = epochs[-RECENT:]
-            cosines = []
-            for column in sorted({k for r in recent for k in r if k.startswith("cos")}):
+            cosines = []   # one figure per interface, in order; "-" where none was measured
+            for column in [c for c in records.columns if c.startswith("cos")]:
                 values = [r[column] for r in recent if column in r]
-                cosines.append(f"{sum(values) / len(values):.2f}")
+                cosines.append(f"{sum(values) / len(values):.2f}" if values else "-")
             state = ("finished" if (folder / "summary.json").exists()
                      else f"epoch {int(epochs[-1]['epoch'])}")
             paper = PAPER.get(("fcn", depth), {}).get(method)

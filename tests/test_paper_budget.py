@@ -68,9 +68,9 @@ def test_standing_says_where_each_run_is(tmp_path):
     folder = tmp_path / "fcn3-dni"
     folder.mkdir()
     accuracies = [0.90, 0.985, 0.97] + [0.975] * (RECENT - 2)   # the first falls out of RECENT
-    lines = ["kind,step,epoch,wall_seconds,train_loss,test_loss,test_acc,cos1,cos2"]
-    for epoch, acc in enumerate(accuracies, start=1):
-        cosines = "0.1,0.3" if epoch == 2 else "0.3,0.5" if epoch % 2 else ","
+    lines = ["kind,step,epoch,wall_seconds,train_loss,test_loss,test_acc,cos1,cos2,cos3"]
+    for epoch, acc in enumerate(accuracies, start=1):   # cos3 is never measured
+        cosines = "0.1,0.3," if epoch == 2 else "0.3,0.5," if epoch % 2 else ",,"
         lines.append(f"epoch,{235 * epoch},{epoch},1.0,0.1,0.1,{acc},{cosines}")
     (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
     table = standing(tmp_path, ["dni", "cdni"], [3])
@@ -82,7 +82,7 @@ def test_standing_says_where_each_run_is(tmp_path):
     assert cells[5] != "" and cells[6] == "1.9"
     odd = [e for e in range(3, len(accuracies) + 1) if e % 2]
     want = [(0.1 + 0.3 * len(odd)) / (1 + len(odd)), (0.3 + 0.5 * len(odd)) / (1 + len(odd))]
-    assert cells[5] == " ".join(f"{c:.2f}" for c in want)
+    assert cells[5] == " ".join(f"{c:.2f}" for c in want) + " -"
     (folder / "summary.json").write_text("{}")
     assert "(finished)" in standing(tmp_path, ["dni"], [3])[2]
     cut = tmp_path / "fcn4-dni"                          # as read mid-line, or mid-rewrite
