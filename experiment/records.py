@@ -25,13 +25,18 @@ CHECKPOINT_FORMAT = "dni-run-checkpoint/1"
 BASE_COLUMNS = ["kind", "step", "epoch", "wall_seconds", "train_loss", "test_loss", "test_acc"]
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON atomically (temporary file, then rename); processes writing the same file
-    at once each use their own temporary file."""
+def write_text_whole(path: Path, text: str) -> None:
+    """Write `text` atomically (temporary file, then rename), line endings as given;
+    processes writing the same file at once each use their own temporary file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with written_whole(tmp, path):
-        tmp.write_text(json.dumps(obj, indent=2) + "\n")
+        tmp.write_text(text, newline="")
         os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write JSON atomically (`write_text_whole`)."""
+    write_text_whole(path, json.dumps(obj, indent=2) + "\n")
 
 
 @contextmanager
@@ -101,11 +106,9 @@ class MetricsLog:
             # that kills the run while it resumes must not cut the records short)
             with open(path, newline="") as f:
                 lines = list(csv.reader(f))[:keep_rows + 1]
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            with written_whole(tmp, path):
-                with open(tmp, "w", newline="") as f:
-                    csv.writer(f).writerows(lines)
-                os.replace(tmp, path)
+            kept = io.StringIO()
+            csv.writer(kept).writerows(lines)
+            write_text_whole(path, kept.getvalue())
             self.rows = len(lines) - 1
 
     def write(self, row: dict[str, Any]) -> None:
