@@ -5,9 +5,9 @@ that meet through synthetic gradients at their edges."""
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
+# torch-free imports only up here: --help and a bad flag are answered before torch loads
 from dni.pipeline import INTERFACE_MODES
 from experiment.baseline import BASELINE_DEFAULTS
 from experiment.cli import (
@@ -20,8 +20,8 @@ from experiment.cli import (
     prepare_run,
     run,
     training_parser,
+    world_size_from_env,
 )
-from experiment.figures import draw_figures
 from experiment.networks import (
     MODEL_TYPES,
     add_model_arguments,
@@ -29,10 +29,12 @@ from experiment.networks import (
     build_network,
     dni_defaults,
 )
-from experiment.pipeline_train import MESSAGE_DTYPES, train_as_pipeline, world_size_from_env
-from experiment.train import Probe, adam, fit
+
+if TYPE_CHECKING:
+    from experiment.train import Probe
 
 SYNTHESIZER_CHOICES = ("linear", "linear_sigmoid", "mlp", "conv")
+MESSAGE_DTYPES = ("bfloat16", "float32")  # the torch dtypes a pipeline's messages may travel in
 # what a resumed run keeps: its network, synthesizers, placement, data and batch order
 RUN_DEFINING_FLAGS = ("model_type", "depth", "width", "channels", "conditioned", "synthesizer",
                       "synth_hidden", "synth_layers", "forward_unlock", "center_gradients",
@@ -90,7 +92,7 @@ def parse_args():
                         help="under torchrun: edges (default) puts one synthesizer at each "
                              "stage's output and backprops inside a stage; all puts one after "
                              "every block, as one process does without --interfaces-at")
-    parser.add_argument("--message-dtype", choices=sorted(MESSAGE_DTYPES), default="float32",
+    parser.add_argument("--message-dtype", choices=MESSAGE_DTYPES, default="float32",
                         help="under torchrun: the dtype activations and gradients travel in "
                              "between stages")
     parser.add_argument("--staleness", type=nonnegative_int, default=1,
@@ -141,6 +143,11 @@ def interface_probe(model, conditioned: bool) -> Probe:
     loss after every step (sg_loss<i>: the mean since the last row, the epoch's mean); its
     cosine to the true gradient (cos<i>), measured before each logged step and each epoch's
     last step; a non-finite synthetic gradient named by its interface."""
+    import torch
+    import torch.nn.functional as F
+
+    from experiment.train import Probe
+
     count = len(model.interfaces)
 
     def measure(model, x, y):
@@ -165,6 +172,10 @@ def interface_probe(model, conditioned: bool) -> Probe:
 def main():
     """Build the DNI model and train it (as a pipeline of processes under torchrun)."""
     args = parse_args()
+    from experiment.figures import draw_figures
+    from experiment.pipeline_train import train_as_pipeline
+    from experiment.train import adam, fit
+
     options = {k: v for k, v in (("hidden_size", args.synth_hidden),
                                  ("num_layers", args.synth_layers)) if v is not None}
     method = "cdni" if args.conditioned else "dni"

@@ -40,7 +40,8 @@ from experiment.figures import load_run, save_figure
 from experiment.graphed import GraphedTrainer, one_hot_rows
 from experiment.loop import StopRequest
 from experiment.records import CHECKPOINT, MetricsLog, load_checkpoint, save_checkpoint, write_json
-from experiment.train import STEP_MILESTONES, adam, evaluate, rate_factor
+from experiment.schedules import STEP_MILESTONES, rate_factor
+from experiment.train import adam, evaluate
 
 BATCH, LR, UPDATES = 256, 3e-5, 500_000
 SCHEDULE = "step"

@@ -6,42 +6,15 @@ names `Linear_DNI`, `Linear_Sigmoid_DNI`, `RNN_DNI` and `DNI_Network` are aliase
 written out by hand as the paper states it: `dni.reference.reference_step`.
 """
 
-from dni.interface import Interface, synthesizer_loss
-from dni.recurrent import SequenceReport, TruncatedBPTT
-from dni.reference import reference_step
-from dni.synthesizers import (
-    RNN_DNI,
-    ConvSynthesizer,
-    DNI_Network,
-    InputSynthesizer,
-    Linear_DNI,
-    Linear_Sigmoid_DNI,
-    LinearSigmoidSynthesizer,
-    LinearSynthesizer,
-    MLPSynthesizer,
-    RNNSynthesizer,
-    Synthesizer,
-)
-from dni.wrapper import DNI, SYNTHESIZERS, synthesizer_factory
+from dni._lazy import lazy_exports as _lazy_exports
 
-__all__ = [
-    "DNI",
-    "RNN_DNI",
-    "SYNTHESIZERS",
-    "ConvSynthesizer",
-    "DNI_Network",
-    "InputSynthesizer",
-    "Interface",
-    "LinearSigmoidSynthesizer",
-    "LinearSynthesizer",
-    "Linear_DNI",
-    "Linear_Sigmoid_DNI",
-    "MLPSynthesizer",
-    "RNNSynthesizer",
-    "SequenceReport",
-    "Synthesizer",
-    "TruncatedBPTT",
-    "reference_step",
-    "synthesizer_factory",
-    "synthesizer_loss",
-]
+# each name loads its module, and torch, on first use
+__all__, __getattr__, __dir__ = _lazy_exports(__name__, {
+    "interface": ("Interface", "synthesizer_loss"),
+    "recurrent": ("SequenceReport", "TruncatedBPTT"),
+    "reference": ("reference_step",),
+    "synthesizers": ("RNN_DNI", "ConvSynthesizer", "DNI_Network", "InputSynthesizer",
+                     "Linear_DNI", "Linear_Sigmoid_DNI", "LinearSigmoidSynthesizer",
+                     "LinearSynthesizer", "MLPSynthesizer", "RNNSynthesizer", "Synthesizer"),
+    "wrapper": ("DNI", "SYNTHESIZERS", "synthesizer_factory"),
+})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from experiment.cli import add_switch, parse_training_args, prepare_run, training_parser
 from experiment.networks import add_model_arguments, build_network
-from experiment.train import adam, fit
 
 # per model type: (epochs, batch size, learning rate)
 BASELINE_DEFAULTS = {"mlp": (20, 128, 1e-3), "cnn": (10, 64, 1e-3)}
@@ -28,6 +27,8 @@ def train_backprop(model_type: str, args, data, out_dir, *, script: str,
                    checkpoint: dict | None = None) -> dict:
     """Build `model_type` from args, train it by backprop with Adam (only its head with
     args.head_only); return the summary."""
+    from experiment.train import adam, fit
+
     net = build_network(model_type, args).to(data.train_x.device)
     head_only = getattr(args, "head_only", False)
     if head_only:

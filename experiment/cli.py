@@ -1,5 +1,6 @@
 """Command-line plumbing shared by the scripts: flags with their defaults in --help, one-line
-`error:` messages instead of tracebacks, device and output-folder checks."""
+`error:` messages instead of tracebacks, device and output-folder checks. It loads torch only
+where a run starts, so that --help and a bad flag are answered at once."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from experiment.errors import USER_ERROR_EXIT, RunInterrupted, ScriptFailed, UserError
-from experiment.train import SCHEDULES
+from experiment.schedules import SCHEDULES
+
+if TYPE_CHECKING:
+    import torch
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -195,8 +198,15 @@ def _shown(value) -> str:
     return str(value)
 
 
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available else CPU; 'cuda' without a GPU is a UserError."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
@@ -245,6 +255,8 @@ def run(main: Callable[[], None]) -> None:
 def prepare_run(args, script: str, *, primary: bool = True, checkpoint_name: str | None = None):
     """Seed, device, run folder (config.json written by the `primary` process), MNIST, and the
     checkpoint to resume from (None for a new run): (device, out_dir, data, checkpoint)."""
+    import torch
+
     from experiment.data import load_mnist
     from experiment.records import CHECKPOINT, load_checkpoint, write_config
 

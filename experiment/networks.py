@@ -3,10 +3,12 @@ tuned DNI defaults (from the search in bench/README.md) and DNI attached to a ne
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from experiment.cli import positive_int
-from model import CNN, FCN
+
+if TYPE_CHECKING:
+    from torch import nn
 
 MODEL_TYPES = ("mlp", "cnn")
 
@@ -24,6 +26,8 @@ def add_model_arguments(parser, model_type: str | None = None) -> None:
 
 def build_network(model_type: str, args) -> nn.Sequential:
     """The network named by model_type with the architecture flags in args."""
+    from model import CNN, FCN
+
     if model_type == "mlp":
         return FCN(depth=args.depth, width=args.width)
     return CNN(channels=tuple(args.channels))

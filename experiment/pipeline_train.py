@@ -19,14 +19,6 @@ from experiment.data import ImageSplits, batches
 from experiment.errors import USER_ERROR_EXIT, RunInterrupted, UserError
 from experiment.train import EpochLoop, adam, finish_epoch, score, write_summary
 
-MESSAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-"""--message-dtype: the dtype activations and gradients travel in between stages."""
-
-
-def world_size_from_env() -> int:
-    """The number of processes torchrun started (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
 
 def pin_to_cores() -> list[int] | None:
     """Give this local rank its own share of the CPU cores it may use (torchrun's LOCAL_RANK of
@@ -216,7 +208,7 @@ def train_as_pipeline(args, build_net, *, model_name: str, method: str, synthesi
                                   context_size=10 if args.conditioned else 0,
                                   grad_scale=args.grad_scale, staleness=args.staleness,
                                   timeout=args.timeout, max_batch=args.batch_size,
-                                  message_dtype=MESSAGE_DTYPES[args.message_dtype],
+                                  message_dtype=getattr(torch, args.message_dtype),
                                   center_gradients=args.center_gradients,
                                   **synthesizer_options)
         except ValueError as exc:  # the same on every rank: one of them says it

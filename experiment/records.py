@@ -1,6 +1,7 @@
 """Run records shared by every training script: config.json (flags, versions, device, git
 commit), metrics.csv (one row per logged step and per epoch), atomic checkpoints, and the
-reading of a run folder for --resume."""
+reading of a run folder for --resume. torch loads where a checkpoint is read or written, so that
+reading a run's flags does not wait for it."""
 
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from experiment.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
 
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "dni-run-checkpoint/1"
@@ -67,6 +69,7 @@ def git_commit() -> str | None:
 def write_config(out_dir: Path, script: str, args, device: torch.device) -> None:
     """config.json: every flag, library versions, device and git commit."""
     import numpy
+    import torch
 
     write_json(out_dir / "config.json", {
         "script": script, "argv": sys.argv, "args": vars(args), "device": str(device),
@@ -121,6 +124,8 @@ class MetricsLog:
 
 def save_checkpoint(out_dir: Path, payload: dict, name: str = CHECKPOINT) -> Path:
     """Write the checkpoint (checkpoint.pt by default) atomically: temporary file, rename."""
+    import torch
+
     path = out_dir / name
     tmp = out_dir / f".{name}.tmp"
     buffer = io.BytesIO()  # serialised first: a failed file write is then a plain OSError
@@ -137,6 +142,8 @@ def save_checkpoint(out_dir: Path, payload: dict, name: str = CHECKPOINT) -> Pat
 def load_checkpoint(run_dir: Path, device: torch.device, name: str = CHECKPOINT) -> dict:
     """Read a checkpoint (checkpoint.pt by default); a missing, truncated or foreign file is a
     UserError."""
+    import torch
+
     path = run_dir / name
     if not path.exists():
         raise UserError(f"--resume {run_dir}: no {name} there")

@@ -10,7 +10,8 @@ import torch
 from experiment.data import ImageSplits, load_mnist
 from experiment.graphed import GraphedTrainer, one_hot_rows
 from experiment.networks import attach_dni
-from experiment.train import Probe, adam, fit, rate_factor
+from experiment.schedules import rate_factor
+from experiment.train import Probe, adam, fit
 from model import FCN
 
 EPOCHS, BATCH, SEED = 2, 40, 3

@@ -31,29 +31,15 @@ The parts: `stage` (PipelineStage, the algorithm above), `transport` (messages, 
 timeouts, where the time goes) and `split` (counted costs and balanced cuts).
 """
 
-from dni.pipeline.split import (
-    INTERFACE_MODES,
-    balanced_stages,
-    block_costs,
-    check_counts,
-    counted_split,
-    interface_positions,
-    stage_costs,
-    synthesizer_costs,
-)
-from dni.pipeline.stage import PipelineStage
-from dni.pipeline.transport import PipelineError, StageTimes
+from dni._lazy import lazy_exports as _lazy_exports
 
-__all__ = [
-    "INTERFACE_MODES",
-    "PipelineError",
-    "PipelineStage",
-    "StageTimes",
-    "balanced_stages",
-    "block_costs",
-    "check_counts",
-    "counted_split",
-    "interface_positions",
-    "stage_costs",
-    "synthesizer_costs",
-]
+INTERFACE_MODES = ("edges", "all")
+"""Where a pipeline's interfaces sit: only at the stage edges, or after every block."""
+
+# each name loads its module, and torch, on first use
+__all__, __getattr__, __dir__ = _lazy_exports(__name__, {
+    "split": ("balanced_stages", "block_costs", "check_counts", "counted_split",
+              "interface_positions", "stage_costs", "synthesizer_costs"),
+    "stage": ("PipelineStage",),
+    "transport": ("PipelineError", "StageTimes"),
+}, defined_here=("INTERFACE_MODES",))

@@ -10,10 +10,8 @@ from contextlib import ExitStack
 import torch
 from torch import nn
 
+from dni.pipeline import INTERFACE_MODES
 from dni.wrapper import SynthesizerFactory, eval_mode
-
-INTERFACE_MODES = ("edges", "all")
-"""Where a pipeline's interfaces sit: only at the stage edges, or after every block."""
 
 
 def block_costs(blocks: Sequence[nn.Module], example_input: torch.Tensor) -> list[float]:

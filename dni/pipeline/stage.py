@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dni.interface import Interface, synthesizer_loss
+from dni.pipeline import INTERFACE_MODES
 from dni.pipeline.split import (
-    INTERFACE_MODES,
     check_counts,
     counted_split,
     interface_positions,
