@@ -172,7 +172,7 @@ def interface_probe(model, conditioned: bool) -> Probe:
 def main():
     """Build the DNI model and train it (as a pipeline of processes under torchrun)."""
     args = parse_args()
-    from experiment.figures import draw_figures
+    from experiment.figures import draw_figures  # torch loads here, once the flags are good
     from experiment.pipeline_train import train_as_pipeline
     from experiment.train import adam, fit
 

@@ -12,15 +12,20 @@ def lazy_exports(package: str, exports: dict[str, tuple[str, ...]], defined_here
                  ) -> tuple[list[str], Callable[[str], object], Callable[[], list[str]]]:
     """`__all__`, `__getattr__` and `__dir__` for `package`, whose public names live in its
     submodules as `exports` ({submodule: names}) says, besides those it defines itself
-    (`defined_here`). A name's submodule is imported the first time the name is used, and the
-    name is then kept on the package."""
+    (`defined_here`). A name's submodule is imported the first time the name (or the submodule
+    itself) is used, and the name is then kept on the package."""
     home = {name: f"{package}.{module}" for module, names in exports.items() for name in names}
     namespace = vars(sys.modules[package])
 
     def __getattr__(name: str) -> object:
+        if name in exports:   # a submodule, reachable as an attribute as after an eager import
+            return importlib.import_module(f"{package}.{name}")
         if name not in home:
             raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(home[name]), name)
+        try:
+            value = getattr(importlib.import_module(home[name]), name)
+        except AttributeError as exc:  # not "no such name": the module failed as it loaded
+            raise ImportError(f"{package}.{name} could not be loaded: {exc}") from exc
         namespace[name] = value
         return value
 

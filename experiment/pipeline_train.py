@@ -208,7 +208,7 @@ def train_as_pipeline(args, build_net, *, model_name: str, method: str, synthesi
                                   context_size=10 if args.conditioned else 0,
                                   grad_scale=args.grad_scale, staleness=args.staleness,
                                   timeout=args.timeout, max_batch=args.batch_size,
-                                  message_dtype=getattr(torch, args.message_dtype),
+                                  message_dtype=getattr(torch, args.message_dtype),  # a dtype's name
                                   center_gradients=args.center_gradients,
                                   **synthesizer_options)
         except ValueError as exc:  # the same on every rank: one of them says it

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from experiment.cli import world_size_from_env
 from experiment.errors import UserError
 
 if TYPE_CHECKING:
@@ -73,7 +74,7 @@ def write_config(out_dir: Path, script: str, args, device: torch.device) -> None
 
     write_json(out_dir / "config.json", {
         "script": script, "argv": sys.argv, "args": vars(args), "device": str(device),
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),  # processes, under torchrun
+        "world_size": world_size_from_env(),
         "git_commit": git_commit(), "python": platform.python_version(),
         "torch": torch.__version__, "numpy": numpy.__version__, "platform": platform.platform(),
     })
