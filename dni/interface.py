@@ -10,7 +10,17 @@ For a block f_i with output h_i and the next block f_{i+1}:
 block i+1's backward delivers at its input (the true dL/dh at the top interface, block i+1's
 synthetic gradient pushed back through f_{i+1} below it), and hands S_i the gradient of its
 regression loss ||g_i - d_i||^2. Nothing flows further down: the true loss gradient never
-reaches the blocks below an interface.
+reaches the blocks below an interface. The bridge's output is a copy of h_i, so block i+1 may
+write its input in place (ReLU(inplace=True) first) without touching the h_i that S_i saved.
+
+More than one path above: when in_{i+1} reaches the loss along several paths (a skip past
+block i+1 into the head, or two blocks with interfaces reading it), d_i is the sum of what
+comes back along all of them, each in the loss's units, and S_i is fit once on that sum. The
+gradients arrive in separate backward passes (block i+1's synthetic one during the forward
+pass, the loss's after it); the regression gradient is linear in d_i, so the first pass
+brings (2 / B) (S - unit d) for its part of d and each later one -(2 / B) unit d for its own.
+The interfaces' backward passes keep their graphs for this (the loss's frees them). Block i
+still receives only g_i.
 
 Units: a loss averaged over a batch of B examples has dL/dh = (1/B) * (each example's own
 gradient). The synthesizer predicts the per-example gradient S = B * g, a function of one
@@ -45,16 +55,20 @@ def synthesizer_loss(synthetic: torch.Tensor, target: torch.Tensor) -> torch.Ten
 
 
 class _Bridge(torch.autograd.Function):
-    """Identity on `value`; backward trains the synthesizer's output S towards the gradient d
-    arriving from above, and stops d there. `applied` = scale * S / unit is the gradient the
-    block below received; working from it spares tensor operations on the hot path."""
+    """Identity on `value` (a copy); backward trains the synthesizer's output S towards the
+    gradient d arriving from above, and stops d there. `applied` = scale * S / unit is the
+    gradient the block below received; working from it spares tensor operations on the hot
+    path. Each backward pass that reaches the bridge brings its part of d (see the module's
+    docstring)."""
 
     @staticmethod
     def forward(ctx, value: torch.Tensor, synthetic: torch.Tensor, applied: torch.Tensor,
                 interface: Interface, unit: float):
         ctx.save_for_backward(applied)
-        ctx.interface, ctx.unit = interface, unit
-        return value.view_as(value)
+        ctx.interface, ctx.unit, ctx.arrivals = interface, unit, 0
+        # a copy, not a view: autograd forbids writing a custom Function's view in place, and
+        # the next block's in-place first operation must not overwrite the h that S saved
+        return value.clone()
 
     @staticmethod
     def backward(ctx, incoming: torch.Tensor):
@@ -63,11 +77,17 @@ class _Bridge(torch.autograd.Function):
         # the target d is the incoming gradient without the grad_scale it was sent under, so
         # every synthesizer predicts the gradient in the loss's units (no compounding)
         delivered = _delivery_scales[-1]
+        ctx.arrivals += 1
+        first = ctx.arrivals == 1
         # d synthesizer_loss(S, unit d) / dS = (2 / B) (S - unit d)
-        #                                    = (2 unit / (B scale)) (applied - scale d)
-        grad = torch.sub(applied, incoming, alpha=scale / delivered)
+        #                                    = (2 unit / (B scale)) (applied - scale d);
+        # a later path's part d' of d adds -(2 unit / (B scale)) scale d'
+        if first:
+            grad = torch.sub(applied, incoming, alpha=scale / delivered)
+        else:
+            grad = incoming * (-scale / delivered)
         grad.mul_(2.0 * unit / (batch * scale))
-        ctx.interface._record(incoming, delivered, grad)
+        ctx.interface._record(incoming, delivered, grad, first)
         return None, grad, None, None, None
 
 
@@ -165,7 +185,9 @@ class Interface(nn.Module):
         if h.requires_grad:
             _delivery_scales.append(self.grad_scale)  # for the interfaces this passes through
             try:
-                h.backward(applied)
+                # kept: an interface below may get more of its target later by another path
+                # (the graph goes when h and the next block's input are dropped)
+                h.backward(applied, retain_graph=True)
             finally:
                 _delivery_scales.pop()
         return applied
@@ -181,7 +203,12 @@ class Interface(nn.Module):
         self.last_input_loss = loss.detach()
         return predicted.detach()
 
-    def _record(self, incoming: torch.Tensor, delivered: float, loss_grad: torch.Tensor) -> None:
-        """Keep this step's incoming gradient and loss gradient; target and loss are computed
-        only when read."""
-        self._incoming, self._loss_grad = (incoming, delivered), loss_grad
+    def _record(self, incoming: torch.Tensor, delivered: float, loss_grad: torch.Tensor,
+                first: bool = True) -> None:
+        """Keep this step's incoming gradient and loss gradient (the first path's, or added to
+        the earlier paths' for a later one); target and loss are computed only when read."""
+        if first:
+            self._incoming, self._loss_grad = (incoming, delivered), loss_grad
+        else:
+            self._incoming = (self.last_target + incoming / delivered, 1.0)
+            self._loss_grad = self._loss_grad + loss_grad

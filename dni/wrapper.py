@@ -151,8 +151,14 @@ class DNI(nn.Module):
     the true gradient): without it, the drift such a bootstrapped synthesizer learns pushed
     a network without BatchNorm below its frozen-feature accuracy (bench/README.md,
     "centred synthetic gradients"). False is the paper's DNI. The top interface is the last
-    one called; in a network where a lower block also feeds the loss by another path, its
-    target is partly true and still centred.
+    one called.
+    Skip paths: an interface whose output reaches the loss by more than one path (a skip past
+    the block above it into the head, or two blocks with interfaces reading it) is fit once
+    on the sum of the gradients that come back along all of them, each in the loss's units
+    (dni/interface.py). With a skip into the head that target is partly true, and below the
+    top interface still centred; its block still receives only its synthetic gradient.
+    In-place blocks: each interface hands the next block a copy of its block's output, so a
+    block may begin with an in-place operation (ReLU(inplace=True)).
 
     The synthesizers' parameter group in `optim`: learning rate `synthesizer_lr`, or, when it
     is None, the learning rate the optimizer's first group has now (not the constructor's
