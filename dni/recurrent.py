@@ -221,7 +221,8 @@ class TruncatedBPTT(nn.Module):
         of the losses after the edge, each further edge crossed discounting it by `discount`
         (1: the full gradient of the future). The aux loss is not in it, as it is not in the
         target. "Synthetic" is the online S's, also
-        with a target synthesizer. A diagnostic for logged steps.
+        with a target synthesizer. A diagnostic for logged steps: the random stream (dropout)
+        is forked, so training draws the same numbers with or without it.
         """
         if self.synthesizer is None:
             raise ValueError("future_gradients needs a synthesizer")
@@ -231,7 +232,9 @@ class TruncatedBPTT(nn.Module):
             state = zero_state(self.core, batch, inputs.device, inputs.dtype)
         start = flatten_state(state).detach()
         edges, total = [], inputs.new_zeros(())
-        with torch.enable_grad():
+        devices = [inputs.device] if inputs.device.type == "cuda" else []
+        # forked RNG: dropout in the core or readout leaves training's random stream as it was
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
             for t0 in range(0, length, self.truncation):
                 if t0 > 0:
                     edge = _ScaleGradient.apply(flatten_state(state), self.discount)

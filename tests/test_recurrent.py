@@ -399,3 +399,20 @@ def test_future_gradient_of_an_untrained_synthesizer_is_zero():
     pairs = bptt.future_gradients(*[sequence()[0], chunk_loss(sequence()[1])])
     assert pairs and all(torch.count_nonzero(s) == 0 and torch.count_nonzero(t) > 0
                          for s, t in pairs)
+
+
+def test_future_gradients_leave_the_training_random_stream_as_it_was():
+    """A core and readout with dropout, in training mode: the numbers drawn after a logged
+    step's diagnostic are those drawn without it."""
+    torch.manual_seed(1)
+    core = nn.LSTM(I, H, num_layers=2, dropout=0.5)
+    readout = nn.Sequential(nn.Dropout(0.5), nn.Linear(H, O))
+    bptt = TruncatedBPTT(core, 2, readout=readout, synthesizer=LinearSynthesizer(state_size(core)))
+    x, y = sequence()
+    draws = []
+    for diagnose in (False, True):
+        torch.manual_seed(5)
+        if diagnose:
+            assert bptt.future_gradients(x, chunk_loss(y))
+        draws.append(torch.rand(8))
+    torch.testing.assert_close(draws[1], draws[0])
