@@ -12,17 +12,19 @@ for a loss averaged over a batch of B examples:
         h_i.backward(scale * g_i / B)        block i learns now: it need not wait for the top
     L = loss(head(x_{n+1})); L.backward()    the head learns from the true loss
     for each interface i:
-        d_i = B * x_{i+1}.grad / scale       what came back at block i+1's input: the true
+        d_i = B * x_{i+1}.grad / s_i         what came back at block i+1's input: the true
                                              dL/dh_n at the top, else block i+1's synthetic
-                                             gradient pushed back through f_{i+1} (in the
-                                             loss's units: the scale it was sent under undone,
-                                             1 at the top, where the loss sent it)
+                                             gradient pushed back through f_{i+1}; in the
+                                             loss's units, the scale it was sent under undone:
+                                             s_i = scale for i < n, s_n = 1 (the loss sent it)
         fit S_i on ||g_i - d_i||^2           summed over features, averaged over the batch
 
 `dni.Interface` is this algorithm as a module (an autograd Function fits S_i during the
 backward pass that delivers d_i, so no step waits for the whole stack); `dni.DNI` puts one
 after chosen blocks of any network. tests/test_reference.py holds them equal to this function
-step for step.
+step for step. This is a chain; where x_{i+1} also reaches the loss by another path (a skip
+into the head), d_i is the sum of what comes back along every path, each with its own s
+(dni/interface.py; tests/test_paths.py writes such steps out by hand).
 """
 
 from __future__ import annotations
