@@ -293,7 +293,7 @@ class DNI(nn.Module):
                 with torch.no_grad():
                     synthetic = interface.predict(output, state.context) / interface.unit(output)
                 state.probe.append((output, synthetic))
-                return None
+                return output.clone()   # the next block may write its input in place
             return interface(output, state.context, state.net_input)
         return hook
 

@@ -183,3 +183,23 @@ def test_a_block_that_writes_its_input_in_place_trains_as_the_reference(center):
         assert_same_gradients(net, reference, synthesizers, model)
         opt.step()
         ref_opt.step()
+
+
+def test_the_true_gradient_of_the_diagnostics_is_taken_before_an_in_place_first_operation():
+    """synthetic_and_true_gradients' true gradient at an interface is dL/dh at the block's
+    output, as on the network written without in-place operations (not after the next
+    block's ReLU(inplace=True) has overwritten it)."""
+    def network(inplace):
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(D_IN, WIDTH),
+                             nn.Sequential(nn.ReLU(inplace=inplace), nn.Linear(WIDTH, CLASSES))
+                             ).double()
+
+    x, y = batch()
+    reference = network(inplace=False)
+    h = reference[0](x)
+    want, = torch.autograd.grad(F.cross_entropy(reference[1](h), y), h)
+    model = DNI(network(inplace=True), example_input=x)
+    (_, true), = model.synthetic_and_true_gradients(F.cross_entropy, x, y)
+    assert (h <= 0).any()                                # the ReLU's mask matters
+    torch.testing.assert_close(true, want)
