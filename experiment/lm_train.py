@@ -246,7 +246,7 @@ class _LanguageModelLoop(TrainingLoop):
             state.evals_since_best += 1
         sums, n = state.sums, max(state.sums["n"], 1)
         with_synthesizer = args.method != "bptt"
-        row = {"kind": "eval", "step": state.step, "wall_seconds": state.wall_seconds,
+        row = {"kind": "step", "step": state.step, "wall_seconds": state.wall_seconds,
                "epoch": state.epoch + state.window / self.windows,
                "train_loss": sums["nats"] / max(sums["chars"], 1),
                "train_bpc": sums["nats"] / max(sums["chars"], 1) / math.log(2),

@@ -264,3 +264,23 @@ def test_early_stopping_and_epochs_end_the_run(tmp_path, small_text):
     summary = train(parse_args([*TINY, "--corpus", str(small_text), "--lr", "1e-9",
                                 "--patience", "1", "--out", str(tmp_path / "b")]))
     assert summary["stopped_by"] == "early"
+
+
+def test_bench_runs_the_cells_then_reads_them_back(run_script, small_text, tmp_path):
+    argv = ["bench/lm.py", "--truncations", "2", "--methods", "bptt", "dni",
+            "--seeds", "0", "--steps", "4", "--results", tmp_path, "--", *TINY,
+            "--corpus", small_text]
+    first = run_script(*argv)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("$ lm.py") == 2
+    table = [line for line in first.stdout.splitlines() if line.startswith("| ")]
+    assert table[0] == "| | T = 2 |"
+    assert table[1].startswith("| BPTT | ") and table[1].endswith("(1 seed) |")
+    assert table[2].startswith("| DNI | ") and table[2].endswith("(1 seed) |")
+    gap = table[3].removeprefix("| DNI - BPTT | ").removesuffix(" |")
+    assert gap[0] in "+-" and float(gap) == pytest.approx(
+        float(table[2].split()[3]) - float(table[1].split()[3]), abs=2e-3)
+    assert (tmp_path / "lm_bpc.png").stat().st_size > 0
+    again = run_script(*argv)
+    assert again.returncode == 0 and "$ lm.py" not in again.stdout
+    assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table
