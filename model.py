@@ -53,7 +53,7 @@ class SequenceModel(nn.Module):
     def __init__(self, input_size: int, output_size: int, *, hidden: int = 128,
                  core: str = "lstm", truncation: int = 3, synthesizer: str | None = "linear",
                  synth_hidden: int = 256, discount: float = 1.0, aux_weight: float = 0.0,
-                 target_decay: float = 0.0):
+                 target_decay: float = 0.0, center: bool = False):
         super().__init__()
         rnn = RNN_CORES[core](input_size, hidden)
         width = state_size(rnn)
@@ -69,7 +69,7 @@ class SequenceModel(nn.Module):
         self.trainer = TruncatedBPTT(
             rnn, truncation, synthesizer=synth, readout=nn.Linear(hidden, output_size),
             discount=discount, aux_weight=aux_weight, aux_input_size=hidden,
-            target_decay=target_decay if synth is not None else 0.0)
+            target_decay=target_decay if synth is not None else 0.0, center=center)
 
     def network_parameters(self) -> list[nn.Parameter]:
         """Core, readout and aux head: everything trained but the synthesizer (the target

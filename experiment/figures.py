@@ -284,3 +284,40 @@ def draw_length_curves(run_dirs: list[str | Path], out_path: str | Path) -> Path
         ax.legend(fontsize="small")
     _note(ax, notes, drew)
     return save_figure(fig, Path(out_path))
+
+
+def draw_bpc_curves(panels: dict[str, list[tuple[str, str | Path]]], out_path: str | Path
+                    ) -> Path:
+    """Validation bits per character against training step of lm.py runs, one panel per key
+    of `panels` (e.g. "T = 5"), each a list of (label, run folder); runs of one label share
+    a colour. Return the figure's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    labels = sorted({label for runs in panels.values() for label, _ in runs})
+    colour = dict(zip(labels, sns.color_palette("tab10")))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 4), sharey=True,
+                             squeeze=False)
+    for ax, (title, runs) in zip(axes[0], panels.items()):
+        notes, shown = [], set()
+        for label, run_dir in runs:
+            try:
+                xs, ys = _series(load_run(run_dir).steps, "step", "valid_bpc")
+            except UserError:
+                xs = []
+            if not xs:
+                notes.append(f"{label}: nothing yet")
+                continue
+            ax.plot(xs, ys, color=colour[label], alpha=0.8,
+                    label=None if label in shown else label)
+            shown.add(label)
+        ax.set(title=title, xlabel="training step")
+        _note(ax, notes, bool(shown))
+        if shown:
+            ax.legend(fontsize="small")
+    axes[0][0].set_ylabel("validation bits per character")
+    return save_figure(fig, Path(out_path))

@@ -249,10 +249,12 @@ def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     return _write_summary(args, loop.state, loop.curriculum, out_dir, device)
 
 
-def future_gradient_cosine(trainer, inputs: torch.Tensor, chunk_loss) -> float | None:
+def future_gradient_cosine(trainer, inputs: torch.Tensor, chunk_loss,
+                           state=None) -> float | None:
     """Cosine between the synthetic and the true (discounted) gradient of the future, the
-    batch as one vector, averaged over the chunk edges of this batch (None without an edge)."""
-    pairs = trainer.future_gradients(inputs, chunk_loss)
+    batch as one vector, averaged over the chunk edges of this batch (None without an edge);
+    `state`: the state the batch starts from (None: zeros)."""
+    pairs = trainer.future_gradients(inputs, chunk_loss, state=state)
     if not pairs:
         return None
     return sum(F.cosine_similarity(g.flatten(), t.flatten(), dim=0).item()

@@ -28,7 +28,7 @@ def test_the_seed_names_are_the_classes():
 
 
 LAYERS = {"dni": 0, "model": 1, "experiment": 2}   # lower layers never import higher ones
-SCRIPTS = {"main", "mlp", "cnn", "rnn_tasks", "bench", "misc", "tests"}
+SCRIPTS = {"main", "mlp", "cnn", "rnn_tasks", "lm", "bench", "misc", "tests"}
 
 
 def imported_modules(path):
@@ -124,6 +124,8 @@ def test_every_public_name_is_its_modules_object(package):
     ("main.py", ["--resume", "{tmp}/nowhere"], 2, "error: --resume"),
     ("mlp.py", ["--width", "-3"], 2, "error: argument --width"),
     ("cnn.py", ["--help"], 0, "--channels"),
+    ("lm.py", ["--help"], 0, "--truncation"),
+    ("lm.py", ["--resume", "{tmp}/nowhere"], 2, "error: --resume"),
 ])
 def test_scripts_answer_help_and_bad_flags_without_loading_torch(tmp_path, script, argv,
                                                                  exit_code, says):

@@ -242,6 +242,44 @@ def test_synthetic_gradient_is_zero_after_the_end():
     assert torch.allclose(report.targets[-1], B * ds, atol=1e-6)
 
 
+@pytest.mark.parametrize("center", [False, True])
+def test_a_continuing_sequence_gets_the_synthetic_gradient_at_its_last_end(center):
+    """continues=True (a stream cut into calls): every chunk's end, the last one's too, gets
+    g_end = discount * S(e) / B (centred over the batch with `center`), from the state given;
+    S is fit on d_k = B * d(loss_k + <g_end, e>)/ds_k."""
+    T, discount = 3, 0.5
+    x, y = sequence(4)
+    dni = build("lstm", truncation=T, discount=discount, random_synth=True, center=center)
+    like = tuple(torch.randn_like(p) for p in zero_state(dni.core, B))
+    dni.zero_grad()
+    report = dni(x, chunk_loss(y), state=like, continues=True)
+    got_synth_grads = [p.grad.clone() for p in dni.synthesizer.parameters()]
+
+    def S(state):
+        out = dni.synthesizer(state.detach())[0]
+        return out - out.mean(0, keepdim=True) if center else out
+
+    s, targets, fit = flatten_state(like), [], 0.0
+    for t0 in range(0, L, T):
+        t1 = min(t0 + T, L)
+        s = s.detach().requires_grad_()
+        out, end_state = dni.core(x[t0:t1], unflatten_state(s, like))
+        e = flatten_state(end_state)
+        g_end = discount * S(e).detach() / B
+        objective = chunk_loss(y)(dni.readout(out), t0, t1) + (g_end * e).sum()
+        (ds,) = torch.autograd.grad(objective, s)
+        targets.append(B * ds)
+        fit = fit + (S(s) - B * ds).pow(2).sum() / B
+        s = e
+    for got, want in zip(report.targets, targets, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    want_grads = torch.autograd.grad(fit, list(dni.synthesizer.parameters()))
+    for g, w in zip(got_synth_grads, want_grads):
+        assert torch.allclose(g, w, atol=1e-5)
+    stopped = dni(x, chunk_loss(y), state=like)          # the default: 0 after the end
+    assert not torch.allclose(stopped.targets[-1], report.targets[-1])
+
+
 def test_rnn_synthesizer_carries_its_state_and_learns():
     """RNNSynthesizer in the loop: its hidden state runs across chunk edges, its loss falls."""
     x, y = sequence(4)

@@ -1,0 +1,117 @@
+"""The DNI paper's language-modelling table on this project's corpus: test bits per character
+of truncated BPTT, DNI and DNI+Aux at T = 2, 3, 4, 5 and 8, over seeds, each cell a real run
+of lm.py (early stopping on validation, no learning-rate decay, as the paper has it).
+
+Usage: python bench/lm.py [--truncations 2 3 4 5 8] [--methods bptt dni dni_aux]
+       [--seeds 0 1] [--steps N] [--results DIR] [--jobs 1] [--table-only] [--figure F]
+
+Every run has its own folder under --results: finished runs are read back, interrupted ones
+resumed, so the table fills in over several invocations. Flags after `--` go to every lm.py.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch
+
+from bench.script_runs import (
+    add_jobs_argument,
+    finished_summary,
+    script_runs,
+    threads_note,
+)
+from experiment.cli import Parser, positive_int, run
+from experiment.lm_flags import METHODS
+
+METHOD_NAMES = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux"}
+
+
+def cell_folder(results: Path, method: str, truncation: int, seed: int) -> Path:
+    """Where one run lives."""
+    return results / f"{method}-T{truncation}-s{seed}"
+
+
+def command(method: str, truncation: int, seed: int, steps: int | None,
+            extra: list[str]) -> list[str]:
+    """lm.py and its flags for one run."""
+    cap = ["--steps", str(steps)] if steps else []
+    return ["lm.py", "--method", method, "--truncation", str(truncation), "--seed", str(seed),
+            *cap, *extra]
+
+
+def format_cell(values: list[float]) -> str:
+    """'median (min-max, n)' of the seeds' test BPC, '-' for none."""
+    if not values:
+        return "-"
+    middle = statistics.median(values)
+    if len(values) == 1:
+        return f"{middle:.3f} (1 seed)"
+    return f"{middle:.3f} ({min(values):.3f}-{max(values):.3f}, {len(values)} seeds)"
+
+
+def main() -> None:
+    """Run the missing cells, then print the table and draw the figure."""
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--truncations", nargs="+", type=positive_int, default=[2, 3, 4, 5, 8],
+                        help="columns: T of every run")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                        help="rows")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="seeds per cell")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="cap every run at N steps (default: lm.py's epochs and "
+                             "early stopping)")
+    parser.add_argument("--results", type=Path, default=ROOT / "runs" / "bench-lm",
+                        help="folder of the run folders, kept between invocations")
+    add_jobs_argument(parser)
+    parser.add_argument("--table-only", action="store_true",
+                        help="run nothing: print the table of the finished runs")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="draw validation BPC against step here, a panel per T "
+                             "(default: RESULTS/lm_bpc.png)")
+    args = parser.parse_args(argv)
+    print(f"hardware: {platform.machine()}, {threads_note(args.jobs)}, torch {torch.__version__}")
+    cells = [(m, t, s) for t in args.truncations for m in args.methods for s in args.seeds]
+    folders = [cell_folder(args.results, *cell) for cell in cells]
+    if args.table_only:
+        summaries = [finished_summary(folder) for folder in folders]
+    else:
+        summaries = script_runs([(command(*cell, args.steps, extra), folder)
+                                 for cell, folder in zip(cells, folders)], args.jobs)
+    bpc = {}
+    for (method, truncation, _), summary in zip(cells, summaries):
+        if summary is not None:
+            bpc.setdefault((method, truncation), []).append(summary["test_bpc"])
+    print("\nTest bits per character, median over seeds (range)\n")
+    print("| | " + " | ".join(f"T = {t}" for t in args.truncations) + " |")
+    print("|---|" + "---|" * len(args.truncations))
+    for method in args.methods:
+        row = [format_cell(bpc.get((method, t), [])) for t in args.truncations]
+        print(f"| {METHOD_NAMES[method]} | " + " | ".join(row) + " |")
+    if "bptt" in args.methods:
+        for method in (m for m in args.methods if m != "bptt"):
+            gaps = []
+            for t in args.truncations:
+                ours, base = bpc.get((method, t)), bpc.get(("bptt", t))
+                gaps.append(f"{statistics.median(ours) - statistics.median(base):+.3f}"
+                            if ours and base else "-")
+            print(f"| {METHOD_NAMES[method]} - BPTT | " + " | ".join(gaps) + " |")
+    from experiment.figures import draw_bpc_curves
+
+    panels = {f"T = {t}": [(METHOD_NAMES[m], folder) for (m, tt, _), folder
+                           in zip(cells, folders) if tt == t and folder.exists()]
+              for t in args.truncations}
+    print(draw_bpc_curves(panels, args.figure or args.results / "lm_bpc.png"))
+
+
+if __name__ == "__main__":
+    run(main)

