@@ -281,9 +281,9 @@ def standing(results: Path, methods: list[str], layers: list[int],
     """A markdown table of where each run under `results` stands: updates so far, test error
     now, its best and where, the mean error and each interface's mean cosine to the true
     gradient over the last RECENT epochs, and the paper's figure (runs not begun are left out)."""
-    from bench.table1 import PAPER, PAPER_VERIFIED
+    from bench.table1 import PAPER, PAPER_MARK
 
-    source = "paper" if PAPER_VERIFIED else "paper, as recalled"
+    source = f"paper{PAPER_MARK}"
     header = (f"| run | updates of {updates:,} | test error now | best (at update) | mean, last "
               f"{RECENT} epochs | cosines, last {RECENT} epochs | {source} |")
     lines = [header, "|---" * 7 + "|"]
@@ -434,7 +434,11 @@ def main() -> None:
                 print(f"{run_name(method, depth)}: test error "
                       f"{100 * (1 - summary['test_acc']):.2f}%"
                       + (" (diverged)" if summary.get("diverged") else ""))
+    from bench.table1 import PAPER_FOOTNOTE
+
     print("\n".join(standing(args.results, args.methods, args.layers, args.updates)))
+    if PAPER_FOOTNOTE:
+        print(f"\n{PAPER_FOOTNOTE}")
     path = draw(args.results, args.defaults, args.methods, args.layers,
                 args.results / "test_error.png", args.updates)
     print(f"figure: {path}")

@@ -101,7 +101,7 @@ class Interface(nn.Module):
     subtracts the batch mean from every synthetic gradient (a batch of one gets none): the
     synthesizer is then fit, and the block driven, by the part of the gradient that differs
     between examples. `DNI` sets it where the target is itself synthetic (bench/README.md,
-    "centred synthetic gradients").
+    "Centring the synthetic gradients").
     """
 
     def __init__(self, synthesizer: nn.Module, grad_scale: float = 1.0,

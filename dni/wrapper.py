@@ -130,41 +130,26 @@ class _Pass:
 class DNI(nn.Module):
     """Wraps any nn.Module so that each chosen block trains on synthetic gradients.
 
-    Usage: `net = DNI(net, optim=opt)` then the usual loop. Blocks default to every direct
-    child module but the last one called (dropout layers excepted, see below); `blocks=
-    ["layer1", ...]` names them instead. In eval mode (or under no_grad) the output is the
-    inner network's own and no synthesizer runs.
-    `batch_mean=False` for losses summed (not averaged) over the batch; `grad_scale`
-    multiplies every synthetic gradient; `forward_unlock` feeds each block above an interface
-    a prediction of its input made from the network input; `example_input` builds the
-    interfaces now (else at the first forward; build before making an LR scheduler).
-    `cut_before_dropout` (default True) moves an interface above a block's trailing dropout
-    to just below it, and gives a dropout layer that is a child of its own no interface: the
-    synthesizer then sees the activation without the random mask it cannot predict (MNIST,
-    LayerNorm and dropout 0.2: 93.06% against 86.43% after 20 epochs, bench/README.md). Only
-    plain nn.Sequential blocks are looked into (not subclasses with their own forward, not
-    in-place dropout): a dropout called in a block's own forward code stays above its
-    interface. Names given in `blocks=` are moved the same way, so `block_names` (where the
-    interfaces are) may name submodules of them.
-    `center_gradients` (default True) subtracts the batch mean from the synthetic gradient of
-    every interface whose target is itself synthetic (all but the top one, which is fit on
-    the true gradient): without it, the drift such a bootstrapped synthesizer learns pushed
-    a network without BatchNorm below its frozen-feature accuracy (bench/README.md,
-    "centred synthetic gradients"). False is the paper's DNI. The top interface is the last
-    one called.
-    Skip paths: an interface whose output reaches the loss by more than one path (a skip past
-    the block above it into the head, or two blocks with interfaces reading it) is fit once
-    on the sum of the gradients that come back along all of them, each in the loss's units
-    (dni/interface.py). With a skip into the head that target is partly true, and below the
-    top interface still centred; its block still receives only its synthetic gradient.
-    In-place blocks: each interface hands the next block a copy of its block's output, so a
-    block may begin with an in-place operation (ReLU(inplace=True)).
+    Usage: `net = DNI(net, optim=opt)`, then the usual loop with `opt.zero_grad()` before the
+    forward pass. Blocks: every direct child but the last one called, or `blocks=["layer1", ...]`
+    (`block_names` says where the interfaces ended up). Eval mode or no_grad runs `net` alone.
 
-    The synthesizers' parameter group in `optim`: learning rate `synthesizer_lr`, or, when it
-    is None, the learning rate the optimizer's first group has now (not the constructor's
-    default, which a per-group setup may not use); every other setting as the optimizer's
-    defaults (betas, eps, ...) except weight decay, which is 0: decay would pull each
-    synthetic gradient towards zero, a bias in the regression on the true one.
+    - `synthesizer_lr`: the rate of the synthesizers' group in `optim` (None: the first group's
+      rate now); the group takes the optimizer's other defaults, with weight decay 0.
+    - `center_gradients=True`: every interface but the top one (the last called) sends its
+      synthetic gradient minus the batch mean. False is the paper's DNI.
+    - `cut_before_dropout=True`: a plain nn.Sequential block ending in a (not in-place) dropout
+      gets its interface just below it; a dropout child gets none.
+    - `batch_mean=False` for losses summed over the batch; `grad_scale` multiplies every
+      synthetic gradient; `forward_unlock` feeds each block above an interface a prediction of
+      its input; `example_input` builds the interfaces now (do so before an LR scheduler).
+    - Skip paths: an interface whose output reaches the loss by more than one path (a skip into
+      the head, or two blocks with interfaces reading it) is fit once on the sum of what comes
+      back along all of them; its block still receives only its synthetic gradient. A block may
+      begin with an in-place operation (each interface hands the next block a copy).
+
+    Why these defaults, with measurements: bench/README.md, "Centring the synthetic gradients"
+    and "Cutting below dropout".
     """
 
     def __init__(self, net: nn.Module, optim: torch.optim.Optimizer | None = None,

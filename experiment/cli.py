@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from experiment.errors import USER_ERROR_EXIT, RunInterrupted, ScriptFailed, UserError
+from experiment.records import world_size_from_env  # noqa: F401 (main.py imports it from here)
 from experiment.schedules import SCHEDULES
 
 if TYPE_CHECKING:
@@ -196,11 +197,6 @@ def _shown(value) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(map(str, value))
     return str(value)
-
-
-def world_size_from_env() -> int:
-    """The number of processes torchrun started (1 outside torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,7 +17,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from experiment.cli import world_size_from_env
 from experiment.errors import UserError
 
 if TYPE_CHECKING:
@@ -26,6 +25,11 @@ if TYPE_CHECKING:
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "dni-run-checkpoint/1"
 BASE_COLUMNS = ["kind", "step", "epoch", "wall_seconds", "train_loss", "test_loss", "test_acc"]
+
+
+def world_size_from_env() -> int:
+    """The number of processes torchrun started (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def write_text_whole(path: Path, text: str) -> None:

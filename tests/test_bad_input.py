@@ -184,7 +184,7 @@ CASES: dict[str, Case] = {
                                      data=False),
     "bench paper budget unknown method": Case("bench/paper_budget.py", ["--methods", "sgd"],
                                               "--methods", data=False),
-    "bench one-epoch unknown variant": Case("bench/dni_one_epoch.py", ["--variants", "best"],
+    "bench one-epoch unknown variant": Case("bench/probes/dni_one_epoch.py", ["--variants", "best"],
                                             "--variants", data=False),
     # --resume of what cannot be resumed
     "resume a missing folder": Case("main.py", ["--resume", "{work}/nowhere"], "no such folder"),

@@ -1,5 +1,5 @@
-"""bench/dni_limits.py's variants against autograd: the warm-start step is backprop with every
-synthesizer fit on the true gradient, and a slow-copy interface sends the copy's gradient while
+"""bench/probes/dni_limits.py's variants against autograd: the warm-start step is backprop with
+every synthesizer fit on the true gradient, and a slow-copy interface sends the copy's gradient while
 fitting the synthesizer itself."""
 
 import copy
@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.dni_limits import backprop_step, follow_synthesizers, use_slow_copies
+from bench.probes.dni_limits import backprop_step, follow_synthesizers, use_slow_copies
 from dni import DNI, synthesizer_loss
 
 B, D_IN, WIDTH, CLASSES = 16, 12, 8, 5

@@ -1,9 +1,9 @@
-"""bench/dni_one_epoch.py's memory synthesizer: it predicts the mean stored target of the k
+"""bench/probes/dni_one_epoch.py's memory synthesizer: it predicts the mean stored target of the k
 stored activations nearest to each query, from a ring memory of the last `capacity` pairs."""
 
 import torch
 
-from bench.dni_one_epoch import NearestNeighbourSynthesizer
+from bench.probes.dni_one_epoch import NearestNeighbourSynthesizer
 
 
 def test_nearest_neighbour_synthesizer_is_the_mean_target_of_the_k_nearest_stored():

@@ -22,7 +22,7 @@ def png_size(path):
 
 @pytest.fixture(scope="module")
 def short_runs(tmp_path_factory, run_script):
-    """The issue's commands: a DNI and a backprop run of 24 steps an epoch, fewer than one
+    """The README's figure commands: a DNI and a backprop run of 24 steps an epoch, fewer than one
     --log-every interval (50)."""
     root = tmp_path_factory.mktemp("short")
     for name, script in (("A", "main.py"), ("B", "mlp.py")):

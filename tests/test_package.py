@@ -55,6 +55,28 @@ def test_imports_run_down_from_experiment_to_model_to_dni():
             assert LAYERS.get(name, -1) <= layer, f"{path.name} (layer {layer}) imports {name}"
 
 
+def test_experiment_modules_import_each_other_without_a_circle():
+    """No experiment module reaches itself through imports, at any depth of the code."""
+    import ast
+    from pathlib import Path
+
+    imports = {}
+    for path in (Path(__file__).resolve().parent.parent / "experiment").glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+        imports[f"experiment.{path.stem}"] = {n for n in names if n.startswith("experiment.")}
+    for start, direct in imports.items():
+        seen, todo = set(), list(direct)
+        while todo:
+            name = todo.pop()
+            assert name != start, f"{start} imports itself through {sorted(seen)}"
+            if name not in seen:
+                seen.add(name)
+                todo.extend(imports.get(name, ()))
+
+
 TORCH_BLOCKED = """
 import runpy, sys
 class NoTorch:

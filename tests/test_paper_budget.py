@@ -3,6 +3,9 @@ exactly after a stop, the scripts engine runs what the paper sets, and the GPU c
 comparison sees a difference."""
 
 import csv
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -90,6 +93,22 @@ def test_standing_says_where_each_run_is(tmp_path):
     (cut / "metrics.csv").write_text(lines[0] + "\n" + lines[1][:12])
     row = standing(tmp_path, ["dni"], [3, 4])[3]
     assert row.startswith("| DNI, FCN 4 | unreadable: ") and "cut off" in row
+
+
+def test_the_papers_unchecked_figures_carry_one_footnote(tmp_path):
+    """While PAPER_VERIFIED is False, a printed table marks the paper's column with '*' and
+    says once, below it, that those figures are unverified."""
+    from bench.table1 import PAPER_FOOTNOTE, PAPER_VERIFIED
+
+    assert PAPER_VERIFIED is False and PAPER_FOOTNOTE.startswith("* ")
+    assert standing(tmp_path, ["dni"], [3])[0].endswith("| paper* |")
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "bench/table1.py", "--table-only", "--models", "fcn",
+                             "--results", str(tmp_path)], cwd=root, capture_output=True,
+                            text=True, check=False, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "(the paper's* after 500k" in result.stdout
+    assert result.stdout.count("unverified") == 1 and "recalled" not in result.stdout
 
 
 def test_graph_check_sees_a_difference():

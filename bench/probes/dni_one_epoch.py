@@ -2,10 +2,12 @@
 frozen blocks, a closed-form (ridge) linear synthesizer, a nearest-neighbour memory, low-rank and
 MLP synthesizers.
 
-Usage: OMP_NUM_THREADS=1 python bench/dni_one_epoch.py [--variants NAME ...] [--batch-size 64]
+Usage: OMP_NUM_THREADS=1 python bench/probes/dni_one_epoch.py [--variants NAME ...]
+       [--batch-size 64]
 Prints one row per variant: test accuracy after one epoch and each interface's cosine between
 synthetic and true gradient, averaged over the last third of the epoch (measured every 100 steps).
-It asks where unconditioned DNI's gain over frozen hidden blocks comes from (bench/README.md).
+It asks where unconditioned DNI's gain over frozen hidden blocks comes from (bench/README.md,
+"What limits unconditioned DNI").
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch

@@ -3,8 +3,8 @@ to the true one, its norm ratio to it, and how far the lowest block's weights ha
 their start (relative to their initial norm; backprop's movement alongside), on MNIST with a
 user's loop (Adam at 1e-3, constant, batch 128); and variants of DNI tried against them.
 
-Usage: OMP_NUM_THREADS=1 python bench/dni_limits.py [--network fcn|residual|layernorm_dropout]
-       [--dataset mnist|digits] [--methods bp dni dni_uncentred] [--epochs 20]
+Usage: OMP_NUM_THREADS=1 python bench/probes/dni_limits.py
+       [--network fcn|residual|layernorm_dropout|layernorm] [--dataset mnist|digits] [--methods bp dni dni_uncentred] [--epochs 20]
        [--measure-every 50] [--seeds 0]
 One line per method and epoch: test accuracy, then per interface (1 the lowest) the epoch's
 mean cosine and norm ratio ||g|| / ||dL/dh|| (measured every --measure-every steps by an extra
@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch
