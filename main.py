@@ -12,6 +12,7 @@ from dni.pipeline import INTERFACE_MODES
 from experiment.baseline import BASELINE_DEFAULTS
 from experiment.cli import (
     add_switch,
+    flags_given,
     learning_rate,
     nonnegative_int,
     parse_training_args,
@@ -40,6 +41,16 @@ RUN_DEFINING_FLAGS = ("model_type", "depth", "width", "channels", "conditioned",
                       "synth_hidden", "synth_layers", "forward_unlock", "center_gradients",
                       "interfaces_at",
                       "interfaces", "stages", "staleness", "batch_size", "train_size", "seed")
+# the flags that shape a pipeline's processes and messages, and why one process has no use for
+# them: typed without torchrun (at any value, the default's included), each is an error
+PIPELINE_ONLY_FLAGS = {
+    "stages": "one process runs every block; --interfaces-at puts interfaces where a "
+              "pipeline's stages would end",
+    "staleness": "one process updates each synthesizer in the step that uses it, as a "
+                 "pipeline at --staleness 0 does",
+    "message_dtype": "one process sends no messages between stages",
+    "timeout": "one process waits for no other stage",
+}
 
 
 def parse_args():
@@ -112,6 +123,11 @@ def parse_args():
                      "(--stages) place the interfaces")
     if args.interfaces == "all" and args.interfaces_at:
         parser.error("--interfaces all and --interfaces-at contradict each other")
+    if world_size_from_env() == 1:
+        for dest in flags_given(parser, PIPELINE_ONLY_FLAGS):
+            flag = "--" + dest.replace("_", "-")
+            parser.error(f"{flag} needs torchrun (a pipeline of processes): "
+                         f"{PIPELINE_ONLY_FLAGS[dest]}")
     if world_size_from_env() == 1 and args.interfaces == "edges":
         parser.error("--interfaces edges needs torchrun; in one process, --interfaces-at "
                      "puts interfaces where a pipeline's stages would end")

@@ -189,6 +189,16 @@ def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None 
     return args
 
 
+def flags_given(parser: argparse.ArgumentParser, dests: Iterable[str],
+                argv: list[str] | None = None) -> list[str]:
+    """Those of `dests` whose flag is typed on the command line (whatever its value), as
+    against left to its default or to a resumed run's saved value."""
+    unset = object()
+    # argparse fills in a default only where the namespace lacks the attribute
+    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{d: unset for d in dests}))
+    return [d for d in dests if getattr(typed, d) is not unset]
+
+
 def _shown(value) -> str:
     """A flag's value as it is typed: lists space-separated, None as 'unset'."""
     if value is None:
