@@ -5,6 +5,7 @@ that meet through synthetic gradients at their edges."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 # torch-free imports only up here: --help and a bad flag are answered before torch loads
@@ -19,6 +20,7 @@ from experiment.cli import (
     positive_float,
     positive_int,
     prepare_run,
+    rank_from_env,
     run,
     training_parser,
     world_size_from_env,
@@ -202,6 +204,11 @@ def main():
         train_as_pipeline(args, lambda: build_network(args.model_type, args),
                           model_name=args.model_type, method=method,
                           synthesizer_options=options, extra_summary=extra)
+        # the last stage keeps the records, in the run folder every rank agreed on (args.out)
+        if args.baseline and rank_from_env() == world_size_from_env() - 1:
+            out_dir = Path(args.out)
+            for path in draw_figures([out_dir, *args.baseline], out_dir):
+                print(f"figure: {path}")
         return
     device, out_dir, data, checkpoint = prepare_run(args, "main.py")
     net = build_network(args.model_type, args).to(device)

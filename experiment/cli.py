@@ -213,6 +213,11 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def rank_from_env() -> int:
+    """This process's rank among those torchrun started (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' -> CUDA when available else CPU; 'cuda' without a GPU is a UserError."""
     import torch

@@ -1,12 +1,14 @@
-"""main.py's flags around the pipeline: those only a pipeline uses are refused in one process,
-before torch loads."""
+"""main.py's flags around the pipeline: those only a pipeline uses are refused in one process
+(before torch loads), and --baseline draws its figures under torchrun too."""
 
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
+from experiment.figures import FIGURES
 from tests.conftest import ROOT
 from tests.test_package import TORCH_BLOCKED
 
@@ -43,3 +45,23 @@ def test_pipeline_flags_left_at_their_defaults_pass_in_one_process():
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["None", "1", "float32", "60.0"]
 
+
+def test_baseline_under_torchrun_draws_the_figures(mnist_root, tmp_path):
+    """A 2-stage pipeline with --baseline ends with the figures of both runs in its folder,
+    drawn once (by the last stage, which holds the records)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    baseline = subprocess.run([sys.executable, "mlp.py", *TINY, "--out", tmp_path / "mlp"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+                              timeout=300)
+    assert baseline.returncode == 0, baseline.stderr
+    out = tmp_path / "pipe"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", "main.py", *TINY,
+                           "--baseline", tmp_path / "mlp", "--out", out],
+                          cwd=ROOT, env=env, capture_output=True, text=True, check=False,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2
+    for name in FIGURES:
+        assert (out / name).stat().st_size > 0, name
+        assert done.stdout.count(f"figure: {out / name}") == 1, done.stdout
