@@ -5,6 +5,7 @@ that meet through synthetic gradients at their edges."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 # torch-free imports only up here: --help and a bad flag are answered before torch loads
@@ -12,15 +13,16 @@ from dni.pipeline import INTERFACE_MODES
 from experiment.baseline import BASELINE_DEFAULTS
 from experiment.cli import (
     add_switch,
+    flags_given,
     learning_rate,
     nonnegative_int,
     parse_training_args,
     positive_float,
     positive_int,
     prepare_run,
+    rank_from_env,
     run,
     training_parser,
-    world_size_from_env,
 )
 from experiment.networks import (
     MODEL_TYPES,
@@ -29,6 +31,7 @@ from experiment.networks import (
     build_network,
     dni_defaults,
 )
+from experiment.records import world_size_from_env
 
 if TYPE_CHECKING:
     from experiment.train import Probe
@@ -40,6 +43,16 @@ RUN_DEFINING_FLAGS = ("model_type", "depth", "width", "channels", "conditioned",
                       "synth_hidden", "synth_layers", "forward_unlock", "center_gradients",
                       "interfaces_at",
                       "interfaces", "stages", "staleness", "batch_size", "train_size", "seed")
+# the flags that shape a pipeline's processes and messages, and why one process has no use for
+# them: typed without torchrun (at any value, the default's included), each is an error
+PIPELINE_ONLY_FLAGS = {
+    "stages": "one process runs every block; --interfaces-at puts interfaces where a "
+              "pipeline's stages would end",
+    "staleness": "one process updates each synthesizer in the step that uses it, as a "
+                 "pipeline at --staleness 0 does",
+    "message_dtype": "one process sends no messages between stages",
+    "timeout": "one process waits for no other stage",
+}
 
 
 def parse_args():
@@ -112,6 +125,11 @@ def parse_args():
                      "(--stages) place the interfaces")
     if args.interfaces == "all" and args.interfaces_at:
         parser.error("--interfaces all and --interfaces-at contradict each other")
+    if world_size_from_env() == 1:
+        for dest in flags_given(parser, PIPELINE_ONLY_FLAGS):
+            flag = "--" + dest.replace("_", "-")
+            parser.error(f"{flag} needs torchrun (a pipeline of processes): "
+                         f"{PIPELINE_ONLY_FLAGS[dest]}")
     if world_size_from_env() == 1 and args.interfaces == "edges":
         parser.error("--interfaces edges needs torchrun; in one process, --interfaces-at "
                      "puts interfaces where a pipeline's stages would end")
@@ -186,6 +204,11 @@ def main():
         train_as_pipeline(args, lambda: build_network(args.model_type, args),
                           model_name=args.model_type, method=method,
                           synthesizer_options=options, extra_summary=extra)
+        # the last stage keeps the records, in the run folder every rank agreed on (args.out)
+        if args.baseline and rank_from_env() == world_size_from_env() - 1:
+            out_dir = Path(args.out)
+            for path in draw_figures([out_dir, *args.baseline], out_dir):
+                print(f"figure: {path}")
         return
     device, out_dir, data, checkpoint = prepare_run(args, "main.py")
     net = build_network(args.model_type, args).to(device)

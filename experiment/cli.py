@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from experiment.errors import USER_ERROR_EXIT, RunInterrupted, ScriptFailed, UserError
-from experiment.records import world_size_from_env  # noqa: F401 (main.py imports it from here)
 from experiment.schedules import SCHEDULES
 
 if TYPE_CHECKING:
@@ -190,6 +189,16 @@ def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None 
     return args
 
 
+def flags_given(parser: argparse.ArgumentParser, dests: Iterable[str],
+                argv: list[str] | None = None) -> list[str]:
+    """Those of `dests` whose flag is typed on the command line (whatever its value), as
+    against left to its default or to a resumed run's saved value."""
+    unset = object()
+    # argparse fills in a default only where the namespace lacks the attribute
+    typed = parser.parse_args(argv, namespace=argparse.Namespace(**{d: unset for d in dests}))
+    return [d for d in dests if getattr(typed, d) is not unset]
+
+
 def _shown(value) -> str:
     """A flag's value as it is typed: lists space-separated, None as 'unset'."""
     if value is None:
@@ -197,6 +206,11 @@ def _shown(value) -> str:
     if isinstance(value, (list, tuple)):
         return " ".join(map(str, value))
     return str(value)
+
+
+def rank_from_env() -> int:
+    """This process's rank among those torchrun started (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def resolve_device(name: str) -> torch.device:

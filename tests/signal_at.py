@@ -6,6 +6,9 @@ N-th cross-entropy computed, by a training step, a measurement or an evaluation;
 rnn_tasks.py and a pipeline stage, the N-th training step), evaluate (the test-set pass), checkpoint (a checkpoint write,
 as it begins), checkpoint-write (inside the file write, with the signal a second, later one,
 which stops at once), figures (the figures at the end), log (rnn_tasks.py's measured line).
+
+The script starts with SIGINT and SIGTERM as a terminal's command has them, however this
+driver was started.
 """
 
 import os
@@ -38,6 +41,11 @@ def deliver_on_call(owner, name: str, nth: int, signum: int, before=None) -> Non
 def main() -> None:
     """Patch the moment, then run the script as __main__."""
     moment, signame, script, *argv = sys.argv[1:]
+    # the signals' dispositions of a script started from a terminal, whatever this process
+    # inherited: a shell's background job (`pytest &` in a script) starts with SIGINT ignored,
+    # which Python keeps, so a SIGINT outside the training loop's own handler would do nothing
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     name, _, count = moment.partition(":")
     nth = int(count or 1)
     signum = getattr(signal, signame)

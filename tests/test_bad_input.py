@@ -121,6 +121,19 @@ CASES: dict[str, Case] = {
     "main interfaces at repeated": Case("main.py", ["--interfaces-at", "1", "1"],
                                         "--interfaces-at"),
     "main edges in one process": Case("main.py", ["--interfaces", "edges"], "torchrun"),
+    # the pipeline's own flags, typed in one process (even at their defaults) beside flags
+    # that would make a run
+    "main stages in one process": Case(
+        "main.py", [*TINY, "--stages", "1", "3", "--out", "{work}/out"],
+        "--stages needs torchrun"),
+    "main staleness in one process": Case(
+        "main.py", [*TINY, "--staleness", "1", "--out", "{work}/out"],
+        "--staleness needs torchrun"),
+    "main message dtype in one process": Case(
+        "main.py", [*TINY, "--message-dtype", "bfloat16", "--out", "{work}/out"],
+        "--message-dtype needs torchrun"),
+    "main timeout in one process": Case(
+        "main.py", [*TINY, "--timeout", "60", "--out", "{work}/out"], "--timeout needs torchrun"),
     "main unknown interfaces": Case("main.py", ["--interfaces", "some"], "--interfaces"),
     "main interfaces all with interfaces at": Case(
         "main.py", ["--interfaces", "all", "--interfaces-at", "1"], "contradict"),

@@ -6,6 +6,7 @@ checkpoint is left half-written. (The pipeline's cases are in test_pipeline_trai
 import csv
 import json
 import random
+import signal
 import subprocess
 import sys
 
@@ -92,6 +93,19 @@ def test_main_interrupted_then_resumed_ends_bit_identical(references, tmp_path, 
     assert_same_end(out, references / "main", ("test_acc", "test_loss", "train_loss", "cos1",
                                                "sg_loss3"))
     assert (out / "test_acc.png").exists()
+
+
+def test_a_sigint_test_does_not_depend_on_how_the_suite_was_started(references, tmp_path):
+    """Started with SIGINT ignored, as a shell's background job (`pytest &` in a script) is,
+    the driver still gives its script a SIGINT that stops it at the figures."""
+    out = tmp_path / "run"
+    argv = ["tests/signal_at.py", "figures:1", "SIGINT", *MAIN, "--epochs", "1",
+            "--baseline", references / "mlp", "--out", out]
+    cut = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=240, check=False,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert cut.returncode == 130, cut.stderr
+    assert cut.stderr.strip().splitlines()[-1] == "interrupted"
 
 
 RNN_CASES = [
