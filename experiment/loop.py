@@ -202,3 +202,5 @@ class TrainingLoop:
                 path = self.save()
                 if self.stops_at_once and stop.signum is not None:
                     raise self.interrupted(stop.signum, period_ended=True, path=path)
+            if not self.stops_at_once and stop.signum is not None:
+                self.pass_on_stop(stop.signum)   # one after the last step, for the run's end

@@ -91,7 +91,10 @@ def gather_from_every_stage(value, stage: PipelineStage, group) -> list:
 class _StageLoop(EpochLoop):
     """A pipeline stage's step: this stage's part of the mini-batch, in step with its
     neighbours. A signal goes to the stage, which stops the whole pipeline after the step in
-    progress (every stage saves); the last stage keeps the records."""
+    progress (every stage saves); the last stage keeps the records. A step's synthesizer
+    losses and cosines reach the last stage with the next step's message (or the
+    evaluation's, or the stop's), so its metrics.csv row is written then, under its own
+    step; cosines are measured on the steps one process measures them on."""
 
     stops_at_once = False
 
@@ -99,7 +102,8 @@ class _StageLoop(EpochLoop):
                  checkpoint: dict | None):
         self.stage = stage
         self.show_progress = stage.is_last
-        columns = [f"sg_loss{i}" for i in range(1, len(stage.positions) + 1)]
+        columns = [f"{name}{i}" for name in ("sg_loss", "cos")
+                   for i in range(1, len(stage.positions) + 1)]
         super().__init__(stage, optimizer, data, args, out_dir, columns, checkpoint,
                          checkpoint_name=stage_checkpoint_name(stage.rank),
                          keeps_records=stage.is_last)
@@ -112,26 +116,45 @@ class _StageLoop(EpochLoop):
     def pass_on_stop(self, signum: int) -> None:
         self.stage.request_stop(signum)
 
+    def logged(self, step: int) -> bool:
+        """Whether `step` writes a metrics.csv row."""
+        return self.args.log_every > 0 and step % self.args.log_every == 0
+
     def train_step(self) -> dict | None:
         state, stage = self.state, self.stage
         x, y = next(self.stream)
-        logged = self.args.log_every > 0 and state.step % self.args.log_every == 0
+        # as one process: cosines on logged steps and on each epoch's last step
+        measure = self.logged(state.step) or state.batch == self.steps_per_epoch - 1
         # every step carries the synthesizer losses up, for the epoch's means
-        loss = stage.train_step(self.optimizer, x, y, report=True)
+        loss = stage.train_step(self.optimizer, x, y, report=True, measure=measure)
+        self.diagnostic_seconds += stage.last_measure_seconds
+        self.record_step_figures()   # the step before this one's: they came with its message
         if stage.stopped is not None:
             raise self.interrupted(stage.stopped)
         self.scheduler.step()
-        row = None
         if stage.is_last:
             if loss is None or not math.isfinite(loss):
                 raise self.diverged("loss", "lower --lr")
             state.record_loss(loss, len(y))
-            # an edge synthesizer not trained yet (staleness) reports nan: left out
-            losses = stage.upstream_synthesizer_losses() + stage.synthesizer_losses()
-            state.record({f"sg_loss{i}": v for i, v in enumerate(losses, start=1)})
-            row = state.logged_row() if logged else None
         state.batch += 1
-        return row
+        return None
+
+    def record_step_figures(self) -> None:
+        """Last stage: record the figures of the step that arrived last (if not yet), and
+        write that step's metrics.csv row if it logs one (its train_loss window ends there).
+        An edge synthesizer not fitted yet (staleness) and an unmeasured cosine are nan, and
+        left out."""
+        figures = self.stage.reported_figures()
+        if figures is None:
+            return
+        state = self.state
+        state.record({f"sg_loss{i}": v for i, v in enumerate(figures.losses, start=1)})
+        measured = {f"cos{i}": v for i, v in enumerate(figures.cosines, start=1)}
+        if self.logged(figures.step):
+            row = {**state.logged_row(measured), "step": figures.step}
+            self.log.write({**row, "wall_seconds": state.wall_seconds})
+        else:
+            state.record(measured, window=False)
 
     def evaluate_epoch(self) -> None:
         if self.state.epoch == self.args.epochs:
@@ -141,6 +164,7 @@ class _StageLoop(EpochLoop):
             self.stage.drain(self.optimizer)
         figures = evaluate_pipeline(self.stage, self.data, self.args.batch_size)
         if self.stage.is_last:
+            self.record_step_figures()   # the epoch's last step's came with the evaluation
             finish_epoch(self.args, self.state, self.log, *figures)
 
     def snapshot(self) -> dict:
@@ -171,6 +195,14 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: I
         stage.flush()
     except PipelineError as exc:
         raise UserError(f"stage {stage.rank}: {exc}; this stage stops too") from None
+    # a stop that came too late to stop a step (in the last steps, on its way down to stage
+    # 0, or during the final evaluation): the run is whole and saved; every stage ends as
+    # the signal asks, as one process does after its final evaluation
+    requests = gather_from_every_stage(stage.stop_requested, stage, collectives)
+    signum = next((signal for signal in requests if signal), 0)
+    if signum:
+        raise loop.interrupted(signum, period_ended=True,
+                               path=out_dir / stage_checkpoint_name(stage.rank))
     times = gather_from_every_stage(
         {"rank": stage.rank, "blocks": list(stage.block_range), "total_s": stage.times.total,
          "wait_s": stage.times.wait, "comm_s": stage.times.comm,

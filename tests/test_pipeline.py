@@ -1,6 +1,7 @@
 """dni.pipeline: stages in separate processes (gloo, spawned here) against one-process DNI
 with interfaces at the same blocks, and against a hand-written pipeline at staleness k."""
 
+import math
 import os
 import socket
 import traceback
@@ -64,8 +65,16 @@ def cnn(seed: int) -> nn.Sequential:
         nn.Sequential(nn.Flatten(), nn.Linear(6 * 4 * 4, 5)))
 
 
-NETS = {"mlp": mlp, "mlp_bn": mlp_batchnorm_everywhere, "cnn": cnn}
-INPUTS = {"mlp": (12,), "mlp_bn": (12,), "cnn": (1, 8, 8)}
+def dropout_net(seed: int) -> nn.Sequential:
+    """Two blocks that both end in dropout of the same shape (one stage each)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Sequential(nn.Linear(4, 32), nn.Dropout(0.5)),
+        nn.Sequential(nn.Linear(32, 32), nn.Dropout(0.5), nn.Linear(32, 5)))
+
+
+NETS = {"mlp": mlp, "mlp_bn": mlp_batchnorm_everywhere, "cnn": cnn, "dropout": dropout_net}
+INPUTS = {"mlp": (12,), "mlp_bn": (12,), "cnn": (1, 8, 8), "dropout": (4,)}
 
 
 def optimizer(kind: str, params):
@@ -85,25 +94,51 @@ def ends(counts):
     return [sum(counts[:s + 1]) - 1 for s in range(len(counts) - 1)]
 
 
+def float_contexts(steps: int = STEPS) -> list[torch.Tensor]:
+    """A float context (batch, 5) per batch of data(): soft labels, which truncation to
+    integers would turn into zeros."""
+    g = torch.Generator().manual_seed(11)
+    contexts = torch.randn(steps * BATCH - 5, 5, generator=g).softmax(1)
+    return list(contexts.split(BATCH))
+
+
+def summed_cross_entropy(out, y):
+    return F.cross_entropy(out, y, reduction="sum")
+
+
 def one_process(conditioned: bool, grad_scale: float, synthesizer: str = "linear",
                 steps: int = STEPS, after: list[int] | None = None, net: str = "mlp",
-                optim: str = "adam", center: bool = False, **options):
+                optim: str = "adam", center: bool = False, float_context: bool = False,
+                summed: bool = False, measure_steps: tuple = (), figures: list | None = None,
+                **options):
     """Blocks, synthesizers and synthesizer buffers after `steps` steps of one-process DNI,
     with interfaces after every hidden block or after the blocks in `after` (0-based).
     Uncentred unless `center`: a centred synthesizer's output bias has a gradient of rounding
-    noise alone, which Adam magnifies (see mlp()); centring is compared under SGD."""
+    noise alone, which Adam magnifies (see mlp()); centring is compared under SGD.
+    `float_context`: cDNI on float_contexts(); `summed`: a loss summed over the batch
+    (batch_mean=False). `figures` collects each step's (synthesizer losses, cosines), the
+    cosines measured before the steps in `measure_steps` (nan elsewhere)."""
     batches = data(steps, INPUTS[net])
+    contexts = float_contexts(steps) if float_context else [y for _, y in batches]
+    loss_fn = summed_cross_entropy if summed else F.cross_entropy
     net = NETS[net](seed=3)
     opt = optimizer(optim, net.parameters())
-    model = DNI(net, optim=opt, synthesizer=synthesizer, context_size=5 if conditioned else 0,
+    model = DNI(net, optim=opt, synthesizer=synthesizer,
+                context_size=5 if conditioned or float_context else 0,
                 blocks=None if after is None else [str(i) for i in after],
                 grad_scale=grad_scale, synthesizer_lr=SYNTH_LR, example_input=batches[0][0][:2],
-                center_gradients=center, **options)
-    for x, y in batches:
+                center_gradients=center, batch_mean=not summed, **options)
+    for step, ((x, y), c) in enumerate(zip(batches, contexts)):
+        context = c if conditioned or float_context else None
+        cosines = [float("nan")] * len(model.interfaces)
+        if step in measure_steps:
+            cosines = model.gradient_cosines(loss_fn, x, y, context=context)
         opt.zero_grad()
-        out = model(x, context=y) if conditioned else model(x)
-        F.cross_entropy(out, y).backward()
+        out = model(x, context=context)
+        loss_fn(out, y).backward()
         opt.step()
+        if figures is not None:
+            figures.append((model.synthetic_gradient_losses(), cosines))
     blocks = [p.detach().clone() for p in net.parameters()]
     synth = [p.detach().clone() for p in model.synthesizer_parameters()]
     buffers = [b.clone() for b in model.interfaces.buffers()]
@@ -118,6 +153,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def as_tuple(figures):
+    """(step, losses, cosines) of a stage's reported figures (None stays None)."""
+    return None if figures is None else (figures.step, figures.losses, figures.cosines)
+
+
 def _worker(rank, world, port, out, options):
     """One stage: train, drain the synthesizer updates still owed, evaluate, then save its
     parameters (or the error) to `out`."""
@@ -127,27 +167,48 @@ def _worker(rank, world, port, out, options):
     try:
         kind = options.get("net", "mlp")
         net = NETS[kind](seed=3)
-        batches = data(options.get("steps", STEPS), INPUTS[kind])
+        steps = options.get("steps", STEPS)
+        batches = data(steps, INPUTS[kind])
+        float_context = options.get("float_context", False)
+        contexts = float_contexts(steps) if float_context else [None] * len(batches)
+        summed = options.get("summed", False)
         stage = PipelineStage(net, batches[0][0][:2], max_batch=BATCH,
                               synthesizer=options.get("synthesizer", "linear"),
                               counts=options.get("counts"),
                               interfaces=options.get("interfaces", "edges"),
-                              context_size=5 if options["conditioned"] else 0,
+                              context_size=5 if options["conditioned"] or float_context else 0,
                               grad_scale=options["grad_scale"], staleness=options["staleness"],
                               message_dtype=options.get("message_dtype"),
                               center_gradients=options.get("center", False),
+                              **({"loss_fn": summed_cross_entropy, "batch_mean": False}
+                                 if summed else {}),
                               **options.get("synthesizer_options", {}))
+        masks = []   # each dropout layer's mask, step by step, in training
+        for module in stage.blocks.modules():
+            if isinstance(module, nn.Dropout):
+                module.register_forward_hook(
+                    lambda m, args, out: masks.append(out == 0) if m.training else None)
         opt = optimizer(options.get("optim", "adam"),
                         stage.param_groups(lr=LR, synthesizer_lr=SYNTH_LR))
-        losses = [stage.train_step(opt, x, y) for x, y in batches]
+        measure_steps = options.get("measure_steps", ())
+        losses, figures = [], []
+        for step, ((x, y), context) in enumerate(zip(batches, contexts)):
+            # only the keywords a test needs: the others run as the earlier API did
+            keywords = {"context": context} if float_context else {}
+            if measure_steps:
+                keywords["measure"] = step in measure_steps
+            losses.append(stage.train_step(opt, x, y, report=True, **keywords))
+            figures.append(as_tuple(stage.reported_figures()) if measure_steps else None)
         drained = stage.drain(opt)
         stage.eval()
         outputs = [stage.eval_step(x, y) for x, y in batches]
+        figures.append(as_tuple(stage.reported_figures()) if measure_steps else None)
         torch.save({"blocks": [p.detach() for p in stage.block_parameters()],
                     "synth": [p.detach() for p in stage.synthesizer_parameters()],
                     "synth_buffers": [b for b in stage.interfaces.buffers()],
                     "block_state": stage.blocks.state_dict(), "counts": stage.counts,
                     "losses": losses, "outputs": outputs, "drained": drained,
+                    "masks": masks, "figures": figures,
                     "times": vars(stage.times)}, f"{out}/stage{rank}.pt")
         stage.flush()
     except Exception:  # noqa: BLE001 (reported to the test through the file)
@@ -278,6 +339,64 @@ def test_batchnorm_synthesizer_counts_each_batch_once(tmp_path):
     assert batches.item() == buffers[2].item() == STEPS   # one count per step, not two
     torch.testing.assert_close(var, buffers[1])
     torch.testing.assert_close(mean, buffers[0], atol=1e-3, rtol=0)
+
+
+def test_stages_draw_their_own_dropout_masks(tmp_path):
+    """Every rank is seeded alike (equal initial weights); the two stages' same-shaped
+    dropout layers must still draw their own masks, as one process draws two different ones
+    in a step."""
+    stages = run_stages(tmp_path, net="dropout", counts=[1, 1], staleness=0, steps=3)
+    lower, upper = stages[0]["masks"], stages[1]["masks"]
+    assert len(lower) == len(upper) == 3
+    for step, (a, b) in enumerate(zip(lower, upper)):
+        assert a.shape == b.shape and a.shape[1] == 32
+        assert 0.3 < a.float().mean() < 0.7 and 0.3 < b.float().mean() < 0.7
+        assert not torch.equal(a, b), f"the stages drew the same mask at step {step + 1}"
+
+
+def assert_figures_equal(got, want):
+    """Two lists of per-step (losses, cosines), nan where not measured, equal to rounding."""
+    assert len(got) == len(want)
+    for step, ((got_losses, got_cosines), (losses, cosines)) in enumerate(zip(got, want)):
+        assert got_losses == pytest.approx(losses, rel=1e-4, abs=1e-6, nan_ok=True), step
+        assert got_cosines == pytest.approx(cosines, rel=1e-4, abs=1e-5, nan_ok=True), step
+
+
+@pytest.mark.parametrize("world, counts, interfaces", [
+    (3, [1, 1, 2], "edges"), (2, [1, 3], "all")])
+def test_each_step_reports_its_own_losses_and_cosines_as_one_process(tmp_path, world, counts,
+                                                                    interfaces):
+    """At staleness 0 the last stage hands out, for every step, each interface's synthesizer
+    loss of that step's fit and, on measured steps, its cosine to the true gradient, equal to
+    one-process DNI's synthetic_gradient_losses() after the step and gradient_cosines()
+    before it; the last step's figures come with the evaluation."""
+    measured = (0, 2, 3, STEPS - 1)
+    stages = run_stages(tmp_path, world=world, counts=counts, staleness=0,
+                        interfaces=interfaces, measure_steps=measured)
+    after = ends(counts) if interfaces == "edges" else None
+    want = []
+    one_process(False, 1.0, after=after, measure_steps=measured, figures=want)
+    reported = stages[-1]["figures"]
+    assert reported[0] is None   # step 0's figures come with step 1's message
+    assert [f[0] for f in reported[1:]] == list(range(STEPS))
+    assert_figures_equal([(f[1], f[2]) for f in reported[1:]], want)
+    assert all(math.isfinite(c) for step in measured for c in want[step][1])
+    # the synthesizers start at zero (cosine 0); after a step they predict something
+    assert any(abs(c) > 1e-2 for step in measured[1:] for c in want[step][1])
+    assert all(f is None for stage in stages[:-1] for f in stage["figures"])
+
+
+def test_float_context_and_summed_loss_follow_one_process_dni(tmp_path):
+    """A float context (soft labels) is used as DNI uses it, not truncated to integers; with
+    a loss summed over the batch, batch_mean=False makes the same synthesizer units as DNI's."""
+    stages = run_stages(tmp_path, counts=[1, 3], staleness=0, float_context=True,
+                        summed=True)
+    blocks, synth, _, _ = one_process(False, 1.0, after=[0], float_context=True, summed=True)
+    assert_all_close([p for s in stages for p in s["blocks"]], blocks)
+    assert_all_close([p for s in stages for p in s["synth"]], synth)
+    assert all(p.abs().sum() > 0 for s in stages for p in s["synth"])
+    # the synthesizer's context weights learned from the float context
+    assert stages[0]["synth"][0][:, -5:].abs().sum() > 0
 
 
 def stale_reference(counts: list[int], staleness: int, steps: int, grad_scale: float = 1.0):

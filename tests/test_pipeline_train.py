@@ -3,6 +3,7 @@ process, exact resume after a signal, and a dead or silent stage ending the othe
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -86,6 +87,32 @@ def test_two_stages_train_within_2_points_of_one_process(uninterrupted, run_scri
     assert abs(summary["test_acc"] - single["test_acc"]) <= 0.02
 
 
+def test_staleness_0_rows_equal_one_process_with_interfaces_at_the_cut(run_script, tmp_path):
+    """At staleness 0 the pipeline's metrics.csv equals its one-process twin's row for row:
+    each logged step's sg_loss1 is that step's fit (not the step before's), the cosine to the
+    true gradient (cos1) is measured on the same steps with the same value, and the epoch
+    rows hold the same means."""
+    flags = ["--model_type", "mlp", "--train-size", "1024", "--batch-size", "64",
+             "--epochs", "1", "--log-every", "3"]
+    done = torchrun([*flags, "--staleness", "0", "--out", tmp_path / "pipe"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    one = run_script("main.py", *flags, "--interfaces-at", "1", "--out", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    got, want = rows_without_time(tmp_path / "pipe"), rows_without_time(tmp_path / "one")
+    assert [(r["kind"], r["step"]) for r in got] == [(r["kind"], r["step"]) for r in want]
+    close = {"rel": 1e-5, "abs": 1e-7}
+    for g, w in zip(got, want):   # first the synthesizer loss: each step's own fit
+        assert number(g["sg_loss1"]) == pytest.approx(number(w["sg_loss1"]), **close), (g, w)
+    assert len(got) == 7 and all(r.get("cos1") for r in got)
+    for g, w in zip(got, want):
+        assert g.keys() == w.keys()
+        for key in w:
+            if key in ("kind", "step", "epoch") or w[key] == "":
+                assert g[key] == w[key], (key, g, w)
+            else:
+                assert float(g[key]) == pytest.approx(float(w[key]), **close), key
+
+
 def test_all_interfaces_pipeline_matches_one_process_dni(run_script, tmp_path, mnist_root):
     """--interfaces all: a synthesizer after every block, as one-process main.py has them."""
     done = torchrun([*FLAGS, "--interfaces", "all", "--out", tmp_path / "pipe"])
@@ -123,6 +150,9 @@ def test_sigterm_to_one_stage_stops_all_and_resume_is_exact(uninterrupted, tmp_p
     (0, "step:1", "SIGINT", [130, 130]),          # the first step, on stage 0
     (1, "evaluate:1", "SIGTERM", [143, 143]),     # evaluation, on the last stage
     (0, "checkpoint:1", "SIGINT", [130, 130]),    # a checkpoint write, on stage 0
+    # too late to stop a step: the run ends whole and saved, with the signal's status
+    (1, "step:128", "SIGTERM", [143, 143]),       # the last step, on the last stage
+    (0, "evaluate:2", "SIGTERM", [143, 143]),     # the final evaluation, on stage 0
 ])
 def test_signal_at_a_moment_then_resume_is_exact(uninterrupted, tmp_path, rank, moment,
                                                  signame, codes):
@@ -267,6 +297,11 @@ def test_two_nodes_through_the_c10d_rendezvous_train_a_four_stage_pipeline(four_
     assert summary["processes"] == 4
     for key in ("test_acc", "test_loss", "train_loss"):
         assert summary[key] == reference[key], key
+
+
+def number(field: str) -> float:
+    """A metrics.csv field as a number (empty: nan)."""
+    return float(field) if field else math.nan
 
 
 def rows_without_time(run_dir) -> list[dict]:

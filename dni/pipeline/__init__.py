@@ -21,11 +21,20 @@ For mini-batch t, stage s does:
     optimizer.step()                               update-unlocked: nobody above is awaited
 
 k is the staleness. With k = 0 a stage waits for batch t's own target before its next batch,
-and the parameters follow one-process `DNI` with interfaces at the same blocks exactly (the
-same arithmetic per parameter). With k >= 1 the stages work on different mini-batches at the
+and the parameters of a network without dropout follow one-process `DNI` with interfaces at
+the same blocks exactly (the same arithmetic per parameter). Every rank is seeded alike (equal
+initial weights); the stage then reseeds torch's stream with a number drawn from it plus its
+rank, so each stage draws its own dropout masks (not one process's, mask for mask). With k >= 1 the stages work on different mini-batches at the
 same moment. The synthesizer is run again on the kept activation when its target arrives, so
 its gradient is taken at its current parameters. Targets travel in the loss's units; the
 synthesizer predicts B times them, as in `dni.interface`.
+
+Figures: a step's synthesizer losses ride up with the next message (its fit comes after its
+message left), so the last stage's `reported_figures()` of step t arrive at step t + 1, the
+last ones with the evaluation. On a step trained with `measure=True` (on every rank) each
+stage also runs its blocks again on the same input and masks without interfaces and passes
+the true gradient at its input down, so every interface's cosine to it is measured; the
+pipeline waits for that message on such a step.
 
 The parts: `stage` (PipelineStage, the algorithm above), `transport` (messages, links,
 timeouts, where the time goes) and `split` (counted costs and balanced cuts).

@@ -27,8 +27,18 @@ from dni.synthesizers import one_hot
 from dni.wrapper import SynthesizerFactory, synthesizer_factory
 
 TRAIN, EVAL, STOP = 1.0, 2.0, 3.0    # forward message kinds
-FORWARD_TAG, BACKWARD_TAG = 11, 12
-HEADER = 4                           # kind, step, batch rows, stop signal; then one loss each
+FORWARD_TAG, BACKWARD_TAG, TRUE_GRADIENT_TAG = 11, 12, 13
+HEADER = 4   # kind, step, batch rows, stop signal; then one loss, then one cosine, per interface
+
+
+@dataclass
+class StepFigures:
+    """Every interface's synthesizer loss and cosine to the true gradient (nan where not
+    measured) on one training step, in interface order over the whole network."""
+
+    step: int
+    losses: list[float]
+    cosines: list[float]
 
 
 @dataclass
@@ -68,7 +78,13 @@ class PipelineStage(nn.Module):
     (default: the example's); `message_dtype` (e.g. torch.bfloat16) is the dtype activations
     and gradients travel in (default: the network's); targets are class indices unless
     `integer_targets=False`. `center_gradients` subtracts the batch mean from the synthetic
-    gradients of every interface but the top one, as one-process `DNI` does.
+    gradients of every interface but the top one, as one-process `DNI` does. `batch_mean=False`
+    for a `loss_fn` summed (not averaged) over the batch, as in `DNI`.
+
+    After building, every rank reseeds torch's random stream from one number drawn from the
+    stream (the same on every rank) plus its rank, so stages draw their own dropout masks,
+    reproducibly; build the network and the stage with the same seed on every rank, so the
+    initial weights agree.
     """
 
     def __init__(self, net: nn.Sequential, example_input: torch.Tensor,
@@ -79,7 +95,8 @@ class PipelineStage(nn.Module):
                  integer_targets: bool = True, max_batch: int | None = None,
                  message_dtype: torch.dtype | None = None,
                  rank: int | None = None, world_size: int | None = None,
-                 center_gradients: bool = True, **synthesizer_options):
+                 center_gradients: bool = True, batch_mean: bool = True,
+                 **synthesizer_options):
         super().__init__()
         if interfaces not in INTERFACE_MODES:
             raise ValueError(f"interfaces must be one of {INTERFACE_MODES}, got {interfaces!r}")
@@ -109,7 +126,8 @@ class PipelineStage(nn.Module):
         # this stage's interfaces in block order: the inner ones, then the edge (if not last)
         top = max(self.positions, default=None)  # the one interface fit on the true gradient
         self.interfaces = nn.ModuleList(
-            Interface(synthesizers[i], grad_scale, center=center_gradients and i != top)
+            Interface(synthesizers[i], grad_scale, batch_mean=batch_mean,
+                      center=center_gradients and i != top)
             for i in mine)
         self.is_first, self.is_last = self.rank == 0, self.rank == self.world_size - 1
         self._inner = {i - first: self.interfaces[n] for n, i in enumerate(mine)
@@ -122,6 +140,7 @@ class PipelineStage(nn.Module):
         if param is not None:
             dtype, device = param.dtype, param.device
         self.interfaces.to(device=device, dtype=dtype)
+        self.device = device
         self.dtype, self.message_dtype = dtype, message_dtype or dtype
         self.max_batch = max_batch or len(example_input)
         self.times = StageTimes()
@@ -129,11 +148,23 @@ class PipelineStage(nn.Module):
         self.stopped: int | None = None          # the signal that stopped the pipeline
         self._stop_request = 0                   # a signal seen here or reported from above
         self._below = sum(1 for i in self.positions if i < first)  # interfaces under this stage
-        self._upstream_losses: list[float] = []  # synthesizer losses of the stages below
+        self._own = len(mine)                    # interfaces this stage runs
+        # the figures of the stages below on their step before the last message's, and this
+        # stage's own on its last step: a message of step t carries everyone's of step t - 1
+        # (a step's fit comes after its message has left)
+        self._upstream = StepFigures(-1, [math.nan] * self._below, [math.nan] * self._below)
+        self._own_figures = StepFigures(-1, [math.nan] * self._own, [math.nan] * self._own)
+        self._complete: StepFigures | None = None   # last stage: every stage's, whole
+        self._reported_through = -1              # last stage: the last step handed out
+        self.last_measure_seconds = 0.0          # the last step's time spent measuring
         self._pending: deque[_Pending] = deque()
-        # the edge synthesizer's last (S, B d), or its loss once restored from a checkpoint
-        self._edge_fit: tuple[torch.Tensor, torch.Tensor] | float | None = None
+        # the edge synthesizer's (S, B d) of the fit in this step (None: no fit yet)
+        self._edge_fit: tuple[torch.Tensor, torch.Tensor] | None = None
         self._build_links(device, timeout)
+        # a stream of the stage's own: with the shared seed alone, stages whose blocks end in
+        # same-shaped dropout would draw the same masks at every step
+        shared = int(torch.randint(2**62, (1,)).item())
+        torch.manual_seed(shared + self.rank)
 
     def _build_links(self, device: torch.device, timeout: float) -> None:
         """The message layouts and the links to both neighbours. Each receiver keeps
@@ -143,8 +174,9 @@ class PipelineStage(nn.Module):
         wire = self.message_dtype
 
         def forward(shape):
-            return Layout([("header", torch.float64, HEADER + len(self.positions)),
+            return Layout([("header", torch.float64, HEADER + 2 * len(self.positions)),
                            ("labels", label_dtype, self.max_batch),
+                           ("context", self.dtype, self.max_batch * self.context_size),
                            ("h", wire, self.max_batch * math.prod(shape))])
 
         def backward(shape):
@@ -157,15 +189,20 @@ class PipelineStage(nn.Module):
         link = {"device": device, "timeout": timeout, "times": self.times}
         ahead = self.staleness + 2
         self._previous = self._feedback = self._next = self._targets = None
+        self._true_below = self._true_above = None   # true gradients, on measured steps only
         if not self.is_first:
             self._previous = Receiver(self.rank - 1, self._in_layout.nbytes, FORWARD_TAG,
                                       ahead=ahead, **link)
             self._feedback = Sender(self.rank - 1, self._feedback_layout.nbytes, BACKWARD_TAG,
                                     **link)
+            self._true_below = Sender(self.rank - 1, self._feedback_layout.nbytes,
+                                      TRUE_GRADIENT_TAG, **link)
         if not self.is_last:
             self._next = Sender(self.rank + 1, self._out_layout.nbytes, FORWARD_TAG, **link)
             self._targets = Receiver(self.rank + 1, self._target_layout.nbytes, BACKWARD_TAG,
                                      ahead=ahead, **link)
+            self._true_above = Receiver(self.rank + 1, self._target_layout.nbytes,
+                                        TRUE_GRADIENT_TAG, **link)
 
     # -- parameters -----------------------------------------------------------------------
     def block_parameters(self):
@@ -191,59 +228,105 @@ class PipelineStage(nn.Module):
         stops feeding it, every stage learns it from the messages."""
         self._stop_request = self._stop_request or int(signum)
 
-    def _context(self, labels: torch.Tensor) -> torch.Tensor | None:
-        return one_hot(labels.long(), self.context_size) if self.context_size else None
+    @property
+    def stop_requested(self) -> int:
+        """The signal this stage was asked to stop by (here or from a neighbour), 0 if none."""
+        return self._stop_request
 
-    def _receive_input(self, kind: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(h_in, labels) of the next message of `kind` from stage s-1; None after STOP."""
+    def _context(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """The synthesizers' context: integer labels become one-hot vectors, float contexts
+        (batch, context_size) pass through, as in `DNI`."""
+        if not self.context_size:
+            return None
+        context = one_hot(labels, self.context_size)
+        if context.shape != (len(labels), self.context_size):
+            raise ValueError(f"a context must be labels or (batch, {self.context_size}) "
+                             f"vectors, got shape {tuple(labels.shape)}")
+        return context.to(self.dtype)
+
+    def _read_figures(self, header: torch.Tensor) -> None:
+        """Keep the figures of the stages below that a message's header carries (of the step
+        before the message's)."""
+        count, below = len(self.positions), self._below
+        step = int(header[1].item()) - 1
+        self._upstream = StepFigures(step, header[HEADER:HEADER + below].tolist(),
+                                     header[HEADER + count:HEADER + count + below].tolist())
+
+    def _write_figures(self, header: torch.Tensor) -> None:
+        """Put the figures of this stage and the ones below, of the step before this
+        message's, into an outgoing header (the rest stays nan)."""
+        count, through = len(self.positions), self._below + self._own
+        losses = self._upstream.losses + self._own_figures.losses
+        cosines = self._upstream.cosines + self._own_figures.cosines
+        header[HEADER:HEADER + through] = torch.tensor(losses, dtype=torch.float64)
+        header[HEADER + count:HEADER + count + through] = torch.tensor(cosines,
+                                                                       dtype=torch.float64)
+
+    def _complete_figures(self) -> None:
+        """Last stage: every stage's figures of the step before the one in progress."""
+        self._complete = StepFigures(self.step - 1,
+                                     self._upstream.losses + self._own_figures.losses,
+                                     self._upstream.cosines + self._own_figures.cosines)
+
+    def _receive_input(self, kind: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """(h_in, labels, context) of the next message of `kind` from stage s-1; None after
+        STOP."""
         layout = self._in_layout
         message = self._previous.receive()
         header = layout.field(message, "header")
         got, step, n, signal = header[:HEADER].tolist()
         if got == STOP:
+            self._read_figures(header)
             self.stopped = int(signal)
             return None
         if got != kind or (kind == TRAIN and int(step) != self.step):
             raise PipelineError(f"stage {self.rank - 1} is out of step (sent kind {got:g} "
                                 f"step {step:g}, expected kind {kind:g} step {self.step})")
         n = int(n)
-        self._upstream_losses = header[HEADER:HEADER + self._below].tolist()
+        self._read_figures(header)
         labels = layout.field(message, "labels")[:n]
+        context = None
+        if self.context_size:   # kept with a pending update: a copy, not the buffer
+            context = layout.field(message, "context")[:n * self.context_size].view(
+                n, self.context_size).clone()
         h = layout.field(message, "h")[:n * math.prod(self.input_shape)]
-        return h.view(n, *self.input_shape).to(self.dtype), labels
+        return h.view(n, *self.input_shape).to(self.dtype), labels, context
 
     def _send_output(self, kind: float, h: torch.Tensor, labels: torch.Tensor,
-                     report: bool = False) -> None:
-        """Send (h, labels) to stage s+1; with `report`, the synthesizer losses of this stage
-        and the ones below ride in the header (nan otherwise)."""
-        header = [kind, self.step, len(h), 0.0]
-        if report:
-            header += self._upstream_losses + self.synthesizer_losses()
+                     context: torch.Tensor | None = None) -> None:
+        """Send (h, labels, context) to stage s+1, with the figures of this stage and the
+        ones below of the step before."""
         layout = self._out_layout
 
         def fill(buffer):
-            fields = layout.field(buffer, "header")
-            fields.fill_(math.nan)
-            fields[:len(header)] = torch.tensor(header, dtype=torch.float64)
+            header = layout.field(buffer, "header")
+            header.fill_(math.nan)
+            header[:HEADER] = torch.tensor([kind, self.step, len(h), 0.0], dtype=torch.float64)
+            self._write_figures(header)
             layout.field(buffer, "labels")[:len(labels)].copy_(labels)
+            if context is not None:
+                layout.field(buffer, "context")[:context.numel()].copy_(context.reshape(-1))
             # rows past the batch keep old values; the receiver skips them
             layout.field(buffer, "h")[:h.numel()].copy_(h.detach().reshape(-1))
 
         self._next.send(fill)
 
     def _send_stop(self) -> None:
-        """Pass the stop on to stage s+1 in place of a mini-batch."""
+        """Pass the stop on to stage s+1 in place of a mini-batch, with the last step's
+        figures."""
         def fill(buffer):
             header = self._out_layout.field(buffer, "header")
-            header.zero_()
+            header.fill_(math.nan)
             header[:HEADER] = torch.tensor([STOP, self.step, 0.0, float(self.stopped)],
                                            dtype=torch.float64)
+            self._write_figures(header)
 
         self._next.send(fill)
 
-    def _send_input_gradient(self, grad: torch.Tensor) -> None:
-        """Send d = dL/dh_in (in the loss's units) down to stage s-1, with the step and any
-        stop request."""
+    def _send_gradient(self, link: Sender, grad: torch.Tensor) -> None:
+        """Send a gradient at this stage's input (in the loss's units) down to stage s-1,
+        with the step and any stop request."""
         layout = self._feedback_layout
 
         def fill(buffer):
@@ -251,49 +334,71 @@ class PipelineStage(nn.Module):
                 [float(self.step), float(self._stop_request)], dtype=torch.float64)
             layout.field(buffer, "grad")[:grad.numel()].copy_(grad.reshape(-1))
 
-        self._feedback.send(fill)
+        link.send(fill)
+
+    def _send_input_gradient(self, grad: torch.Tensor) -> None:
+        """Send d = dL/dh_in (in the loss's units) down to stage s-1, with the step and any
+        stop request."""
+        self._send_gradient(self._feedback, grad)
+
+    def _receive_gradient(self, link: Receiver, step: int, like: torch.Tensor) -> torch.Tensor:
+        """The next gradient at this stage's output from stage s+1, which must be of `step`;
+        a stop request riding with it is taken up."""
+        layout = self._target_layout
+        message = link.receive()
+        got, signal = (int(v) for v in layout.field(message, "header").tolist())
+        if got != step:
+            raise PipelineError(f"stage {self.rank + 1} is out of step (gradient for step "
+                                f"{got}, expected {step})")
+        if signal:
+            self.request_stop(signal)
+        grad = layout.field(message, "grad")[:like.numel()]
+        return grad.view_as(like).to(self.dtype, copy=True)
 
     def _receive_target(self, entry: _Pending) -> None:
         """Wait for the target of `entry` from stage s+1."""
-        layout = self._target_layout
-        message = self._targets.receive()
-        step, signal = (int(v) for v in layout.field(message, "header").tolist())
-        if step != entry.step:
-            raise PipelineError(f"stage {self.rank + 1} is out of step (target for step {step}, "
-                                f"expected {entry.step})")
-        if signal:
-            self.request_stop(signal)
-        target = layout.field(message, "grad")[:entry.h.numel()]
-        entry.target = target.view_as(entry.h).to(self.dtype, copy=True)
+        entry.target = self._receive_gradient(self._targets, entry.step, entry.h)
 
     # -- training -------------------------------------------------------------------------
     def train_step(self, optimizer: torch.optim.Optimizer, x: torch.Tensor | None = None,
-                   y: torch.Tensor | None = None, report: bool = False) -> float | None:
-        """One mini-batch through this stage (x, y are read at stage 0 only). Returns the loss
-        at the last stage, else None. Afterwards `stopped` holds the signal if the pipeline
-        was asked to stop (this mini-batch was then not trained). `report`: carry every
-        synthesizer loss up to the last stage (`upstream_synthesizer_losses()` there)."""
+                   y: torch.Tensor | None = None, report: bool = False, *,
+                   context: torch.Tensor | None = None, measure: bool = False
+                   ) -> float | None:
+        """One mini-batch through this stage (x, y and context are read at stage 0 only).
+        Returns the loss at the last stage, else None. Afterwards `stopped` holds the signal
+        if the pipeline was asked to stop (this mini-batch was then not trained).
+        `context` (cDNI): integer labels or (batch, context_size) vectors (default: y).
+        `report`: carry this step's synthesizer losses up to the last stage, and `measure`
+        each interface's cosine to the true gradient (every rank must pass the same
+        `measure` on a step: the true gradients come down the pipeline, which waits for them);
+        the next message carries them (`reported_figures()` at the last stage)."""
         start = perf_counter()
+        self.last_measure_seconds = 0.0
         try:
-            return self._train_step(optimizer, x, y, report)
+            return self._train_step(optimizer, x, y, context, report, measure)
         finally:
-            self.times.total += perf_counter() - start
+            self.times.total += perf_counter() - start - self.last_measure_seconds
 
-    def _train_step(self, optimizer, x, y, report) -> float | None:
+    def _train_step(self, optimizer, x, y, context, report, measure) -> float | None:
         if self.is_first:
             if self._stop_request:
                 self.stopped = self._stop_request
             h_in, labels = x, y
+            if self.stopped is None:
+                context = self._context(y if context is None else context)
         else:
             received = self._receive_input(TRAIN)
-            h_in, labels = received if received is not None else (None, None)
+            h_in, labels, context = received if received is not None else (None, None, None)
+        if self.is_last:
+            self._complete_figures()
         if self.stopped is not None:
             if not self.is_last:
                 self._send_stop()
             return None
         if not self.is_first:
             h_in = h_in.detach().requires_grad_()
-        context = self._context(labels)
+        streams = self._random_states() if measure else None
+        self._edge_fit = None
         optimizer.zero_grad(set_to_none=True)
         h = h_in
         for i, block in enumerate(self.blocks):
@@ -305,7 +410,7 @@ class PipelineStage(nn.Module):
             loss = self.loss_fn(h, labels)
             loss.backward()
         else:
-            self._send_output(TRAIN, h, labels, report)
+            self._send_output(TRAIN, h, labels, context)
             with torch.no_grad():
                 self.edge.send_gradient(h, self.edge.predict(h, context))
         if not self.is_first:
@@ -321,9 +426,64 @@ class PipelineStage(nn.Module):
             self._pending.append(_Pending(self.step, kept, context))
             while len(self._pending) > self.staleness:
                 self.fit_synthesizer()
+        cosines = [math.nan] * self._own
+        if measure:   # before the step: the graph it builds holds this step's parameters
+            cosines = self._measure(h_in, labels, context, streams)
         optimizer.step()  # blocks on batch t, the edge synthesizer on batch t - k: one step
+        losses = self.synthesizer_losses() if report else [math.nan] * self._own
+        self._own_figures = StepFigures(self.step, losses, cosines)
         self.step += 1
         return None if loss is None else loss.item()
+
+    def _random_states(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The random streams as they are now (CPU, and the stage's GPU if it has one)."""
+        cuda = (torch.cuda.get_rng_state(self.device) if self.device.type == "cuda"
+                else None)
+        return torch.get_rng_state(), cuda
+
+    def _measure(self, h_in: torch.Tensor, labels: torch.Tensor,
+                 context: torch.Tensor | None,
+                 streams: tuple[torch.Tensor, torch.Tensor | None]) -> list[float]:
+        """Each of this stage's interfaces' cosine between its synthetic gradient and the
+        true one (whole batch as one vector), as one-process `DNI.gradient_cosines` measures
+        it: the stage's blocks run again on the same input with the same dropout masks and no
+        interfaces, the true gradient at the output comes from stage s+1 (the loss at the
+        last stage), and the one at the input goes down to stage s-1. Training's random
+        streams, gradients and running statistics are left as they were."""
+        start = perf_counter()
+        cpu, cuda = streams
+        devices = [self.device] if self.device.type == "cuda" else []
+        with self.times.excluded(), running_statistics_kept(self), \
+                torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state(cuda, self.device)
+            x = h_in.detach().requires_grad_(not self.is_first)
+            h, inner = x, []
+            for i, block in enumerate(self.blocks):
+                h = block(h)
+                if i in self._inner:
+                    inner.append((self._inner[i], h))
+            if self.is_last:
+                root, from_above = self.loss_fn(h, labels), None
+            else:
+                root, from_above = h, self._receive_gradient(self._true_above, self.step, h)
+            wanted = [out for _, out in inner] + ([] if self.is_first else [x])
+            grads = [None] * len(wanted)
+            if wanted and root.requires_grad:
+                grads = list(torch.autograd.grad(root, wanted, from_above, allow_unused=True))
+            grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wanted, grads)]
+            if not self.is_first:
+                self._send_gradient(self._true_below, grads.pop())
+            pairs = list(zip(inner, grads))
+            if not self.is_last:
+                pairs.append(((self.edge, h), from_above))
+            with torch.no_grad():
+                cosines = [F.cosine_similarity(
+                    (interface.predict(out, context) / interface.unit(out)).flatten(),
+                    true.flatten(), dim=0).item() for (interface, out), true in pairs]
+        self.last_measure_seconds = perf_counter() - start
+        return cosines
 
     def fit_synthesizer(self) -> int:
         """Add the edge synthesizer's regression gradient on the oldest pending mini-batch
@@ -362,7 +522,8 @@ class PipelineStage(nn.Module):
 
     def synthesizer_losses(self) -> list[float]:
         """This stage's synthesizer regression losses on their last training step, inner
-        interfaces first, then the output edge (nan before the first)."""
+        interfaces first, then the output edge (nan where it had none: before the first,
+        and on the first `staleness` steps at the edge)."""
         inner = [math.nan if i.last_loss is None else i.last_loss.item()
                  for i in self._inner.values()]
         if self.is_last:
@@ -370,14 +531,19 @@ class PipelineStage(nn.Module):
         return inner + [self._edge_loss()]
 
     def _edge_loss(self) -> float:
-        """The edge synthesizer's loss on its last update (nan before the first)."""
-        if isinstance(self._edge_fit, tuple):
-            return synthesizer_loss(*self._edge_fit).item()
-        return math.nan if self._edge_fit is None else self._edge_fit
+        """The edge synthesizer's loss on its last fit (nan before the first)."""
+        return math.nan if self._edge_fit is None else synthesizer_loss(*self._edge_fit).item()
 
-    def upstream_synthesizer_losses(self) -> list[float]:
-        """The synthesizer losses of the stages below, as the last message carried them."""
-        return list(self._upstream_losses)
+    def reported_figures(self) -> StepFigures | None:
+        """Last stage: every interface's synthesizer loss (with `report`) and cosine (with
+        `measure`) on the step before the last message (training, evaluation or stop) came
+        in, once each; None if that step's figures were handed out already. A step's fit
+        comes after its message has left, so its figures travel with the next one."""
+        figures = self._complete
+        if not self.is_last or figures is None or figures.step <= self._reported_through:
+            return None
+        self._reported_through = figures.step
+        return figures
 
     def collect_targets(self) -> None:
         """Receive every target still travelling, so the pending updates (and this stage's
@@ -390,7 +556,7 @@ class PipelineStage(nn.Module):
     def flush(self) -> None:
         """Wait until every message this stage sent has left."""
         with self.times.excluded():
-            for link in (self._next, self._feedback):
+            for link in (self._next, self._feedback, self._true_below):
                 if link is not None:
                     link.flush()
 
@@ -410,7 +576,9 @@ class PipelineStage(nn.Module):
             received = self._receive_input(EVAL)
             if received is None:
                 raise PipelineError("the pipeline stopped during evaluation")
-            h, labels = received
+            h, labels, _ = received
+        if self.is_last:
+            self._complete_figures()
         for block in self.blocks:
             h = block(h)
         if self.is_last:
@@ -423,13 +591,14 @@ class PipelineStage(nn.Module):
         """The step and the pending synthesizer updates (call `collect_targets` first)."""
         if any(e.target is None for e in self._pending):
             raise RuntimeError("collect_targets() before saving a pipeline stage")
-        return {"step": self.step, "edge_loss": self._edge_loss(), "pending": [
+        return {"step": self.step, "pending": [
             {"step": e.step, "h": e.h, "context": e.context, "target": e.target}
             for e in self._pending]}
 
     def set_extra_state(self, state: dict) -> None:
-        """Restore the step and the pending synthesizer updates."""
+        """Restore the step and the pending synthesizer updates. The figures of the steps
+        before it count as handed out (a checkpoint is written after they were)."""
         self.step = int(state["step"])
-        self._edge_fit = None if math.isnan(state["edge_loss"]) else state["edge_loss"]
+        self._reported_through = self.step - 1
         self._pending = deque(_Pending(e["step"], e["h"], e["context"], e["target"])
                               for e in state["pending"])
