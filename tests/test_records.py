@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT
+from tests.conftest import ROOT
 
 SMALL = ["--train-size", "600", "--batch-size", "50", "--device", "cpu", "--log-every", "3",
          "--seed", "7"]
