@@ -29,6 +29,7 @@ from dni.synthesizers import (
     LinearSigmoidSynthesizer,
     LinearSynthesizer,
     MLPSynthesizer,
+    SequenceConvSynthesizer,
     one_hot,
 )
 
@@ -49,13 +50,16 @@ class _Flat(nn.Module):
         return out.reshape(len(input), *self.shape), hidden
 
 
-SYNTHESIZERS = {"linear": LinearSynthesizer, "linear_sigmoid": LinearSigmoidSynthesizer, "mlp": MLPSynthesizer,
-                "conv": ConvSynthesizer}
+SYNTHESIZERS = {"linear": LinearSynthesizer, "linear_sigmoid": LinearSigmoidSynthesizer,
+                "mlp": MLPSynthesizer, "conv": ConvSynthesizer,
+                "sequence_conv": SequenceConvSynthesizer}
 
 
 def synthesizer_factory(kind: str, **options) -> SynthesizerFactory:
-    """A factory for one of SYNTHESIZERS; vector kinds flatten feature maps, `conv` needs
-    (C, H, W) activations. Options go to the synthesizer's constructor."""
+    """A factory for one of SYNTHESIZERS, chosen by the activation's shape (batch excluded):
+    vector kinds act on vectors (d,), per position on sequences (T, d) (one map over d shared
+    by every position, never a T d vector), and flatten feature maps (C, H, W); `conv` needs
+    (C, H, W), `sequence_conv` (T, d). Options go to the synthesizer's constructor."""
     if kind not in SYNTHESIZERS:
         raise ValueError(f"synthesizer must be one of {sorted(SYNTHESIZERS)}, got {kind!r}")
     cls = SYNTHESIZERS[kind]
@@ -64,7 +68,13 @@ def synthesizer_factory(kind: str, **options) -> SynthesizerFactory:
         if cls is ConvSynthesizer:
             if len(shape) != 3:
                 raise ValueError(f"the conv synthesizer needs (C, H, W) activations, got {shape}")
-            return ConvSynthesizer(shape[0], context_size=context_size, map_size=shape[1:], **options)
+            return ConvSynthesizer(shape[0], context_size=context_size, map_size=shape[1:],
+                                   **options)
+        if len(shape) == 2:   # a sequence (T, d): per position, or along it (sequence_conv)
+            return cls(shape[-1], context_size=context_size, **options)
+        if cls is SequenceConvSynthesizer:
+            raise ValueError(f"the sequence_conv synthesizer needs (T, d) activations, got "
+                             f"{shape}")
         synthesizer = cls(math.prod(shape), context_size=context_size, **options)
         return synthesizer if len(shape) == 1 else _Flat(synthesizer, shape)
 
