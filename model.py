@@ -6,6 +6,8 @@ flags and defaults live in experiment/networks.py and experiment/lm_flags.py."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -156,3 +158,9 @@ class GPT(nn.Sequential):
                 nn.init.normal_(module.weight, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
+
+    def __getitem__(self, index):
+        """A child, or a run of children as a plain nn.Sequential (e.g. a pipeline stage)."""
+        if isinstance(index, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[index]))
+        return super().__getitem__(index)
