@@ -153,6 +153,10 @@ class DNI(nn.Module):
     - `batch_mean=False` for losses summed over the batch; `grad_scale` multiplies every
       synthetic gradient; `forward_unlock` feeds each block above an interface a prediction of
       its input; `example_input` builds the interfaces now (do so before an LR scheduler).
+    - Sequences: a block's (B, T, d) output gets a synthesizer that acts per position (the
+      vector kinds) or along the sequence (`synthesizer="sequence_conv"`); the loss is taken
+      to average over all B T positions, which count into the batch (dni/interface.py,
+      `examples_in`). cDNI's context may be per position, (B, T) labels or (B, T, k).
     - Skip paths: an interface whose output reaches the loss by more than one path (a skip into
       the head, or two blocks with interfaces reading it) is fit once on the sum of what comes
       back along all of them; its block still receives only its synthetic gradient. A block may
