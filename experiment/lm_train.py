@@ -403,11 +403,11 @@ class _TransformerLoop(_LanguageModelLoop):
                             f"window of --context {args.context} + 1 characters")
         self.offsets = torch.arange(args.context + 1)
         # the cosine's probe: fixed windows, drawn apart from training's random stream
-        self.probe = self.windows(torch.Generator().manual_seed(args.seed + 1))
+        self.probe = self.draw_windows(torch.Generator().manual_seed(args.seed + 1))
         if checkpoint is not None:
             self.restore(checkpoint)
 
-    def windows(self, generator: torch.Generator) -> torch.Tensor:
+    def draw_windows(self, generator: torch.Generator) -> torch.Tensor:
         """--batch-size random windows of --context + 1 training characters, (B, context + 1)."""
         args = self.args
         starts = torch.randint(0, len(self.train_ids) - args.context, (args.batch_size,),
@@ -422,7 +422,7 @@ class _TransformerLoop(_LanguageModelLoop):
         return evaluate_gpt_bpc(self.model, ids, self.args.context)
 
     def train_step(self) -> None:
-        windows = self.windows(self.generator)
+        windows = self.draw_windows(self.generator)
         inputs, targets = windows[:, :-1], windows[:, 1:]
         self.optimizer.zero_grad(set_to_none=True)
         conditioned = uses_synthesizer(self.args) and self.args.conditioned
