@@ -1,8 +1,10 @@
-"""A character language model trained with truncated BPTT, DNI or DNI+Aux, scored in bits per
-character on the validation and test splits, with early stopping on validation.
+"""A character language model, an LSTM trained with truncated BPTT, DNI or DNI+Aux, or a GPT
+trained with backprop or DNI at cuts between its blocks, scored in bits per character on the
+validation and test splits, with early stopping on validation.
 
-Usage: python lm.py --method bptt|dni|dni_aux --truncation T [--steps N] [--out DIR]
-       [--resume DIR]
+Usage: python lm.py [--model lstm] --method bptt|dni|dni_aux --truncation T [--steps N]
+       python lm.py --model gpt --method bp|dni [--conditioned True] [--cuts 2] [--steps N]
+       (either with [--out DIR] [--resume DIR])
 """
 
 from experiment.cli import run

@@ -1,10 +1,15 @@
 """The networks: the paper's MNIST FCN and a small CNN as ordered lists of blocks
 (nn.Sequential), the same classes for the backprop baselines and the DNI models (an interface
-after every hidden block, every child but the classifier head), and the recurrent tasks'
-model. Networks only: the scripts' flags and defaults live in experiment/networks.py."""
+after every hidden block, every child but the classifier head), the recurrent tasks' model,
+and a small GPT-style decoder, also an nn.Sequential of blocks. Networks only: the scripts'
+flags and defaults live in experiment/networks.py and experiment/lm_flags.py."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dni.recurrent import TruncatedBPTT, state_size
@@ -77,3 +82,85 @@ class SequenceModel(nn.Module):
         synth = set(map(id, self.trainer.synthesizer.parameters())) \
             if self.trainer.synthesizer is not None else set()
         return [p for p in self.parameters() if id(p) not in synth and p.requires_grad]
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids (B, T) -> (B, T, d): a token embedding plus a learned embedding of each
+    position (T at most `context`)."""
+
+    def __init__(self, vocab_size: int, width: int, context: int):
+        super().__init__()
+        self.context = context
+        self.tokens = nn.Embedding(vocab_size, width)
+        self.positions = nn.Embedding(context, width)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """The embedded sequence, (B, T, d)."""
+        length = ids.shape[1]
+        if length > self.context:
+            raise ValueError(f"a sequence of {length} tokens is longer than the context "
+                             f"({self.context})")
+        return self.tokens(ids) + self.positions(torch.arange(length, device=ids.device))
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head self-attention in which position t attends to positions 0..t."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not a multiple of heads {heads}")
+        self.heads = heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, T, d)."""
+        batch, length, width = x.shape
+        q, k, v = (part.view(batch, length, self.heads, width // self.heads).transpose(1, 2)
+                   for part in self.qkv(x).chunk(3, dim=-1))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.proj(y.transpose(1, 2).reshape(batch, length, width))
+
+
+class TransformerBlock(nn.Module):
+    """A pre-LayerNorm decoder block: x + attention(LN(x)), then x + MLP(LN(x)) with a 4d
+    GELU hidden layer; (B, T, d) in and out."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.attention_norm = nn.LayerNorm(width)
+        self.attention = CausalSelfAttention(width, heads)
+        self.mlp_norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(),
+                                 nn.Linear(4 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, d) -> (B, T, d)."""
+        x = x + self.attention(self.attention_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Sequential):
+    """A small GPT-style decoder as a stack of blocks: children [embedding, block 1 .. block
+    N, head], each block (B, T, d) -> (B, T, d); the head (final LayerNorm and a linear map)
+    gives next-token logits (B, T, vocab). `DNI(gpt, blocks=["2"])` cuts it after block 2.
+    Usage: `GPT(vocab_size, width=128, layers=4, heads=4, context=64)`."""
+
+    def __init__(self, vocab_size: int, width: int = 128, layers: int = 4, heads: int = 4,
+                 context: int = 64):
+        super().__init__(TokenEmbedding(vocab_size, width, context),
+                         *(TransformerBlock(width, heads) for _ in range(layers)),
+                         nn.Sequential(nn.LayerNorm(width), nn.Linear(width, vocab_size)))
+        self.context = context
+        for module in self.modules():   # GPT-2's initialisation
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def __getitem__(self, index):
+        """A child, or a run of children as a plain nn.Sequential (e.g. a pipeline stage)."""
+        if isinstance(index, slice):
+            return nn.Sequential(OrderedDict(list(self._modules.items())[index]))
+        return super().__getitem__(index)

@@ -28,6 +28,12 @@ example that does not depend on B, and is fit on B * d with ||S - B d||^2 (summe
 features, mean over the batch): the same regression up to a constant factor, scaled for
 optimizers like Adam. `batch_mean=False` (losses summed over the batch) makes B = 1.
 
+Sequences: a 3-D activation is a sequence (B, T, d), batch first and features last, and its
+loss is taken to average over every position (a language model's cross-entropy over all B T
+tokens). Its positions count into the batch: B above is B T (`examples_in`, the one place
+this is decided), so S predicts the gradient of the sum of the token losses at one position,
+and the fit, like the centring, averages over all B T positions.
+
 `scale` (grad_scale) multiplies only what block i receives. A target that arrives through a
 scaled synthetic backward is divided by that scale again, so every synthesizer predicts the
 gradient in the loss's units and scales never compound down a stack of interfaces.
@@ -48,10 +54,22 @@ from torch import nn
 _delivery_scales: list[float] = [1.0]
 
 
+def examples_in(h: torch.Tensor) -> int:
+    """How many examples a batch-mean loss averages over at activation h: the batch size B
+    for vectors (B, d) and feature maps (B, C, H, W); B T for a sequence (B, T, d), whose
+    loss averages over every position."""
+    return h.shape[0] * h.shape[1] if h.dim() == 3 else h.shape[0]
+
+
+def example_mean(h: torch.Tensor) -> torch.Tensor:
+    """The mean of h over its examples (`examples_in`), keeping dimensions for broadcasting."""
+    return h.mean((0, 1) if h.dim() == 3 else 0, keepdim=True)
+
+
 def synthesizer_loss(synthetic: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Regression loss of a synthetic gradient on its target: squared error summed over
-    features, averaged over the batch (dimension 0)."""
-    return (synthetic - target).pow(2).sum() / synthetic.shape[0]
+    features, averaged over the examples (the batch, and a sequence's positions)."""
+    return (synthetic - target).pow(2).sum() / examples_in(synthetic)
 
 
 class _Bridge(torch.autograd.Function):
@@ -73,7 +91,7 @@ class _Bridge(torch.autograd.Function):
     @staticmethod
     def backward(ctx, incoming: torch.Tensor):
         applied, = ctx.saved_tensors
-        scale, unit, batch = ctx.interface.grad_scale, ctx.unit, applied.shape[0]
+        scale, unit, batch = ctx.interface.grad_scale, ctx.unit, examples_in(applied)
         # the target d is the incoming gradient without the grad_scale it was sent under, so
         # every synthesizer predicts the gradient in the loss's units (no compounding)
         delivered = _delivery_scales[-1]
@@ -132,7 +150,7 @@ class Interface(nn.Module):
         is (2 / B) (S - unit d)."""
         if self._loss_grad is None:
             return None
-        return self._loss_grad * (self._loss_grad.shape[0] / 2.0)
+        return self._loss_grad * (examples_in(self._loss_grad) / 2.0)
 
     @property
     def last_synthetic(self) -> torch.Tensor | None:
@@ -147,23 +165,24 @@ class Interface(nn.Module):
     def last_loss(self) -> torch.Tensor | None:
         """The synthesizer's regression loss on the last step (None before the first)."""
         residual = self._last_residual()
-        return None if residual is None else residual.pow(2).sum() / residual.shape[0]
+        return None if residual is None else residual.pow(2).sum() / examples_in(residual)
 
     def unit(self, h: torch.Tensor) -> float:
-        """How many loss units one per-example synthesizer unit is: the batch size for a
-        batch-mean loss, else 1."""
-        return float(h.shape[0]) if self.batch_mean else 1.0
+        """How many loss units one per-example synthesizer unit is: the number of examples
+        (`examples_in`: a sequence's positions count) for a batch-mean loss, else 1."""
+        return float(examples_in(h)) if self.batch_mean else 1.0
 
     def predict(self, h: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """S(h.detach(), c): the per-example synthetic gradient (centred over the batch when
-        `center`), with the graph into the synthesizer's parameters."""
+        `center`; over a sequence's positions too), with the graph into the synthesizer's
+        parameters."""
         if context is None:
             out = self.synthesizer(h.detach(), None)
         else:
             out = self.synthesizer(h.detach(), None, context=context)
         out = out[0] if isinstance(out, tuple) else out
         if self.center:   # a batch of one centres to zero: no example to tell it from
-            out = out - out.mean(0, keepdim=True)
+            out = out - example_mean(out)
         return out
 
     def forward(self, h: torch.Tensor, context: torch.Tensor | None = None,

@@ -34,7 +34,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from dni.interface import synthesizer_loss
+from dni.interface import example_mean, examples_in, synthesizer_loss
 
 
 def reference_step(blocks: Sequence[nn.Module], synthesizers: Sequence[nn.Module],
@@ -47,20 +47,23 @@ def reference_step(blocks: Sequence[nn.Module], synthesizers: Sequence[nn.Module
     maps (h, hidden=None[, context=]) to the per-example synthetic gradient (or (it, hidden)),
     as `dni.synthesizers`' modules do; `context` (cDNI) is e.g. the one-hot label;
     `batch_mean=False` for a loss summed over the batch (then B = 1 above); `center` centres
-    the synthetic gradients below the top interface over the batch."""
-    batch = x.shape[0] if batch_mean else 1
-    inputs, synthetic = [], []
+    the synthetic gradients below the top interface over the batch. For a sequence h_i
+    (B, T, d) whose loss averages over all positions, B above is B T (dni.interface's
+    `examples_in`)."""
+    inputs, synthetic, units = [], [], []
     for i, (block, synthesizer) in enumerate(zip(blocks, synthesizers)):
         h = block(x)
+        batch = examples_in(h) if batch_mean else 1     # a sequence's positions count
         kwargs = {} if context is None else {"context": context}
         g = synthesizer(h.detach(), None, **kwargs)
         g = g[0] if isinstance(g, tuple) else g
         if center and i + 1 < len(synthesizers):
-            g = g - g.mean(0, keepdim=True)
+            g = g - example_mean(g)
         h.backward(scale * g.detach() / batch)
         x = h.detach().requires_grad_()          # block i+1 sees h_i, no path below it
         inputs.append(x)
         synthetic.append(g)
+        units.append(batch)
     loss = loss_fn(head(x), y)
     loss.backward()
     # what arrived at each block's input: interface i's target comes from block i+1's input,
@@ -69,7 +72,7 @@ def reference_step(blocks: Sequence[nn.Module], synthesizers: Sequence[nn.Module
     for i, g in enumerate(synthetic):
         sent_under = scale if i + 1 < len(synthetic) else 1.0
         arrived = inputs[i].grad if inputs[i].grad is not None else torch.zeros_like(inputs[i])
-        target = batch * arrived / sent_under
+        target = units[i] * arrived / sent_under
         fit = fit + synthesizer_loss(g, target)
     if synthetic:
         fit.backward()

@@ -4,6 +4,12 @@ starts at zero, weights and bias, so training starts from "no gradient" rather t
 
 All follow the `Synthesizer` contract: `forward(input, hidden=None, context=None)` returns
 `(output, hidden)`; `hidden` is None except for recurrent synthesizers.
+
+The vector synthesizers (linear, linear-sigmoid, MLP) act on the last dimension: on a
+sequence (B, T, d) they act per position, one map over d shared by every position, so their
+size does not depend on T and a sequence is never flattened into one T d vector. The context
+is then per position (B, T, k), e.g. each position's target token, or one per sequence (B, k).
+`SequenceConvSynthesizer` also looks along the sequence, at the later positions.
 """
 
 from __future__ import annotations
@@ -24,10 +30,25 @@ def zero_init_(layer: nn.Module) -> nn.Module:
 
 
 def append_context(h: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
-    """[h, c] for vector activations (c flattened to (B, k)); h alone without a context."""
+    """[h, c] along the last dimension; h alone without a context. For vectors h (B, d) the
+    context is flattened to (B, k); for a sequence h (B, T, d) it is (B, T, k), one per
+    position, or (B, k), the same at every position."""
     if context is None:
         return h
-    return torch.cat([h, context.reshape(len(context), -1).to(h.dtype)], dim=1)
+    c = context.to(h.dtype)
+    if h.dim() == 2:
+        c = c.reshape(len(c), -1)
+    elif c.dim() == 2:
+        c = c.view(len(c), *([1] * (h.dim() - 2)), -1).expand(*h.shape[:-1], -1)
+    return torch.cat([h, c], dim=-1)
+
+
+def per_position(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`net` (rows in, rows out) applied to every position of x (B, ..., k) as one batch of
+    rows, so a BatchNorm in it counts the positions into the batch."""
+    if x.dim() == 2:
+        return net(x)
+    return net(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
 
 
 class Synthesizer(nn.Module):
@@ -70,7 +91,7 @@ class LinearSynthesizer(Synthesizer):
 
     def forward(self, input, hidden=None, context=None):
         """Return (W [h, c] + b, None)."""
-        return self.net(append_context(input, context)), None
+        return per_position(self.net, append_context(input, context)), None
 
 
 class LinearSigmoidSynthesizer(LinearSynthesizer):
@@ -79,7 +100,7 @@ class LinearSigmoidSynthesizer(LinearSynthesizer):
 
     def forward(self, input, hidden=None, context=None):
         """Return (sigmoid(W [h, c] + b) - 1/2, None)."""
-        return torch.sigmoid(self.net(append_context(input, context))) - 0.5, None
+        return torch.sigmoid(per_position(self.net, append_context(input, context))) - 0.5, None
 
 
 class MLPSynthesizer(Synthesizer):
@@ -102,7 +123,7 @@ class MLPSynthesizer(Synthesizer):
 
     def forward(self, input, hidden=None, context=None):
         """Return (MLP([h, c]), None)."""
-        return self.net(append_context(input, context)), None
+        return per_position(self.net, append_context(input, context)), None
 
 
 CONTEXT_MODES = ("map", "bias", "channels")
@@ -172,6 +193,37 @@ class ConvSynthesizer(Synthesizer):
         if mode == "map":
             x = x + self.context_proj(context).view(len(x), self.output_size, *self.map_size)
         return x, None
+
+
+class SequenceConvSynthesizer(Synthesizer):
+    """A synthesizer that looks along a sequence (B, T, d), at later positions above all: in a
+    causal model the gradient at position t gathers the losses of t and of every later
+    position that attends to it. Per position [h, c] -> `hidden_size` units (Linear, GELU),
+    then a depthwise convolution over time that is anti-causal (position t sees t .. t +
+    kernel_size - 1), GELU, and a zero-initialised Linear back to d; beside it a
+    zero-initialised per-position linear map of [h, c] (the per-position linear synthesizer),
+    added. No loss goes in, so seeing later positions leaks nothing. Its size does not depend
+    on T. Usage: `SequenceConvSynthesizer(128, hidden_size=128, kernel_size=16)`."""
+
+    def __init__(self, input_size: int, hidden_size: int = 128, output_size: int | None = None,
+                 context_size: int = 0, kernel_size: int = 16):
+        super().__init__(input_size, hidden_size, output_size, context_size)
+        width = input_size + context_size
+        self.kernel_size = kernel_size
+        self.direct = zero_init_(nn.Linear(width, self.output_size))
+        self.into = nn.Linear(width, hidden_size)
+        self.along = nn.Conv1d(hidden_size, hidden_size, kernel_size, groups=hidden_size)
+        self.out = zero_init_(nn.Linear(hidden_size, self.output_size))
+
+    def forward(self, input, hidden=None, context=None):
+        """Return (per-position linear map + the anti-causal conv stack, None)."""
+        if input.dim() != 3:
+            raise ValueError(f"SequenceConvSynthesizer needs (B, T, d) input, got "
+                             f"{tuple(input.shape)}")
+        x = append_context(input, context)
+        u = F.gelu(self.into(x)).transpose(1, 2)                    # (B, hidden, T)
+        u = F.gelu(self.along(F.pad(u, (0, self.kernel_size - 1))))  # pad the future side
+        return self.direct(x) + self.out(u.transpose(1, 2)), None
 
 
 RNN_KINDS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}

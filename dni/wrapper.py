@@ -29,6 +29,7 @@ from dni.synthesizers import (
     LinearSigmoidSynthesizer,
     LinearSynthesizer,
     MLPSynthesizer,
+    SequenceConvSynthesizer,
     one_hot,
 )
 
@@ -49,13 +50,16 @@ class _Flat(nn.Module):
         return out.reshape(len(input), *self.shape), hidden
 
 
-SYNTHESIZERS = {"linear": LinearSynthesizer, "linear_sigmoid": LinearSigmoidSynthesizer, "mlp": MLPSynthesizer,
-                "conv": ConvSynthesizer}
+SYNTHESIZERS = {"linear": LinearSynthesizer, "linear_sigmoid": LinearSigmoidSynthesizer,
+                "mlp": MLPSynthesizer, "conv": ConvSynthesizer,
+                "sequence_conv": SequenceConvSynthesizer}
 
 
 def synthesizer_factory(kind: str, **options) -> SynthesizerFactory:
-    """A factory for one of SYNTHESIZERS; vector kinds flatten feature maps, `conv` needs
-    (C, H, W) activations. Options go to the synthesizer's constructor."""
+    """A factory for one of SYNTHESIZERS, chosen by the activation's shape (batch excluded):
+    vector kinds act on vectors (d,), per position on sequences (T, d) (one map over d shared
+    by every position, never a T d vector), and flatten feature maps (C, H, W); `conv` needs
+    (C, H, W), `sequence_conv` (T, d). Options go to the synthesizer's constructor."""
     if kind not in SYNTHESIZERS:
         raise ValueError(f"synthesizer must be one of {sorted(SYNTHESIZERS)}, got {kind!r}")
     cls = SYNTHESIZERS[kind]
@@ -64,7 +68,13 @@ def synthesizer_factory(kind: str, **options) -> SynthesizerFactory:
         if cls is ConvSynthesizer:
             if len(shape) != 3:
                 raise ValueError(f"the conv synthesizer needs (C, H, W) activations, got {shape}")
-            return ConvSynthesizer(shape[0], context_size=context_size, map_size=shape[1:], **options)
+            return ConvSynthesizer(shape[0], context_size=context_size, map_size=shape[1:],
+                                   **options)
+        if len(shape) == 2:   # a sequence (T, d): per position, or along it (sequence_conv)
+            return cls(shape[-1], context_size=context_size, **options)
+        if cls is SequenceConvSynthesizer:
+            raise ValueError(f"the sequence_conv synthesizer needs (T, d) activations, got "
+                             f"{shape}")
         synthesizer = cls(math.prod(shape), context_size=context_size, **options)
         return synthesizer if len(shape) == 1 else _Flat(synthesizer, shape)
 
@@ -143,6 +153,10 @@ class DNI(nn.Module):
     - `batch_mean=False` for losses summed over the batch; `grad_scale` multiplies every
       synthetic gradient; `forward_unlock` feeds each block above an interface a prediction of
       its input; `example_input` builds the interfaces now (do so before an LR scheduler).
+    - Sequences: a block's (B, T, d) output gets a synthesizer that acts per position (the
+      vector kinds) or along the sequence (`synthesizer="sequence_conv"`); the loss is taken
+      to average over all B T positions, which count into the batch (dni/interface.py,
+      `examples_in`). cDNI's context may be per position, (B, T) labels or (B, T, k).
     - Skip paths: an interface whose output reaches the loss by more than one path (a skip into
       the head, or two blocks with interfaces reading it) is fit once on the sum of what comes
       back along all of them; its block still receives only its synthetic gradient. A block may

@@ -5,7 +5,7 @@ from __future__ import annotations
 from experiment.cli import (
     Parser,
     add_run_arguments,
-    add_switch,
+    boolean,
     learning_rate,
     nonnegative_float,
     nonnegative_int,
@@ -13,43 +13,86 @@ from experiment.cli import (
     positive_int,
 )
 
-MODELS = ("lstm",)
-METHODS = ("bptt", "dni", "dni_aux")
+MODELS = ("lstm", "gpt")
+METHODS = ("bptt", "dni", "dni_aux")     # the LSTM's
+GPT_METHODS = ("bp", "dni")
+METHODS_OF = {"lstm": METHODS, "gpt": GPT_METHODS}
 SYNTHESIZERS = ("linear", "mlp", "rnn")   # model.SEQUENCE_SYNTHESIZERS, without torch
+GPT_SYNTHESIZERS = ("linear", "mlp", "sequence_conv")   # names in dni.SYNTHESIZERS
+# each model's own flags and their defaults: the other model's are refused, so a flag given is
+# never silently ignored (their argparse default is None, resolved in parse_args)
+MODEL_FLAGS = {
+    "lstm": {"truncation": 5, "hidden": 256, "discount": 0.1, "target_decay": 0.9,
+             "center": True, "aux_weight": 0.1},
+    "gpt": {"context": 64, "width": 128, "layers": 4, "heads": 4, "cuts": None,
+            "conditioned": False},
+}
+LEARNING_RATES = {"lstm": 2e-3, "gpt": 1e-3}
 FIXED = ("model", "method", "truncation", "corpus", "batch_size", "hidden", "synthesizer",
-         "synth_hidden", "seed")
+         "synth_hidden", "seed", "context", "width", "layers", "heads", "cuts", "conditioned")
 
 
 def build_parser() -> Parser:
     """lm.py's flags, each with its default in --help."""
-    p = Parser(description="A character language model trained with truncated BPTT, DNI or "
-                           "DNI+Aux; reports validation and test bits per character.")
+    p = Parser(description="A character language model, an LSTM trained with truncated BPTT, "
+                           "DNI or DNI+Aux, or a GPT trained with backprop or DNI at cuts "
+                           "between its blocks; reports validation and test bits per "
+                           "character.")
     p.add_argument("--model", choices=MODELS, default="lstm", help="the network")
-    p.add_argument("--method", choices=METHODS, default="dni",
-                   help="bptt: truncated BPTT; dni: + a synthetic gradient of the future at "
-                        "every window's end; dni_aux: + the auxiliary task")
-    p.add_argument("--truncation", type=positive_int, default=5,
-                   help="T: characters per window; one optimizer step per window")
+    p.add_argument("--method", choices=sorted({*METHODS, *GPT_METHODS}),
+                   default="dni",
+                   help="lstm: bptt (truncated BPTT), dni (+ a synthetic gradient of the "
+                        "future at every window's end) or dni_aux (+ the auxiliary task); "
+                        "gpt: bp (backprop) or dni (synthetic gradients at --cuts)")
     p.add_argument("--corpus", default="kjv",
                    help="kjv (the pinned King James Bible) or the path of a UTF-8 text file")
     p.add_argument("--batch-size", type=positive_int, default=32,
-                   help="parallel streams of text, each carrying its state across windows")
-    p.add_argument("--hidden", type=positive_int, default=256, help="LSTM units")
-    p.add_argument("--lr", type=learning_rate, default=2e-3, help="Adam rate of the network")
+                   help="lstm: parallel streams of text, each carrying its state across "
+                        "windows; gpt: random windows of --context characters")
+    p.add_argument("--lr", type=learning_rate, default=None,
+                   help="Adam rate of the network (default: 2e-3 lstm, 1e-3 gpt)")
     p.add_argument("--synth-lr", type=learning_rate, default=1e-3,
                    help="Adam rate of the synthesizer")
-    p.add_argument("--synthesizer", choices=SYNTHESIZERS, default="linear",
-                   help="synthesizer on the LSTM state [h, c]")
+    p.add_argument("--synthesizer", choices=sorted({*SYNTHESIZERS, *GPT_SYNTHESIZERS}),
+                   default="linear",
+                   help=f"lstm: on the state [h, c], one of {', '.join(SYNTHESIZERS)}; gpt: "
+                        f"at each cut, per position ({', '.join(GPT_SYNTHESIZERS[:2])}) or "
+                        "along the sequence (sequence_conv)")
     p.add_argument("--synth-hidden", type=positive_int, default=256,
-                   help="hidden units of the mlp or rnn synthesizer")
-    p.add_argument("--discount", type=nonnegative_float, default=0.1,
-                   help="lambda: the synthetic future enters each window's end times this")
-    p.add_argument("--target-decay", type=nonnegative_float, default=0.9,
-                   help="moving-average decay of the synthesizer copy that sends (0: off)")
-    add_switch(p, "--center", "send and fit the synthetic gradient minus its batch mean "
-               "(off, a stream's cell state drifts without bound)", default=True)
-    p.add_argument("--aux-weight", type=nonnegative_float, default=0.1,
-                   help="weight of the auxiliary loss (dni_aux only)")
+                   help="hidden units of the mlp, rnn or sequence_conv synthesizer")
+    lstm = p.add_argument_group("lstm only")
+    lstm.add_argument("--truncation", type=positive_int, default=None,
+                      help="T: characters per window; one optimizer step per window "
+                           "(default: 5)")
+    lstm.add_argument("--hidden", type=positive_int, default=None,
+                      help="LSTM units (default: 256)")
+    lstm.add_argument("--discount", type=nonnegative_float, default=None,
+                      help="lambda: the synthetic future enters each window's end times this "
+                           "(default: 0.1)")
+    lstm.add_argument("--target-decay", type=nonnegative_float, default=None,
+                      help="moving-average decay of the synthesizer copy that sends (0: off) "
+                           "(default: 0.9)")
+    lstm.add_argument("--center", type=boolean, nargs="?", const=True, default=None,
+                      help="send and fit the synthetic gradient minus its batch mean (off, a "
+                           "stream's cell state drifts without bound) (True/False/1/0, or the "
+                           "flag alone; default: True)")
+    lstm.add_argument("--aux-weight", type=nonnegative_float, default=None,
+                      help="weight of the auxiliary loss, dni_aux only (default: 0.1)")
+    gpt = p.add_argument_group("gpt only")
+    gpt.add_argument("--context", type=positive_int, default=None,
+                     help="characters per window, the longest the model reads (default: 64)")
+    gpt.add_argument("--width", type=positive_int, default=None,
+                     help="d: features per position (default: 128)")
+    gpt.add_argument("--layers", type=positive_int, default=None,
+                     help="transformer blocks (default: 4)")
+    gpt.add_argument("--heads", type=positive_int, default=None,
+                     help="attention heads per block (default: 4)")
+    gpt.add_argument("--cuts", type=nonnegative_int, nargs="+", default=None,
+                     help="dni: an interface after each of these blocks (0: after the "
+                          "embedding) (default: the middle one, --layers // 2)")
+    gpt.add_argument("--conditioned", type=boolean, nargs="?", const=True, default=None,
+                     help="dni: cDNI, each position's target character as the synthesizer's "
+                          "context (True/False/1/0, or the flag alone; default: False)")
     p.add_argument("--clip", type=nonnegative_float, default=0.0,
                    help="clip the network's gradient norm to this (0: off)")
     p.add_argument("--epochs", type=positive_int, default=20,
@@ -71,6 +114,38 @@ def parse_args(argv: list[str] | None = None):
     """Parse and check the flags (with --resume, the run's saved flags are the defaults)."""
     parser = build_parser()
     args = parse_training_args(parser, argv, script="lm.py", fixed=FIXED)
-    if args.target_decay >= 1:
+    model = args.model
+    if args.method not in METHODS_OF[model]:
+        parser.error(f"argument --method: {args.method} is not a method of --model {model} "
+                     f"(choose from {', '.join(METHODS_OF[model])})")
+    synthesizers = SYNTHESIZERS if model == "lstm" else GPT_SYNTHESIZERS
+    if args.synthesizer not in synthesizers:
+        parser.error(f"argument --synthesizer: {args.synthesizer} is not a synthesizer of "
+                     f"--model {model} (choose from {', '.join(synthesizers)})")
+    for other, flags in MODEL_FLAGS.items():
+        for dest, default in flags.items():
+            given = getattr(args, dest)
+            if other != model and given is not None:
+                parser.error(f"argument --{dest.replace('_', '-')}: is a flag of --model "
+                             f"{other}, not {model}")
+            if other == model and given is None:
+                setattr(args, dest, default)
+    if args.lr is None:
+        args.lr = LEARNING_RATES[model]
+    if model == "lstm" and args.target_decay >= 1:
         parser.error("argument --target-decay: must be below 1")
+    if model == "gpt":
+        if args.width % args.heads:
+            parser.error(f"argument --heads: --width {args.width} is not a multiple of "
+                         f"{args.heads}")
+        if args.method == "bp" and (args.cuts is not None or args.conditioned):
+            parser.error("argument --cuts/--conditioned: for --method dni, not bp")
+        if args.method == "bp":
+            return args
+        if args.cuts is None:
+            args.cuts = [args.layers // 2]
+        if any(cut > args.layers for cut in args.cuts) or len(set(args.cuts)) < len(args.cuts):
+            parser.error(f"argument --cuts: distinct blocks from 0 to --layers {args.layers}, "
+                         f"got {' '.join(map(str, args.cuts))}")
+        args.cuts = sorted(args.cuts)
     return args

@@ -1,11 +1,16 @@
-"""Character language modelling with truncated BPTT, DNI or DNI+Aux: the training text as
-parallel streams cut into windows of T characters, one optimizer step per window, the state
-carried from window to window; validation bits per character on a schedule, early stopping on
-it, and the test split scored with the best validation model.
+"""Character language modelling: an LSTM trained with truncated BPTT, DNI or DNI+Aux (the
+training text as parallel streams cut into windows of T characters, one optimizer step per
+window, the state carried from window to window), or a GPT trained with backprop or DNI at
+cuts between its blocks (a batch of random windows of --context characters per step).
+Validation bits per character on a schedule, early stopping on it, and the test split scored
+with the best validation model. One loop (`_LanguageModelLoop`) holds what both share; each
+model's step, scoring and diagnostic are its subclass's.
 
-Units: a window's loss is the sum over its T steps of the batch-mean cross-entropy (nats), as
-`dni.recurrent` expects (a batch-mean loss, B examples); bits per character are the mean
-cross-entropy per scored character divided by ln 2.
+Units: an LSTM window's loss is the sum over its T steps of the batch-mean cross-entropy
+(nats), as `dni.recurrent` expects (a batch-mean loss, B examples). A GPT step's loss is the
+mean cross-entropy over all B T predicted characters, so `DNI` counts the positions into the
+batch (dni.interface.examples_in). Bits per character are the mean cross-entropy per scored
+character divided by ln 2.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from experiment.loop import TrainingLoop
 from experiment.records import load_checkpoint, write_config, write_json
 from experiment.rnn_train import future_gradient_cosine
 from experiment.train import first_nonfinite_gradient
-from model import SequenceModel
+from model import GPT, SequenceModel
 
 COLUMNS = ["train_bpc", "valid_bpc", "best_valid_bpc", "sg_loss", "aux_loss",
            "sg_cos"]
@@ -110,6 +115,67 @@ def make_optimizer(model: SequenceModel, args) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups)
 
 
+def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The GPT's loss: the mean cross-entropy over every predicted character of the batch
+    (B T of them), in nats."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+@torch.no_grad()
+def evaluate_gpt_bpc(model: nn.Module, ids: torch.Tensor, context: int,
+                     batch_size: int = 64) -> float:
+    """Bits per character of a text under a GPT, read as consecutive windows of `context`
+    characters, each from no context (every character after the text's first is scored)."""
+    was_training = model.training
+    model.eval()
+    inputs, targets = ids[:-1], ids[1:]
+    full = len(inputs) // context
+    windows = [(inputs[:full * context].view(full, context),
+                targets[:full * context].view(full, context))]
+    if len(inputs) > full * context:      # the tail, a shorter window
+        windows.append((inputs[full * context:][None], targets[full * context:][None]))
+    nats, count = 0.0, 0
+    for x, y in windows:
+        for start in range(0, len(x), batch_size):
+            logits = model(x[start:start + batch_size])
+            nats += F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                    y[start:start + batch_size].reshape(-1),
+                                    reduction="sum").item()
+        count += y.numel()
+    model.train(was_training)
+    return nats / count / math.log(2)
+
+
+def gpt_synthesizer_options(args) -> dict:
+    """What lm.py's flags give the synthesizer at each GPT cut (dni.synthesizer_factory)."""
+    if args.synthesizer == "mlp":
+        return {"hidden_size": args.synth_hidden, "num_layers": 2}
+    if args.synthesizer == "sequence_conv":
+        return {"hidden_size": args.synth_hidden}
+    return {}
+
+
+def build_gpt(args, vocab_size: int, device: torch.device
+              ) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The GPT lm.py's flags describe and its Adam; under dni, wrapped as `DNI(gpt,
+    optim=opt, blocks=cuts)` (the synthesizers a group of the same Adam at --synth-lr), cDNI's
+    context each position's target character."""
+    from dni import DNI
+
+    net = GPT(vocab_size, width=args.width, layers=args.layers, heads=args.heads,
+              context=args.context).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    if args.method == "bp":
+        return net, optimizer
+    model = DNI(net, optim=optimizer, synthesizer=args.synthesizer,
+                blocks=[str(cut) for cut in args.cuts],
+                context_size=vocab_size if args.conditioned else 0,
+                synthesizer_lr=args.synth_lr,
+                example_input=torch.zeros(1, args.context, dtype=torch.int64, device=device),
+                **gpt_synthesizer_options(args))
+    return model, optimizer
+
+
 @dataclass
 class RunState:
     """Where a run stands, besides model, optimizer, carried state and best model."""
@@ -117,8 +183,8 @@ class RunState:
     step: int = 0
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
-    epoch: int = 0                 # passes over the training text completed
-    window: int = 0                # the next window of this epoch
+    epoch: int = 0                 # lstm: passes over the training text completed
+    window: int = 0                # lstm: the next window of this epoch
     best_valid_bpc: float = math.inf
     best_step: int = 0
     evals_since_best: int = 0
@@ -127,46 +193,52 @@ class RunState:
 
 
 class _LanguageModelLoop(TrainingLoop):
-    """lm.py's step: the next window of every stream through truncated BPTT; a period is
-    --eval-every steps, ending in a validation, a printed line and a checkpoint."""
+    """lm.py's loop, whatever the model: a period is --eval-every steps, ending in a
+    validation, a printed line and a checkpoint; early stopping on validation. A subclass
+    gives the step, the scoring of a text, the synthetic gradient's cosine and the epochs
+    done."""
 
-    def __init__(self, args, model: SequenceModel, optimizer, text: TextSplits, out_dir: Path,
+    def __init__(self, args, model: nn.Module, optimizer, text: TextSplits, out_dir: Path,
                  device: torch.device, checkpoint: dict | None,
-                 on_step: Callable[[int], None] | None):
+                 on_step: Callable[[int], None] | None, clipped: list[nn.Parameter]):
         super().__init__(out_dir, model, optimizer,
                          torch.Generator().manual_seed(args.seed), device, RunState(),
                          COLUMNS, checkpoint)
         self.args, self.text, self.on_step = args, text, on_step
-        self.streams = as_streams(text.train, args.batch_size).to(device)
-        self.windows = (self.streams.shape[1] - 1) // args.truncation
-        if self.windows < 1:
-            raise UserError(f"--corpus {args.corpus}: the training text is too short for "
-                            f"{args.batch_size} streams of windows of {args.truncation + 1}")
         self.valid = text.valid.to(device)
-        self.carried = None            # the LSTM state at the streams' position
         self.best_model = copy.deepcopy(model.state_dict())
-        self.network = list(model.named_parameters())
-        self.clipped = model.network_parameters()
+        self.checked = list(model.named_parameters())
+        self.clipped = clipped         # the network's parameters, not the synthesizers'
         self.period_start = 0
-        if checkpoint is not None:
-            self.restore(checkpoint)
 
+    # what each model defines
+    def evaluate(self, ids: torch.Tensor) -> float:
+        """Bits per character of a text (1-D ids on the device) under the model."""
+        raise NotImplementedError
+
+    def cosine(self) -> float | None:
+        """The synthetic gradient's cosine to the true one, on a fixed probe (None: no DNI)."""
+        raise NotImplementedError
+
+    def epochs_done(self) -> float:
+        """Passes over the training text so far."""
+        raise NotImplementedError
+
+    # shared
     def restore(self, checkpoint: dict) -> list[float]:
         flag_lrs = super().restore(checkpoint)
         for group, lr in zip(self.optimizer.param_groups, flag_lrs):  # flags given now win
             group["lr"] = lr
         self.state = RunState(**checkpoint["state"])
         self.best_model = checkpoint["best_model"]
-        carried = checkpoint["carried"]
-        self.carried = None if carried is None else tuple(x.to(self.device) for x in carried)
         return flag_lrs
 
     def snapshot(self) -> dict:
-        return {**super().snapshot(), "best_model": self.best_model, "carried": self.carried}
+        return {**super().snapshot(), "best_model": self.best_model}
 
     def finished(self) -> bool:
         state, args = self.state, self.args
-        return (state.epoch >= args.epochs or state.evals_since_best >= args.patience
+        return (self.epochs_done() >= args.epochs or state.evals_since_best >= args.patience
                 or (args.steps is not None and state.step >= args.steps))
 
     def begin_period(self) -> None:
@@ -178,66 +250,44 @@ class _LanguageModelLoop(TrainingLoop):
                                    and step % self.args.eval_every == 0)
 
     def progress(self) -> tuple[int, int, str]:
-        args, done = self.args, self.state.step - self.period_start
-        return args.eval_every, done, f"{args.method} T={args.truncation} epoch {self.state.epoch}"
+        done = self.state.step - self.period_start
+        return self.args.eval_every, done, f"{describe(self.args)} epoch {int(self.epochs_done())}"
 
-    def train_step(self) -> None:
-        args, state = self.args, self.state
-        t0 = state.window * args.truncation
-        window = self.streams[:, t0:t0 + args.truncation + 1]
-        targets = window[:, 1:].t()
-        continues = state.window + 1 < self.windows
-        self.optimizer.zero_grad(set_to_none=True)
-        report = self.model.trainer(one_hot_inputs(window[:, :-1], self.text.vocab_size),
-                                    window_loss(targets), state=self.carried,
-                                    continues=continues)
+    def check_and_step(self, loss: torch.Tensor, synthesizer_loss: torch.Tensor | None,
+                       advice: str) -> None:
+        """Refuse a non-finite loss or gradient (one line), clip, and step the optimizer."""
         bad = None
-        if not torch.isfinite(report.loss):
+        if not torch.isfinite(loss):
             bad = "loss"
-        elif report.synthesizer_loss is not None and not torch.isfinite(report.synthesizer_loss):
+        elif synthesizer_loss is not None and not torch.isfinite(synthesizer_loss):
             bad = "synthetic-gradient loss"
         else:
-            bad = first_nonfinite_gradient(self.network)
+            bad = first_nonfinite_gradient(self.checked)
         if bad:
-            raise self.diverged(bad, "lower --lr or --discount")
-        if args.clip > 0:
-            nn.utils.clip_grad_norm_(self.clipped, args.clip)
+            raise self.diverged(bad, advice)
+        if self.args.clip > 0:
+            nn.utils.clip_grad_norm_(self.clipped, self.args.clip)
         self.optimizer.step()
-        sums = state.sums
-        sums["nats"] += report.loss.item() * targets.shape[1]
-        sums["chars"] += targets.numel()
-        if report.synthesizer_loss is not None:
-            sums["sg"] += report.synthesizer_loss.item()
-        if report.aux_loss is not None:
-            sums["aux"] += report.aux_loss.item()
+
+    def add_to_sums(self, nats: float, chars: int, synthesizer_loss: torch.Tensor | None,
+                    aux_loss: torch.Tensor | None) -> None:
+        """Count one step into the period's training means."""
+        sums = self.state.sums
+        sums["nats"] += nats
+        sums["chars"] += chars
+        if synthesizer_loss is not None:
+            sums["sg"] += synthesizer_loss.item()
+        if aux_loss is not None:
+            sums["aux"] += aux_loss.item()
         sums["n"] += 1
-        if continues:
-            self.carried, state.window = report.state, state.window + 1
-        else:                           # the end of the text: the next epoch starts afresh
-            self.carried, state.window, state.epoch = None, 0, state.epoch + 1
 
     def after_step(self) -> None:
         if self.on_step is not None:
             self.on_step(self.state.step)
 
-    def cosine(self) -> float | None:
-        """The synthetic gradient's mean cosine to the true (discounted) gradient of the
-        future at the window edges of the next COSINE_WINDOWS windows (DNI only)."""
-        args, state = self.args, self.state
-        if args.method == "bptt":
-            return None
-        t0 = state.window * args.truncation
-        span = self.streams[:, t0:t0 + COSINE_WINDOWS * args.truncation + 1]
-        if span.shape[1] < 2 * args.truncation + 1:
-            return None
-        targets = span[:, 1:].t()
-        return future_gradient_cosine(self.model.trainer,
-                                      one_hot_inputs(span[:, :-1], self.text.vocab_size),
-                                      window_loss(targets), state=self.carried)
-
     def end_period(self) -> None:
         args, state = self.args, self.state
-        valid_bpc = evaluate_bpc(self.model, self.valid, self.text.vocab_size)
+        valid_bpc = self.evaluate(self.valid)
         if valid_bpc < state.best_valid_bpc:
             state.best_valid_bpc, state.best_step, state.evals_since_best = \
                 valid_bpc, state.step, 0
@@ -245,13 +295,12 @@ class _LanguageModelLoop(TrainingLoop):
         else:
             state.evals_since_best += 1
         sums, n = state.sums, max(state.sums["n"], 1)
-        with_synthesizer = args.method != "bptt"
         row = {"kind": "step", "step": state.step, "wall_seconds": state.wall_seconds,
-               "epoch": state.epoch + state.window / self.windows,
+               "epoch": self.epochs_done(),
                "train_loss": sums["nats"] / max(sums["chars"], 1),
                "train_bpc": sums["nats"] / max(sums["chars"], 1) / math.log(2),
                "valid_bpc": valid_bpc, "best_valid_bpc": state.best_valid_bpc,
-               "sg_loss": sums["sg"] / n if with_synthesizer else None,
+               "sg_loss": sums["sg"] / n if uses_synthesizer(args) else None,
                "aux_loss": sums["aux"] / n if args.method == "dni_aux" else None,
                "sg_cos": self.cosine()}
         self.log.write(row)
@@ -269,6 +318,148 @@ class _LanguageModelLoop(TrainingLoop):
         state.sums = RunState().sums
 
 
+class _RecurrentLoop(_LanguageModelLoop):
+    """The LSTM's step: the next window of every stream through truncated BPTT, the state
+    carried to the next."""
+
+    def __init__(self, args, model: SequenceModel, optimizer, text: TextSplits, out_dir: Path,
+                 device: torch.device, checkpoint: dict | None,
+                 on_step: Callable[[int], None] | None):
+        super().__init__(args, model, optimizer, text, out_dir, device, checkpoint, on_step,
+                         model.network_parameters())
+        self.streams = as_streams(text.train, args.batch_size).to(device)
+        self.windows = (self.streams.shape[1] - 1) // args.truncation
+        if self.windows < 1:
+            raise UserError(f"--corpus {args.corpus}: the training text is too short for "
+                            f"{args.batch_size} streams of windows of {args.truncation + 1}")
+        self.carried = None            # the LSTM state at the streams' position
+        if checkpoint is not None:
+            self.restore(checkpoint)
+
+    def restore(self, checkpoint: dict) -> list[float]:
+        flag_lrs = super().restore(checkpoint)
+        carried = checkpoint["carried"]
+        self.carried = None if carried is None else tuple(x.to(self.device) for x in carried)
+        return flag_lrs
+
+    def snapshot(self) -> dict:
+        return {**super().snapshot(), "carried": self.carried}
+
+    def epochs_done(self) -> float:
+        return self.state.epoch + self.state.window / self.windows
+
+    def evaluate(self, ids: torch.Tensor) -> float:
+        return evaluate_bpc(self.model, ids, self.text.vocab_size)
+
+    def train_step(self) -> None:
+        args, state = self.args, self.state
+        t0 = state.window * args.truncation
+        window = self.streams[:, t0:t0 + args.truncation + 1]
+        targets = window[:, 1:].t()
+        continues = state.window + 1 < self.windows
+        self.optimizer.zero_grad(set_to_none=True)
+        report = self.model.trainer(one_hot_inputs(window[:, :-1], self.text.vocab_size),
+                                    window_loss(targets), state=self.carried,
+                                    continues=continues)
+        self.check_and_step(report.loss, report.synthesizer_loss, "lower --lr or --discount")
+        self.add_to_sums(report.loss.item() * targets.shape[1], targets.numel(),
+                         report.synthesizer_loss, report.aux_loss)
+        if continues:
+            self.carried, state.window = report.state, state.window + 1
+        else:                           # the end of the text: the next epoch starts afresh
+            self.carried, state.window, state.epoch = None, 0, state.epoch + 1
+
+    def cosine(self) -> float | None:
+        """The synthetic gradient's mean cosine to the true (discounted) gradient of the
+        future at the window edges of the next COSINE_WINDOWS windows (DNI only)."""
+        args, state = self.args, self.state
+        if args.method == "bptt":
+            return None
+        t0 = state.window * args.truncation
+        span = self.streams[:, t0:t0 + COSINE_WINDOWS * args.truncation + 1]
+        if span.shape[1] < 2 * args.truncation + 1:
+            return None
+        targets = span[:, 1:].t()
+        return future_gradient_cosine(self.model.trainer,
+                                      one_hot_inputs(span[:, :-1], self.text.vocab_size),
+                                      window_loss(targets), state=self.carried)
+
+
+class _TransformerLoop(_LanguageModelLoop):
+    """The GPT's step: a batch of --batch-size random windows of --context + 1 characters of
+    the training text (drawn from the loop's generator), one Adam step on the mean
+    cross-entropy of all their next characters; under dni, each cut's block learns from its
+    synthetic gradient during the forward pass."""
+
+    def __init__(self, args, model: nn.Module, optimizer, text: TextSplits, out_dir: Path,
+                 device: torch.device, checkpoint: dict | None,
+                 on_step: Callable[[int], None] | None):
+        net = model.net if uses_synthesizer(args) else model
+        super().__init__(args, model, optimizer, text, out_dir, device, checkpoint, on_step,
+                         list(net.parameters()))
+        self.train_ids = text.train.to(device)
+        if len(self.train_ids) < args.context + 2:
+            raise UserError(f"--corpus {args.corpus}: the training text is shorter than one "
+                            f"window of --context {args.context} + 1 characters")
+        self.offsets = torch.arange(args.context + 1)
+        # the cosine's probe: fixed windows, drawn apart from training's random stream
+        self.probe = self.draw_windows(torch.Generator().manual_seed(args.seed + 1))
+        if checkpoint is not None:
+            self.restore(checkpoint)
+
+    def draw_windows(self, generator: torch.Generator) -> torch.Tensor:
+        """--batch-size random windows of --context + 1 training characters, (B, context + 1)."""
+        args = self.args
+        starts = torch.randint(0, len(self.train_ids) - args.context, (args.batch_size,),
+                               generator=generator)
+        return self.train_ids[(starts[:, None] + self.offsets).to(self.device)]
+
+    def epochs_done(self) -> float:
+        args = self.args
+        return self.state.step * args.batch_size * args.context / len(self.train_ids)
+
+    def evaluate(self, ids: torch.Tensor) -> float:
+        return evaluate_gpt_bpc(self.model, ids, self.args.context)
+
+    def train_step(self) -> None:
+        windows = self.draw_windows(self.generator)
+        inputs, targets = windows[:, :-1], windows[:, 1:]
+        self.optimizer.zero_grad(set_to_none=True)
+        conditioned = uses_synthesizer(self.args) and self.args.conditioned
+        logits = self.model(inputs, context=targets) if conditioned else self.model(inputs)
+        loss = token_loss(logits, targets)
+        loss.backward()
+        synthesizer_loss = None
+        if uses_synthesizer(self.args):
+            synthesizer_loss = torch.stack([i.last_loss for i in self.model.interfaces]).mean()
+        self.check_and_step(loss, synthesizer_loss, "lower --lr or --synth-lr")
+        self.add_to_sums(loss.item() * targets.numel(), targets.numel(), synthesizer_loss,
+                         None)
+
+    def cosine(self) -> float | None:
+        """The synthetic gradient's cosine to the true dL/dh at the cuts (mean over them), on
+        a fixed probe batch of training windows (DNI only)."""
+        args = self.args
+        if not uses_synthesizer(args):
+            return None
+        inputs, targets = self.probe[:, :-1], self.probe[:, 1:]
+        cosines = self.model.gradient_cosines(token_loss, inputs, targets,
+                                              context=targets if args.conditioned else None)
+        return sum(cosines) / len(cosines)
+
+
+def uses_synthesizer(args) -> bool:
+    """Whether lm.py's flags train with synthetic gradients."""
+    return args.method not in ("bptt", "bp")
+
+
+def describe(args) -> str:
+    """A run in a few words: the method and the LSTM's T, or the GPT's method."""
+    if args.model == "lstm":
+        return f"{args.method} T={args.truncation}"
+    return f"gpt {'cdni' if uses_synthesizer(args) and args.conditioned else args.method}"
+
+
 def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     """Run (or resume) one language-model run; write its records; return summary.json's."""
     device = resolve_device(args.device)
@@ -279,9 +470,14 @@ def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     out_dir = prepare_out_dir(args.out, "lm")
     write_config(out_dir, "lm.py", args, device)
     torch.manual_seed(args.seed)
-    model = build_model(args, text.vocab_size).to(device)
-    loop = _LanguageModelLoop(args, model, make_optimizer(model, args), text, out_dir, device,
+    if args.model == "lstm":
+        model = build_model(args, text.vocab_size).to(device)
+        loop = _RecurrentLoop(args, model, make_optimizer(model, args), text, out_dir, device,
                               checkpoint, on_step)
+    else:
+        model, optimizer = build_gpt(args, text.vocab_size, device)
+        loop = _TransformerLoop(args, model, optimizer, text, out_dir, device, checkpoint,
+                                on_step)
     loop.run()
     return _write_summary(args, loop, text, out_dir, device)
 
@@ -292,27 +488,36 @@ def _write_summary(args, loop: _LanguageModelLoop, text: TextSplits, out_dir: Pa
     state, model = loop.state, loop.model
     final = copy.deepcopy(model.state_dict())
     model.load_state_dict(loop.best_model)
-    valid_bpc = evaluate_bpc(model, text.valid.to(device), text.vocab_size)
-    test_bpc = evaluate_bpc(model, text.test.to(device), text.vocab_size)
+    valid_bpc = loop.evaluate(text.valid.to(device))
+    test_bpc = loop.evaluate(text.test.to(device))
     model.load_state_dict(final)
     stopped = ("early" if state.evals_since_best >= args.patience else
-               "epochs" if state.epoch >= args.epochs else "steps")
+               "epochs" if loop.epochs_done() >= args.epochs else "steps")
+    synthetic = uses_synthesizer(args)
     summary = {
-        "model": args.model, "method": args.method, "truncation": args.truncation,
-        "corpus": args.corpus, "valid_bpc": valid_bpc, "test_bpc": test_bpc,
+        "model": args.model, "method": args.method, "corpus": args.corpus,
+        "valid_bpc": valid_bpc, "test_bpc": test_bpc,
         "best_step": state.best_step, "steps": state.step,
-        "epochs": state.epoch + state.window / loop.windows, "stopped_by": stopped,
+        "epochs": loop.epochs_done(), "stopped_by": stopped,
         "train_seconds": state.train_seconds,
         "steps_per_s": state.step / state.train_seconds if state.train_seconds else math.nan,
-        "seed": args.seed, "batch_size": args.batch_size, "hidden": args.hidden,
+        "seed": args.seed, "batch_size": args.batch_size,
         "lr": args.lr, "synth_lr": args.synth_lr, "synthesizer": args.synthesizer,
-        "discount": args.discount, "center": args.center,
-        "target_decay": args.target_decay if args.method != "bptt" else 0.0,
-        "aux_weight": args.aux_weight if args.method == "dni_aux" else 0.0,
-        "vocab_size": text.vocab_size, "device": str(device), "argv": sys.argv,
     }
+    if args.model == "lstm":
+        summary.update({
+            "truncation": args.truncation, "hidden": args.hidden,
+            "discount": args.discount, "center": args.center,
+            "target_decay": args.target_decay if synthetic else 0.0,
+            "aux_weight": args.aux_weight if args.method == "dni_aux" else 0.0})
+    else:
+        summary.update({
+            "context": args.context, "width": args.width, "layers": args.layers,
+            "heads": args.heads, "cuts": args.cuts if synthetic else [],
+            "conditioned": bool(synthetic and args.conditioned)})
+    summary.update({"vocab_size": text.vocab_size, "device": str(device), "argv": sys.argv})
     write_json(out_dir / "summary.json", summary)
-    print(f"{args.method} T={args.truncation}: test {test_bpc:.4f} bpc, valid {valid_bpc:.4f} "
+    print(f"{describe(args)}: test {test_bpc:.4f} bpc, valid {valid_bpc:.4f} "
           f"(best at step {state.best_step} of {state.step}, stopped by {stopped}); "
           f"run records in {out_dir}", flush=True)
     return summary
