@@ -59,15 +59,11 @@ def parse_args():
     """The baseline flags plus the DNI ones."""
     parser = training_parser(
         __doc__, epochs=None, batch_size=None, lr=1e-3,
-        epochs_help="passes over the training set (default: the baseline script's budget, "
-                    "mlp 20 as mlp.py, cnn 10 as cnn.py)",
-        batch_size_help="examples per mini-batch (default: mlp 256 with an interface after "
-                        "every block, best for it in bench/README.md's search, and 128 with edge "
-                        "interfaces or --interfaces-at, as mlp.py; cnn 64, as cnn.py)",
-        log_every_help="every N steps, write a metrics.csv row (its sg_loss: the mean since "
-                       "the last row) and measure each interface's cosine to the true gradient, "
-                       "which is also measured on every epoch's last step; epoch rows hold the "
-                       "epoch's mean of each (0: epoch rows only)")
+        epochs_help="passes over the training set (default: mlp 20 as mlp.py, cnn 10 as cnn.py)",
+        batch_size_help="examples per mini-batch (default: mlp 256, or 128 with edge interfaces "
+                        "or --interfaces-at; cnn 64)",
+        log_every_help="every N steps, write a metrics.csv row and measure each interface's "
+                       "cosine to the true gradient (0: epoch rows only)")
     parser.add_argument("--model_type", "--model-type", choices=MODEL_TYPES, default="mlp",
                         help="network to train")
     add_switch(parser, "--conditioned", "cDNI: synthesizers also see the one-hot label")
@@ -79,41 +75,37 @@ def parse_args():
                         help="synthesizer layers, the zero-initialised output layer included "
                              "(default: 1 linear and conv, 3 mlp)")
     parser.add_argument("--synth-lr", type=learning_rate, default=None,
-                        help="Adam learning rate of the synthesizers, decayed as --schedule says "
-                             "(default: mlp 1e-2 for DNI, 1e-3 for cDNI; cnn 1e-3 for DNI, "
-                             "1e-4 for cDNI; see bench/README.md)")
+                        help="Adam learning rate of the synthesizers (default: mlp 1e-2 for DNI, "
+                             "1e-3 for cDNI; cnn 1e-3 for DNI, 1e-4 for cDNI)")
     parser.add_argument("--grad-scale", type=positive_float, default=1.0,
                         help="multiplier on every synthetic gradient a block receives")
     add_switch(parser, "--center-gradients", "subtract the batch mean from the synthetic "
-               "gradient of every interface but the top one, whose synthesizer is fit on the "
-               "true gradient (the library's default; False: the paper's DNI)", default=True)
+               "gradient of every interface but the top one (False: the paper's DNI)",
+               default=True)
     add_switch(parser, "--forward-unlock", "feed each block above an interface a synthetic "
                "input predicted from the image (forward unlocking)")
     parser.add_argument("--baseline", nargs="+", default=None, metavar="RUN_DIR",
-                        help="at the end, draw the figures of this run beside these runs "
-                             "(e.g. an mlp.py run) into the run folder (default: none)")
+                        help="at the end, draw this run's figures beside these runs' (e.g. an "
+                             "mlp.py run's) into the run folder (default: none)")
     parser.add_argument("--interfaces-at", type=positive_int, nargs="+", default=None,
                         metavar="BLOCK",
-                        help="one process: interfaces only after these blocks (1: the first "
-                             "hidden block), backprop between them; the twin of a pipeline "
-                             "whose stages end there, e.g. --interfaces-at 1 for --stages 1 3 "
-                             "(default: after every hidden block)")
+                        help="one process: interfaces only after these blocks (1: the first), "
+                             "backprop between, as --stages would (default: every hidden block)")
     parser.add_argument("--stages", type=positive_int, nargs="+", default=None, metavar="BLOCKS",
                         help="under torchrun: blocks per pipeline stage, one number per process "
                              "(default: balanced by counted operations)")
     parser.add_argument("--interfaces", choices=INTERFACE_MODES, default=None,
-                        help="under torchrun: edges (default) puts one synthesizer at each "
-                             "stage's output and backprops inside a stage; all puts one after "
-                             "every block, as one process does without --interfaces-at")
+                        help="under torchrun: edges (default): an interface at each stage's "
+                             "output, backprop inside a stage; all: one after every block")
     parser.add_argument("--message-dtype", choices=MESSAGE_DTYPES, default="float32",
                         help="under torchrun: the dtype activations and gradients travel in "
                              "between stages")
     parser.add_argument("--staleness", type=nonnegative_int, default=1,
-                        help="under torchrun: how many mini-batches a stage's synthesizer update "
-                             "may lag behind its blocks (0: lockstep, equal to one process)")
+                        help="under torchrun: mini-batches a stage's synthesizer update may lag "
+                             "its blocks (0: lockstep, as one process)")
     parser.add_argument("--timeout", type=positive_float, default=60.0,
                         help="under torchrun: seconds to wait for a neighbouring stage before "
-                             "stopping with an error")
+                             "an error")
     add_model_arguments(parser)
     # runs saved before edge interfaces / before centred gradients ran without them
     args = parse_training_args(parser, absent={"interfaces": "all", "center_gradients": False},

@@ -87,9 +87,9 @@ def main() -> None:
                         default=["bp", "dni", "cdni"], help="training methods")
     parser.add_argument("--epochs", type=positive_int, default=20, help="epochs of every run")
     parser.add_argument("--cnn-epochs", type=positive_int, default=None,
-                        help="epochs of the CNN runs (None: as --epochs)")
+                        help="epochs of the CNN runs (default: as --epochs)")
     parser.add_argument("--train-size", type=positive_int, default=None,
-                        help="first N training examples only (None: all 60000)")
+                        help="first N training examples only (default: all 60000)")
     parser.add_argument("--results", type=Path, default=ROOT / "runs" / "bench-mnist",
                         help="folder of the run folders, kept between invocations")
     parser.add_argument("--steps-only", action="store_true", help="only the step-cost table")

@@ -386,13 +386,11 @@ def main() -> None:
     parser.add_argument("--updates", type=positive_int, default=UPDATES,
                         help="updates of each run (the paper's 500k)")
     parser.add_argument("--engine", choices=["graphs", "scripts"], default=None,
-                        help="graphs: all runs in this process, CUDA graph steps; scripts: "
-                             "main.py / mlp.py one after another (default: graphs when a GPU "
-                             "is there, else scripts)")
+                        help="graphs: all runs in this process as CUDA graphs; scripts: main.py "
+                             "/ mlp.py runs (default: graphs with a GPU, else scripts)")
     parser.add_argument("--stop-after", type=positive_float, default=float("inf"),
-                        help="graphs engine: seconds of training after which the runs are saved "
-                             "at the next epoch's end and the command stops (run it again to "
-                             "go on)")
+                        help="graphs engine: after this many seconds of training, save at the "
+                             "epoch's end and stop (run again to go on)")
     add_jobs_argument(parser, "scripts engine: ")
     parser.add_argument("--checkpoint-every", type=positive_int, default=50,
                         help="graphs engine: epochs between checkpoints of every run")

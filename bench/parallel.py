@@ -45,7 +45,7 @@ from torch import nn
 
 from bench.timing import measured_costs, one_pinned_thread
 from dni.pipeline import check_counts
-from experiment.cli import Parser, nonnegative_int, positive_int, run
+from experiment.cli import Parser, RawDescriptionHelpFormatter, nonnegative_int, positive_int, run
 from experiment.train import adam
 
 ROWS = ("bp", "dni-1core", "dni-allcores", "dni-pipeline", "edges-1core", "edges-pipeline",
@@ -469,34 +469,31 @@ def print_table(title: str, results: dict) -> None:
 
 def main() -> None:
     """Parse flags; run as a worker under torchrun, or run every row and print the tables."""
-    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__, formatter_class=RawDescriptionHelpFormatter)
     parser.add_argument("--stages", type=positive_int, default=2,
-                        help="processes (pipeline stages) (default 2)")
-    parser.add_argument("--epochs", type=positive_int, default=1, help="epochs per row (default 1)")
-    parser.add_argument("--width", type=positive_int, default=256, help="MLP width (default 256)")
+                        help="processes (pipeline stages)")
+    parser.add_argument("--epochs", type=positive_int, default=1, help="epochs per row")
+    parser.add_argument("--width", type=positive_int, default=256, help="MLP width")
     parser.add_argument("--train-size", type=positive_int, default=59904,
-                        help="training examples, a multiple of 256 so every batch is full "
-                             "(default 59904)")
+                        help="training examples, a multiple of 256 so every batch is full")
     parser.add_argument("--wide-width", type=nonnegative_int, default=2048,
-                        help="width of the wide variant (0: skip; default 2048)")
+                        help="width of the wide variant (0: skip)")
     parser.add_argument("--wide-depth", type=positive_int, default=6,
-                        help="hidden blocks of the wide variant; with 6 the best split of "
-                             "two stages, [3, 4], is nearly even (default 6)")
+                        help="hidden blocks of the wide variant")
     parser.add_argument("--wide-train-size", type=positive_int, default=10240,
-                        help="training examples of the wide variant (default 10240)")
+                        help="training examples of the wide variant")
     parser.add_argument("--microbatches", type=positive_int, default=4,
-                        help="microbatches per batch for the pipelining schedules (default 4)")
+                        help="microbatches per batch for the pipelining schedules")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS),
                         help="rows to run (default: all)")
     parser.add_argument("--repeats", type=positive_int, default=3,
-                        help="pairs of bp and edges-pipeline runs, each pair one right after "
-                             "the other; their median ratio is reported (default 3)")
+                        help="pairs of bp and edges-pipeline runs, one right after the other; "
+                             "the median ratio is reported")
     parser.add_argument("--split", type=positive_int, nargs="+", default=None,
                         help="blocks per stage of the MLP (default: balanced by measured step "
                              "times, edge synthesizers included)")
     parser.add_argument("--wide-split", type=positive_int, nargs="+", default=None,
-                        help="blocks per stage of the wide variant (default: balanced by "
-                             "measured step times, edge synthesizers included)")
+                        help="blocks per stage of the wide variant (default: as --split)")
     parser.add_argument("--depth", type=int, default=3, help=argparse.SUPPRESS)  # a worker's
     parser.add_argument("--stage-blocks", type=int, nargs="+", default=None,
                         help=argparse.SUPPRESS)  # a worker's split, set by the runner

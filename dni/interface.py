@@ -1,42 +1,22 @@
-"""The decoupled neural interface: the whole synthetic-gradient algorithm, for one block edge.
+"""The decoupled neural interface: the synthetic-gradient algorithm for one block edge.
 
-For a block f_i with output h_i and the next block f_{i+1}:
+For a block f_i with output h_i, the next block f_{i+1} and a loss averaged over B examples:
 
     g_i = S_i(h_i.detach(), c) / B        synthetic gradient (c: context, e.g. one-hot label)
     h_i.backward(scale * g_i)             block i has its gradient now (update-unlocked)
-    in_{i+1} = bridge(h_i.detach(), g_i)  what block i+1 sees: h_i's value, no path below it
+    in_{i+1} = bridge(h_i.detach(), g_i)  block i+1's input: a copy of h_i, no path below it
+    fit S_i on ||S_i - B d_i||^2          summed over features, mean over the batch
 
-`bridge` is the identity going forward. Going backward it receives d_i, the gradient that
-block i+1's backward delivers at its input (the true dL/dh at the top interface, block i+1's
-synthetic gradient pushed back through f_{i+1} below it), and hands S_i the gradient of its
-regression loss ||g_i - d_i||^2. Nothing flows further down: the true loss gradient never
-reaches the blocks below an interface. The bridge's output is a copy of h_i, so block i+1 may
-write its input in place (ReLU(inplace=True) first) without touching the h_i that S_i saved.
-
-More than one path above: when in_{i+1} reaches the loss along several paths (a skip past
-block i+1 into the head, or two blocks with interfaces reading it), d_i is the sum of what
-comes back along all of them, each in the loss's units, and S_i is fit once on that sum. The
-gradients arrive in separate backward passes (block i+1's synthetic one during the forward
-pass, the loss's after it); the regression gradient is linear in d_i, so the first pass
-brings (2 / B) (S - unit d) for its part of d and each later one -(2 / B) unit d for its own.
-The interfaces' backward passes keep their graphs for this (the loss's frees them). Block i
-still receives only g_i.
-
-Units: a loss averaged over a batch of B examples has dL/dh = (1/B) * (each example's own
-gradient). The synthesizer predicts the per-example gradient S = B * g, a function of one
-example that does not depend on B, and is fit on B * d with ||S - B d||^2 (summed over
-features, mean over the batch): the same regression up to a constant factor, scaled for
-optimizers like Adam. `batch_mean=False` (losses summed over the batch) makes B = 1.
-
-Sequences: a 3-D activation is a sequence (B, T, d), batch first and features last, and its
-loss is taken to average over every position (a language model's cross-entropy over all B T
-tokens). Its positions count into the batch: B above is B T (`examples_in`, the one place
-this is decided), so S predicts the gradient of the sum of the token losses at one position,
-and the fit, like the centring, averages over all B T positions.
-
-`scale` (grad_scale) multiplies only what block i receives. A target that arrives through a
-scaled synthetic backward is divided by that scale again, so every synthesizer predicts the
-gradient in the loss's units and scales never compound down a stack of interfaces.
+d_i is the gradient block i+1's backward delivers at its input (the true dL/dh at the top
+interface, below it block i+1's synthetic gradient pushed back through f_{i+1}), divided by
+the grad_scale it was sent under: every synthesizer predicts the per-example gradient in the
+loss's units, `scale` multiplies only what block i receives, and scales never compound down a
+stack. The true loss gradient never reaches the blocks below an interface. Block i+1 may write
+its input in place (ReLU(inplace=True) first). Where in_{i+1} reaches the loss along several
+paths (a skip into the head), d_i is the sum of what comes back along all of them; block i
+still receives only g_i. `batch_mean=False` (a loss summed over the batch) makes B = 1.
+A 3-D activation is a sequence (B, T, d) whose loss averages over all B T positions: B is then
+B T (`examples_in`, the one place this is decided), for the units, the fit and the centring.
 """
 
 from __future__ import annotations
@@ -76,8 +56,10 @@ class _Bridge(torch.autograd.Function):
     """Identity on `value` (a copy); backward trains the synthesizer's output S towards the
     gradient d arriving from above, and stops d there. `applied` = scale * S / unit is the
     gradient the block below received; working from it spares tensor operations on the hot
-    path. Each backward pass that reaches the bridge brings its part of d (see the module's
-    docstring)."""
+    path. Each backward pass that reaches the bridge brings its part of d (block i+1's
+    synthetic one during the forward pass, the loss's after it, so the interfaces keep their
+    graphs): the regression gradient is linear in d, so the first pass brings
+    (2 / B) (S - unit d) for its part and each later one -(2 / B) unit d for its own."""
 
     @staticmethod
     def forward(ctx, value: torch.Tensor, synthetic: torch.Tensor, applied: torch.Tensor,

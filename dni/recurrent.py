@@ -1,8 +1,6 @@
 """Recurrent DNI: truncated backpropagation through time with a synthetic gradient of the
 future at every chunk edge (Jaderberg et al. 2016, section 3.2).
 
-Usage:
-
     bptt = TruncatedBPTT(nn.LSTM(9, 128), truncation=3, readout=nn.Linear(128, 8),
                          synthesizer=LinearSynthesizer(2 * 128), discount=0.5)
     opt = torch.optim.Adam(bptt.parameters(), lr=1e-3)
@@ -10,45 +8,28 @@ Usage:
     report = bptt(inputs, lambda y, t0, t1: criterion(y, targets[t0:t1]))  # forward + backward
     opt.step()
 
-A sequence of L steps is cut into chunks of T steps. For chunk k, with start state s (a
-detached leaf) and end state e:
+A sequence is cut into chunks of T steps. For chunk k, with start state s (a detached leaf),
+end state e and a batch-mean loss over B examples:
 
     loss_k = chunk_loss(readout(core(x[t0:t1], s)))       summed over the chunk's steps
-    g_end  = discount * S(e.detach())                     synthetic gradient of the future
-                                                          (0 after the end of the sequence)
+    g_end  = discount * S(e.detach()) / B                 0 after the end of the sequence
     backward of loss_k + <g_end.detach(), e>
-    d_k    = s.grad                                       bootstrapped target at the start
-    S is trained on ||S(s) - d_k||^2
+    fit S on ||S(s) - B * s.grad||^2                      the bootstrapped target at the start
 
-Units: `chunk_loss` returns a batch-mean loss (B examples). A batch-mean loss has
-dL/ds = (1/B) * (each example's own gradient), so, as in `dni.interface`, the synthesizer
-predicts the per-example gradient: the applied gradient is `discount * S(e) / B` and the
-target is `B * s.grad`. `batch_mean=False` (summed losses) makes B = 1.
+S predicts the per-example gradient; `batch_mean=False` (summed losses) makes B = 1. The
+discount lambda enters S's target too: S learns d_k = dloss_k/ds + lambda J_k^T S(e_k), the
+lambda-discounted gradient of the future (`grad_scale=`: its deprecated name). A state tuple
+(LSTM (h, c)) is flattened to one vector per example, (layers, B, H) tensors to
+(B, layers * H) concatenated in order: S sees and predicts that vector.
 
-`discount` (lambda) is the bootstrap's discount, not a pure scale as the feed-forward
-`grad_scale` is: it enters the target too, so S learns the lambda-discounted gradient of the
-future, d_k = dloss_k/ds + lambda J_k^T S(e_k), a TD-style bootstrap in which lambda < 1 keeps
-errors from compounding over many chunks. (`grad_scale=` is its old, deprecated name.)
+DNI+Aux (`aux_weight > 0`, our reading of the paper's auxiliary task): a linear head A on the
+core's output predicts, at every step of a chunk, the synthetic gradient sent into its end
+undiscounted (S_bar's with a target synthesizer); `aux_weight * ||A(y_t) - S(e)||^2`, averaged
+over the chunk's steps, trains A and the core only, never S's target.
 
-LSTM state (h, c), and any tuple of state tensors, is flattened to one vector per example:
-(layers, B, H) tensors become (B, layers * H) and are concatenated in order. The synthesizer
-sees and predicts that vector.
-
-DNI+Aux (`aux_weight > 0`): the paper adds an auxiliary task of predicting synthetic gradients
-further ahead. Here an extra linear head on the core's output at every step of a chunk predicts
-g = S(e) (no discount; the target synthesizer's S_bar(e) when there is one), the synthetic
-gradient sent into the chunk's end, up to T steps in the
-future of that step, and `aux_weight * ||A(y_t) - g||^2` (per example, averaged over the
-chunk's steps) trains the aux head and the core: it shapes the core's state into one that
-predicts its future gradient. It is not part of S's target: d_k is taken from loss_k and
-<g_end, e> alone, so S's own output (which is in g) never feeds back into what S is fitted to.
-This is our reading of the paper's auxiliary task; the paper's exact form may differ.
-
-Target synthesizer (`target_decay > 0`): as with the target network of deep Q-learning, the
-synthetic gradient sent into each chunk's end (and so into the bootstrapped target) comes from a
-slow copy of S whose parameters follow S's by an exponential moving average,
-S_bar <- decay * S_bar + (1 - decay) * S, updated at the start of every training call. S itself
-is still fitted at the chunk's start. Without it, S regresses onto its own moving output.
+`target_decay > 0`: the gradient sent into each chunk's end comes from a slow copy S_bar of S,
+S_bar <- decay * S_bar + (1 - decay) * S at the start of every call; S is still fitted at the
+chunk's start. Why, and what each option gave: bench/README.md, "The recurrent settings".
 
 `center=True` sends, and fits S on, the synthetic gradient minus its batch mean. On a text
 stream whose state is carried across calls (`continues=True`), an uncentred S learns a bias
@@ -56,7 +37,6 @@ that drives the LSTM cell state without bound (docs/results.md, "recurrent DNI o
 
 Gradients accumulate over all chunks; the caller steps the optimizer once per sequence batch.
 """
-
 from __future__ import annotations
 
 import copy

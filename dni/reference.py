@@ -1,32 +1,24 @@
 """The DNI algorithm written out by hand, as the paper states it: start reading here.
 
-One training step of a stack of blocks f_1 ... f_n (a synthesizer S_i after each) and a head,
+One training step of a chain of blocks f_1 ... f_n (a synthesizer S_i after each) and a head,
 for a loss averaged over a batch of B examples:
 
     for each block i, bottom to top:
         h_i = f_i(x_i)                       x_1 = the input, x_{i+1} = h_i cut from below
-        g_i = S_i(h_i.detach())              the per-example synthetic gradient (B dL/dh_i);
-                                             interface.py calls g_i / B the gradient
-        (center: g_i -= mean over the batch  for every i but the top one, dni.DNI's default;
-                                             the paper's DNI has no such step)
+        g_i = S_i(h_i.detach())              the per-example synthetic gradient (B dL/dh_i)
+        (center: g_i -= its batch mean)      every i but the top; not in the paper's DNI
         h_i.backward(scale * g_i / B)        block i learns now: it need not wait for the top
     L = loss(head(x_{n+1})); L.backward()    the head learns from the true loss
     for each interface i:
-        d_i = B * x_{i+1}.grad / s_i         what came back at block i+1's input: the true
-                                             dL/dh_n at the top, else block i+1's synthetic
-                                             gradient pushed back through f_{i+1}; in the
-                                             loss's units, the scale it was sent under undone:
-                                             s_i = scale for i < n, s_n = 1 (the loss sent it)
+        d_i = B * x_{i+1}.grad / s_i         the true dL/dh_n at the top, else block i+1's
+                                             synthetic gradient through f_{i+1}, in the loss's
+                                             units: s_i = scale for i < n, s_n = 1
         fit S_i on ||g_i - d_i||^2           summed over features, averaged over the batch
 
-`dni.Interface` is this algorithm as a module (an autograd Function fits S_i during the
-backward pass that delivers d_i, so no step waits for the whole stack); `dni.DNI` puts one
-after chosen blocks of any network. tests/test_reference.py holds them equal to this function
-step for step. This is a chain; where x_{i+1} also reaches the loss by another path (a skip
-into the head), d_i is the sum of what comes back along every path, each with its own s
-(dni/interface.py; tests/test_paths.py writes such steps out by hand).
+`dni.Interface` (one edge) and `dni.DNI` (any network) compute the same step
+(tests/test_reference.py); where x_{i+1} also reaches the loss by another path (a skip into
+the head), d_i sums what comes back along every path, each with its own s (tests/test_paths.py).
 """
-
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence

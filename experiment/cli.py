@@ -5,7 +5,9 @@ where a run starts, so that --help and a bad flag are answered at once."""
 from __future__ import annotations
 
 import argparse
+import copy
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -19,13 +21,39 @@ if TYPE_CHECKING:
     import torch
 
 
+DEFAULT_STATED = re.compile(r"\(default\b|\bdefault:")
+"""A help text that matches already states its flag's default: "(default: X)", "default: X"."""
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each flag's default, except where the help already says what None means."""
+    """Appends each flag's default to its help, unless the help states it already or the
+    default is None (the help then says what None means)."""
 
     def _get_help_string(self, action):
-        if action.default is None:
+        if action.default is None or DEFAULT_STATED.search(action.help or ""):
             return action.help
         return super()._get_help_string(action)
+
+    def _expand_help(self, action):
+        shown = _shown_default(action.default)
+        if shown is not action.default:
+            action = copy.copy(action)
+            action.default = shown
+        return super()._expand_help(action)
+
+
+def _shown_default(default):
+    """A default as it would be typed: a list's items space-separated, a path below the
+    current folder relative to it."""
+    if isinstance(default, (list, tuple)):
+        return " ".join(map(str, default))
+    if isinstance(default, Path) and default.is_absolute() and default.is_relative_to(Path.cwd()):
+        return str(default.relative_to(Path.cwd()))
+    return default
+
+
+class RawDescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpFormatter):
+    """HelpFormatter that keeps the description's line breaks."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -109,9 +137,9 @@ def boolean(text: str) -> bool:
 def add_switch(parser: argparse.ArgumentParser, flag: str, help: str,
                default: bool = False) -> None:
     """An on/off flag (off unless `default`) that takes True/False/1/0 or stands alone for
-    True."""
+    True; its help gets the default appended."""
     parser.add_argument(flag, type=boolean, nargs="?", const=True, default=default,
-                        help=f"{help} (True/False/1/0, or the flag alone; default: {default})")
+                        metavar="BOOL", help=help)
 
 
 def training_parser(description: str, *, epochs: int | None, batch_size: int | None, lr: float,
@@ -128,9 +156,8 @@ def training_parser(description: str, *, epochs: int | None, batch_size: int | N
     parser.add_argument("--lr", type=learning_rate, default=lr,
                         help="Adam learning rate of the network (decayed as --schedule says)")
     parser.add_argument("--schedule", choices=SCHEDULES, default="cosine",
-                        help="learning-rate schedule of every rate: cosine decay to 0 over "
-                             "the run, constant, or step (the paper's: a tenth from 60%% of "
-                             "the run, a hundredth from 80%%) (default: cosine)")
+                        help="schedule of every learning rate: cosine decay to 0, constant, or "
+                             "step (the paper's: x0.1 from 60%% of the run, x0.01 from 80%%)")
     parser.add_argument("--train-size", type=positive_int, default=None,
                         help="use only the first N training examples (default: all 60000)")
     parser.add_argument("--out", default=None,
@@ -148,9 +175,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when available, else CPU")
     parser.add_argument("--resume", default=None, metavar="DIR",
-                        help="continue the run in DIR from its checkpoint, with its flags "
-                             "(flags given beside it override them; those that define the "
-                             "run cannot change) (default: a new run)")
+                        help="continue the run in DIR with its flags; flags given now override "
+                             "all but those that define the run (default: a new run)")
 
 
 def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None,

@@ -65,13 +65,11 @@ def build_parser() -> Parser:
     p.add_argument("--synth-hidden", type=positive_int, default=256,
                    help="hidden units of the mlp / rnn synthesizer")
     p.add_argument("--discount", "--grad-scale", type=nonnegative_float, default=0.5,
-                   help="the bootstrap's discount lambda: the synthetic gradient of the future "
-                        "enters each chunk's end, and so S's target, times lambda "
-                        "(--grad-scale: its old name)")
+                   help="lambda: the synthetic gradient of the future enters each chunk's end "
+                        "(and so its own target) times this (--grad-scale: old name)")
     p.add_argument("--target-decay", type=nonnegative_float, default=0.9,
-                   help="send the synthetic gradient from a slow copy of the synthesizer "
-                        "whose weights follow it by this moving-average decay (0: off; the "
-                        "synthesizer itself)")
+                   help="moving-average decay of the synthesizer copy that sends the "
+                        "synthetic gradient (0: off, the synthesizer sends)")
     p.add_argument("--aux-weight", type=nonnegative_float, default=0.1,
                    help="weight of the DNI+Aux auxiliary loss (dni_aux only)")
     p.add_argument("--clip", type=nonnegative_float, default=0.0,

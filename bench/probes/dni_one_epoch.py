@@ -188,7 +188,7 @@ def main() -> None:
     """Run the chosen variants one after another and print the table."""
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                        metavar="NAME", help="variants to run (names in VARIANTS)")
+                        metavar="NAME", help="variants to run, named in VARIANTS (default: all)")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="examples per mini-batch")
     parser.add_argument("--seed", type=int, default=0, help="random seed")
     args = parser.parse_args()
