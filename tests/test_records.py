@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+
 from tests.conftest import ROOT
 
 SMALL = ["--train-size", "600", "--batch-size", "50", "--device", "cpu", "--log-every", "3",
