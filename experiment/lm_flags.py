@@ -41,9 +41,8 @@ def build_parser() -> Parser:
     p.add_argument("--model", choices=MODELS, default="lstm", help="the network")
     p.add_argument("--method", choices=sorted({*METHODS, *GPT_METHODS}),
                    default="dni",
-                   help="lstm: bptt (truncated BPTT), dni (+ a synthetic gradient of the "
-                        "future at every window's end) or dni_aux (+ the auxiliary task); "
-                        "gpt: bp (backprop) or dni (synthetic gradients at --cuts)")
+                   help="lstm: bptt, dni (a synthetic future at each window's end) or dni_aux "
+                        "(+ the auxiliary task); gpt: bp or dni (at --cuts)")
     p.add_argument("--corpus", default="kjv",
                    help="kjv (the pinned King James Bible) or the path of a UTF-8 text file")
     p.add_argument("--batch-size", type=positive_int, default=32,
@@ -55,9 +54,8 @@ def build_parser() -> Parser:
                    help="Adam rate of the synthesizer")
     p.add_argument("--synthesizer", choices=sorted({*SYNTHESIZERS, *GPT_SYNTHESIZERS}),
                    default="linear",
-                   help=f"lstm: on the state [h, c], one of {', '.join(SYNTHESIZERS)}; gpt: "
-                        f"at each cut, per position ({', '.join(GPT_SYNTHESIZERS[:2])}) or "
-                        "along the sequence (sequence_conv)")
+                   help="lstm: on the state [h, c]; gpt: per position (linear, mlp) or along "
+                        "the sequence (sequence_conv)")
     p.add_argument("--synth-hidden", type=positive_int, default=256,
                    help="hidden units of the mlp, rnn or sequence_conv synthesizer")
     lstm = p.add_argument_group("lstm only")
@@ -73,9 +71,8 @@ def build_parser() -> Parser:
                       help="moving-average decay of the synthesizer copy that sends (0: off) "
                            "(default: 0.9)")
     lstm.add_argument("--center", type=boolean, nargs="?", const=True, default=None,
-                      help="send and fit the synthetic gradient minus its batch mean (off, a "
-                           "stream's cell state drifts without bound) (True/False/1/0, or the "
-                           "flag alone; default: True)")
+                      help="send and fit the synthetic gradient minus its batch mean "
+                           "(default: True)")
     lstm.add_argument("--aux-weight", type=nonnegative_float, default=None,
                       help="weight of the auxiliary loss, dni_aux only (default: 0.1)")
     gpt = p.add_argument_group("gpt only")
