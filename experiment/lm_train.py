@@ -33,7 +33,7 @@ from experiment.errors import UserError
 from experiment.loop import TrainingLoop
 from experiment.records import load_checkpoint, write_config, write_json
 from experiment.rnn_train import future_gradient_cosine
-from experiment.train import first_nonfinite_gradient
+from experiment.train import adam, first_nonfinite_gradient
 from model import GPT, SequenceModel
 
 COLUMNS = ["train_bpc", "valid_bpc", "best_valid_bpc", "sg_loss", "aux_loss",
@@ -112,7 +112,7 @@ def make_optimizer(model: SequenceModel, args) -> torch.optim.Optimizer:
     if model.trainer.synthesizer is not None:
         groups.append({"params": list(model.trainer.synthesizer.parameters()),
                        "lr": args.synth_lr})
-    return torch.optim.Adam(groups)
+    return adam(groups, lr=args.lr)
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -164,7 +164,7 @@ def build_gpt(args, vocab_size: int, device: torch.device
 
     net = GPT(vocab_size, width=args.width, layers=args.layers, heads=args.heads,
               context=args.context).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=args.lr)
+    optimizer = adam(net.parameters(), lr=args.lr)
     if args.method == "bp":
         return net, optimizer
     model = DNI(net, optim=optimizer, synthesizer=args.synthesizer,
@@ -460,6 +460,20 @@ def describe(args) -> str:
     return f"gpt {'cdni' if uses_synthesizer(args) and args.conditioned else args.method}"
 
 
+def make_loop(args, text: TextSplits, out_dir: Path, device: torch.device,
+              checkpoint: dict | None = None,
+              on_step: Callable[[int], None] | None = None) -> _LanguageModelLoop:
+    """The seeded model, its optimizer and the training loop of one run (nothing written
+    until the loop runs)."""
+    torch.manual_seed(args.seed)
+    if args.model == "lstm":
+        model = build_model(args, text.vocab_size).to(device)
+        return _RecurrentLoop(args, model, make_optimizer(model, args), text, out_dir, device,
+                              checkpoint, on_step)
+    model, optimizer = build_gpt(args, text.vocab_size, device)
+    return _TransformerLoop(args, model, optimizer, text, out_dir, device, checkpoint, on_step)
+
+
 def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     """Run (or resume) one language-model run; write its records; return summary.json's."""
     device = resolve_device(args.device)
@@ -469,15 +483,7 @@ def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     text = load_text(args.corpus)
     out_dir = prepare_out_dir(args.out, "lm")
     write_config(out_dir, "lm.py", args, device)
-    torch.manual_seed(args.seed)
-    if args.model == "lstm":
-        model = build_model(args, text.vocab_size).to(device)
-        loop = _RecurrentLoop(args, model, make_optimizer(model, args), text, out_dir, device,
-                              checkpoint, on_step)
-    else:
-        model, optimizer = build_gpt(args, text.vocab_size, device)
-        loop = _TransformerLoop(args, model, optimizer, text, out_dir, device, checkpoint,
-                                on_step)
+    loop = make_loop(args, text, out_dir, device, checkpoint, on_step)
     loop.run()
     return _write_summary(args, loop, text, out_dir, device)
 
