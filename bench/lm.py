@@ -5,6 +5,9 @@ of lm.py (early stopping on validation, no learning-rate decay, as the paper has
 Usage: python bench/lm.py [--truncations 2 3 4 5 8] [--methods bptt dni dni_aux]
        [--seeds 0 1] [--steps N] [--results DIR] [--jobs 1] [--table-only] [--figure F]
 
+`--cost`: instead, the time of one training step of each method at each T, medians of
+interleaved repeats on one pinned thread, and each method's ratio to BPTT at the same T.
+
 Every run has its own folder under --results: finished runs are read back, interrupted ones
 resumed, so the table fills in over several invocations. Flags after `--` go to every lm.py.
 """
@@ -14,6 +17,7 @@ from __future__ import annotations
 import platform
 import statistics
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,6 +50,51 @@ def command(method: str, truncation: int, seed: int, steps: int | None,
             *cap, *extra]
 
 
+def step_costs(methods: list[str], truncations: list[int], repeats: int,
+               extra: list[str]) -> dict[tuple[str, int], float]:
+    """Median seconds of one lm.py training step per (method, T): every loop built as lm.py
+    builds it (on random text of the corpus's alphabet size, so no corpus is read), stepped in
+    turn `repeats` times after two warm-up rounds, on one pinned thread."""
+    import tempfile
+
+    from bench.timing import one_pinned_thread
+    from experiment.data import TextSplits
+    from experiment.lm_flags import parse_args
+    from experiment.lm_train import make_loop
+
+    ids = torch.randint(65, (400_000,), generator=torch.Generator().manual_seed(0))
+    text = TextSplits("".join(map(chr, range(32, 97))), ids, ids[:2000], ids[:2000])
+    configs = [(m, t) for t in truncations for m in methods]
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    with tempfile.TemporaryDirectory() as scratch, one_pinned_thread():
+        loops = {(m, t): make_loop(parse_args(["--method", m, "--truncation", str(t),
+                                               "--device", "cpu", *extra]),
+                                   text, Path(scratch), torch.device("cpu"))
+                 for m, t in configs}
+        for round_ in range(repeats + 2):
+            for config, loop in loops.items():
+                start = time.perf_counter()
+                loop.train_step()
+                if round_ >= 2:
+                    times[config].append(time.perf_counter() - start)
+    return {c: statistics.median(t) for c, t in times.items()}
+
+
+def print_costs(costs: dict[tuple[str, int], float], methods: list[str],
+                truncations: list[int]) -> None:
+    """The step-time table: milliseconds, and the ratio to BPTT at the same T."""
+    print("\nOne training step, ms (ratio to BPTT at the same T)\n")
+    print("| | " + " | ".join(f"T = {t}" for t in truncations) + " |")
+    print("|---|" + "---|" * len(truncations))
+    for method in methods:
+        cells = []
+        for t in truncations:
+            ms, base = 1e3 * costs[(method, t)], costs.get(("bptt", t))
+            ratio = f" ({costs[(method, t)] / base:.2f}x)" if base and method != "bptt" else ""
+            cells.append(f"{ms:.2f}{ratio}")
+        print(f"| {METHOD_NAMES[method]} | " + " | ".join(cells) + " |")
+
+
 def format_cell(values: list[float]) -> str:
     """'median (min-max, n)' of the seeds' test BPC, '-' for none."""
     if not values:
@@ -75,10 +124,17 @@ def main() -> None:
     add_jobs_argument(parser)
     parser.add_argument("--table-only", action="store_true",
                         help="run nothing: print the table of the finished runs")
+    parser.add_argument("--cost", type=positive_int, default=None, metavar="REPEATS",
+                        help="time REPEATS steps of each method and T instead (default: off)")
     parser.add_argument("--figure", type=Path, default=None,
                         help="draw validation BPC against step here, a panel per T "
                              "(default: RESULTS/lm_bpc.png)")
     args = parser.parse_args(argv)
+    if args.cost:
+        print(f"hardware: {platform.machine()}, one pinned thread, torch {torch.__version__}")
+        costs = step_costs(args.methods, args.truncations, args.cost, extra)
+        print_costs(costs, args.methods, args.truncations)
+        return
     print(f"hardware: {platform.machine()}, {threads_note(args.jobs)}, torch {torch.__version__}")
     cells = [(m, t, s) for t in args.truncations for m in args.methods for s in args.seeds]
     folders = [cell_folder(args.results, *cell) for cell in cells]

@@ -284,3 +284,16 @@ def test_bench_runs_the_cells_then_reads_them_back(run_script, small_text, tmp_p
     again = run_script(*argv)
     assert again.returncode == 0 and "$ lm.py" not in again.stdout
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table
+
+
+def test_bench_times_each_method_against_bptt(run_script):
+    result = run_script("bench/lm.py", "--cost", "2", "--truncations", "2", "3", "--methods",
+                        "bptt", "dni", "--", "--hidden", "8", "--batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert table[0] == "| | T = 2 | T = 3 |"
+    bptt = [float(cell) for cell in table[1].split("|")[2:4]]
+    assert table[1].startswith("| BPTT |") and all(ms > 0 for ms in bptt)
+    dni = [cell.split() for cell in table[2].split("|")[2:4]]
+    for (ms, ratio), base in zip(dni, bptt):
+        assert float(ratio.strip("()x")) == pytest.approx(float(ms) / base, rel=0.05)
