@@ -276,17 +276,19 @@ class TruncatedBPTT(nn.Module):
             loss_k = chunk_loss(prediction, t0, t1)
             objective = loss_k
             end = flatten_state(end_state)
-            next_synthetic = None
+            next_synthetic, sent = None, None
             if self.synthesizer is not None and (t1 < length or continues):
-                next_synthetic, synth_hidden = self.synthetic_gradient(end, synth_hidden)
-                sent = next_synthetic.detach()
+                if t1 < length or self.target_synthesizer is None:
+                    # S(e), to fit at the next chunk's start (unless it is the last here)
+                    next_synthetic, synth_hidden = self.synthetic_gradient(end, synth_hidden)
+                    sent = next_synthetic.detach()
                 if self.target_synthesizer is not None:
                     sent, target_hidden = self._sent_gradient(end, target_hidden)
                 g_end = sent * (self.discount / unit)
                 objective = objective + (g_end * end).sum()   # <g_end, e>: the future
             aux_term = None
             if self.aux_head is not None:
-                future = (sent if next_synthetic is not None
+                future = (sent if sent is not None
                           else end.new_zeros(end.shape))   # 0 after the end
                 aux_k = synthesizer_loss(self.aux_head(y).flatten(0, 1),
                                          future.repeat(y.shape[0], 1))
