@@ -10,12 +10,13 @@ from experiment.cli import (
     nonnegative_float,
     nonnegative_int,
     parse_training_args,
+    positive_float,
     positive_int,
 )
 
 MODELS = ("lstm", "gpt")
 METHODS = ("bptt", "dni", "dni_aux")     # the LSTM's
-GPT_METHODS = ("bp", "dni")
+GPT_METHODS = ("bp", "dni", "frozen")
 METHODS_OF = {"lstm": METHODS, "gpt": GPT_METHODS}
 SYNTHESIZERS = ("linear", "mlp", "rnn")   # model.SEQUENCE_SYNTHESIZERS, without torch
 GPT_SYNTHESIZERS = ("linear", "mlp", "sequence_conv")   # names in dni.SYNTHESIZERS
@@ -25,7 +26,7 @@ MODEL_FLAGS = {
     "lstm": {"truncation": 5, "hidden": 256, "discount": 0.1, "target_decay": 0.9,
              "center": True, "aux_weight": 0.1},
     "gpt": {"context": 64, "width": 128, "layers": 4, "heads": 4, "cuts": None,
-            "conditioned": False},
+            "conditioned": False, "lower_lr": 1.0},
 }
 LEARNING_RATES = {"lstm": 2e-3, "gpt": 1e-3}
 FIXED = ("model", "method", "truncation", "corpus", "batch_size", "hidden", "synthesizer",
@@ -36,13 +37,14 @@ def build_parser() -> Parser:
     """lm.py's flags, each with its default in --help."""
     p = Parser(description="A character language model, an LSTM trained with truncated BPTT, "
                            "DNI or DNI+Aux, or a GPT trained with backprop or DNI at cuts "
-                           "between its blocks; reports validation and test bits per "
+                           "between its blocks (or frozen up to the top cut, the control); "
+                           "reports validation and test bits per "
                            "character.")
     p.add_argument("--model", choices=MODELS, default="lstm", help="the network")
     p.add_argument("--method", choices=sorted({*METHODS, *GPT_METHODS}),
                    default="dni",
                    help="lstm: bptt, dni (a synthetic future at each window's end) or dni_aux "
-                        "(+ the auxiliary task); gpt: bp or dni (at --cuts)")
+                        "(+ an auxiliary task); gpt: bp, dni or frozen (at --cuts)")
     p.add_argument("--corpus", default="kjv",
                    help="kjv (the pinned King James Bible) or the path of a UTF-8 text file")
     p.add_argument("--batch-size", type=positive_int, default=32,
@@ -85,11 +87,16 @@ def build_parser() -> Parser:
     gpt.add_argument("--heads", type=positive_int, default=None,
                      help="attention heads per block (default: 4)")
     gpt.add_argument("--cuts", type=nonnegative_int, nargs="+", default=None,
-                     help="dni: an interface after each of these blocks (0: after the "
-                          "embedding) (default: the middle one, --layers // 2)")
+                     help="dni: an interface after each of these blocks (0: the "
+                          "embedding); frozen: frozen up to the highest "
+                          "(default: --layers // 2)")
     gpt.add_argument("--conditioned", type=boolean, nargs="?", const=True, default=None,
                      help="dni: cDNI, each position's target character as the synthesizer's "
                           "context (True/False/1/0, or the flag alone; default: False)")
+    gpt.add_argument("--lower-lr", type=positive_float, default=None,
+                     help="dni: the rate of the embedding and the blocks up to the top cut "
+                          "(those that learn from synthetic gradients), as a multiple of "
+                          "--lr (default: 1.0)")
     p.add_argument("--clip", type=nonnegative_float, default=0.0,
                    help="clip the network's gradient norm to this (0: off)")
     p.add_argument("--epochs", type=positive_int, default=20,
@@ -137,6 +144,10 @@ def parse_args(argv: list[str] | None = None):
                          f"{args.heads}")
         if args.method == "bp" and (args.cuts is not None or args.conditioned):
             parser.error("argument --cuts/--conditioned: for --method dni, not bp")
+        if args.method != "dni" and args.lower_lr != 1.0:
+            parser.error(f"argument --lower-lr: for --method dni, not {args.method}")
+        if args.method == "frozen" and args.conditioned:
+            parser.error("argument --conditioned: for --method dni, not frozen")
         if args.method == "bp":
             return args
         if args.cuts is None:

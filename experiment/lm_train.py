@@ -1,7 +1,8 @@
 """Character language modelling: an LSTM trained with truncated BPTT, DNI or DNI+Aux (the
 training text as parallel streams cut into windows of T characters, one optimizer step per
 window, the state carried from window to window), or a GPT trained with backprop or DNI at
-cuts between its blocks (a batch of random windows of --context characters per step).
+cuts between its blocks, or with the blocks up to the top cut frozen as the control (a batch
+of random windows of --context characters per step).
 Validation bits per character on a schedule, early stopping on it, and the test split scored
 with the best validation model. One loop (`_LanguageModelLoop`) holds what both share; each
 model's step, scoring and diagnostic are its subclass's.
@@ -158,15 +159,28 @@ def gpt_synthesizer_options(args) -> dict:
 def build_gpt(args, vocab_size: int, device: torch.device
               ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The GPT lm.py's flags describe and its Adam; under dni, wrapped as `DNI(gpt,
-    optim=opt, blocks=cuts)` (the synthesizers a group of the same Adam at --synth-lr), cDNI's
-    context each position's target character."""
+    optim=opt, blocks=cuts)` (the synthesizers a group of the same Adam at --synth-lr, the
+    blocks up to the top cut a group at --lower-lr times --lr when that is not 1), cDNI's
+    context each position's target character; under frozen, the embedding and the blocks up to
+    the top cut never train (no gradient, not in the optimizer)."""
     from dni import DNI
 
     net = GPT(vocab_size, width=args.width, layers=args.layers, heads=args.heads,
               context=args.context).to(device)
-    optimizer = adam(net.parameters(), lr=args.lr)
     if args.method == "bp":
-        return net, optimizer
+        return net, adam(net.parameters(), lr=args.lr)
+    lower = list(net[:max(args.cuts) + 1].parameters())   # the embedding up to the top cut
+    if args.method == "frozen":
+        for p in lower:
+            p.requires_grad_(False)
+        return net, adam([p for p in net.parameters() if p.requires_grad], lr=args.lr)
+    if args.lower_lr == 1.0:
+        optimizer = adam(net.parameters(), lr=args.lr)
+    else:   # two groups only when asked, so runs without the flag resume as before
+        below = {id(p) for p in lower}
+        upper = [p for p in net.parameters() if id(p) not in below]
+        optimizer = adam([{"params": lower, "lr": args.lr * args.lower_lr},
+                          {"params": upper, "lr": args.lr}], lr=args.lr)
     model = DNI(net, optim=optimizer, synthesizer=args.synthesizer,
                 blocks=[str(cut) for cut in args.cuts],
                 context_size=vocab_size if args.conditioned else 0,
@@ -450,7 +464,7 @@ class _TransformerLoop(_LanguageModelLoop):
 
 def uses_synthesizer(args) -> bool:
     """Whether lm.py's flags train with synthetic gradients."""
-    return args.method not in ("bptt", "bp")
+    return args.method not in ("bptt", "bp", "frozen")
 
 
 def describe(args) -> str:
@@ -519,8 +533,10 @@ def _write_summary(args, loop: _LanguageModelLoop, text: TextSplits, out_dir: Pa
     else:
         summary.update({
             "context": args.context, "width": args.width, "layers": args.layers,
-            "heads": args.heads, "cuts": args.cuts if synthetic else [],
-            "conditioned": bool(synthetic and args.conditioned)})
+            "heads": args.heads,
+            "cuts": args.cuts if synthetic or args.method == "frozen" else [],
+            "conditioned": bool(synthetic and args.conditioned),
+            "lower_lr": args.lower_lr if synthetic else 1.0})
     summary.update({"vocab_size": text.vocab_size, "device": str(device), "argv": sys.argv})
     write_json(out_dir / "summary.json", summary)
     print(f"{describe(args)}: test {test_bpc:.4f} bpc, valid {valid_bpc:.4f} "

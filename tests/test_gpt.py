@@ -249,12 +249,48 @@ def test_lm_builds_the_cuts_and_the_conditioned_context(small_text):
     assert isinstance(bp, GPT)
 
 
+def test_lower_lr_gives_the_blocks_up_to_the_top_cut_their_own_rate():
+    args = parse_args([*TINY, "--cuts", "1", "0", "--lower-lr", "0.1", "--synth-lr", "1e-2"])
+    model, optimizer = build_gpt(args, VOCAB, torch.device("cpu"))
+    lower, upper, synthesizers = optimizer.param_groups
+    net = model.net
+    assert lower["params"] == [*net[0].parameters(), *net[1].parameters()]
+    assert upper["params"] == [*net[2].parameters(), *net[3].parameters()]
+    assert synthesizers["params"] == list(model.synthesizer_parameters())
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-4, 1e-3, 1e-2])
+    _, optimizer = build_gpt(parse_args([*TINY]), VOCAB, torch.device("cpu"))
+    assert len(optimizer.param_groups) == 2   # the network's, the synthesizers'
+
+
+def test_frozen_control_never_trains_the_blocks_up_to_the_cut(small_text, tmp_path):
+    args = parse_args([*TINY, "--corpus", str(small_text), "--method", "frozen", "--cuts", "1",
+                       "--steps", "6", "--out", str(tmp_path)])
+    assert args.cuts == [1]
+    torch.manual_seed(args.seed)
+    start, optimizer = build_gpt(args, load_text(str(small_text)).vocab_size,
+                                 torch.device("cpu"))
+    assert isinstance(start, GPT)
+    assert [p for g in optimizer.param_groups for p in g["params"]] == \
+        [*start[2].parameters(), *start[3].parameters()]
+    start = {k: v.clone() for k, v in start.state_dict().items()}
+    summary = train(args)
+    assert summary["method"] == "frozen" and summary["cuts"] == [1]
+    _, _, state = records(tmp_path)
+    assert state.keys() == start.keys()
+    for key in state:
+        frozen = key.split(".")[0] in ("0", "1")    # the embedding and block 1
+        assert torch.equal(state[key], start[key]) == frozen, key
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "gpt", "--method", "bptt"], "--method: bptt is not a method of --model gpt"),
     (["--model", "gpt", "--truncation", "3"], "--truncation: is a flag of --model lstm"),
     (["--cuts", "1"], "--cuts: is a flag of --model gpt, not lstm"),
     (["--method", "bp"], "--method: bp is not a method of --model lstm"),
     (["--model", "gpt", "--method", "bp", "--conditioned"], "for --method dni, not bp"),
+    (["--model", "gpt", "--method", "frozen", "--lower-lr", "0.1"],
+     "--lower-lr: for --method dni, not frozen"),
+    (["--model", "gpt", "--method", "frozen", "--conditioned"], "for --method dni, not frozen"),
     (["--model", "gpt", "--cuts", "5"], "--cuts: distinct blocks from 0 to --layers 4"),
     (["--model", "gpt", "--synthesizer", "rnn"], "--synthesizer: rnn is not a synthesizer"),
     (["--model", "gpt", "--heads", "3"], "--heads: --width 128 is not a multiple of 3")])
