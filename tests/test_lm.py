@@ -159,7 +159,8 @@ def test_lm_target_is_the_autograd_gradient_of_the_window_and_its_synthetic_futu
     """lm.py's step: the window's loss plus <discount * S_bar(e) / B, e> (S_bar: the slow copy
     that sends, centred), from the carried state; S is fit at the start on B * ds."""
     splits = load_text(str(small_text))
-    args = parse_args([*TINY, "--corpus", str(small_text), "--discount", "0.3"])
+    args = parse_args([*TINY, "--corpus", str(small_text), "--discount", "0.3",
+                       "--target-decay", "0.9"])
     model = build_model(args, splits.vocab_size)
     trainer = model.trainer
     torch.nn.init.normal_(trainer.synthesizer.net[0].weight, std=0.2)
