@@ -31,7 +31,7 @@ from tqdm import tqdm
 from experiment.cli import prepare_out_dir, resolve_device
 from experiment.data import TextSplits, load_text
 from experiment.errors import UserError
-from experiment.loop import TrainingLoop
+from experiment.loop import StepPeriodLoop
 from experiment.records import load_checkpoint, write_config, write_json
 from experiment.rnn_train import future_gradient_cosine
 from experiment.train import adam, first_nonfinite_gradient
@@ -206,7 +206,7 @@ class RunState:
                                                  "aux": 0.0, "n": 0})
 
 
-class _LanguageModelLoop(TrainingLoop):
+class _LanguageModelLoop(StepPeriodLoop):
     """lm.py's loop, whatever the model: a period is --eval-every steps, ending in a
     validation, a printed line and a checkpoint; early stopping on validation. A subclass
     gives the step, the scoring of a text, the synthetic gradient's cosine and the epochs
@@ -223,7 +223,7 @@ class _LanguageModelLoop(TrainingLoop):
         self.best_model = copy.deepcopy(model.state_dict())
         self.checked = list(model.named_parameters())
         self.clipped = clipped         # the network's parameters, not the synthesizers'
-        self.period_start = 0
+        self.period_steps = args.eval_every
 
     # what each model defines
     def evaluate(self, ids: torch.Tensor) -> float:
@@ -254,14 +254,6 @@ class _LanguageModelLoop(TrainingLoop):
         state, args = self.state, self.args
         return (self.epochs_done() >= args.epochs or state.evals_since_best >= args.patience
                 or (args.steps is not None and state.step >= args.steps))
-
-    def begin_period(self) -> None:
-        self.period_start = self.state.step
-
-    def period_over(self) -> bool:
-        step = self.state.step
-        return self.finished() or (step > self.period_start
-                                   and step % self.args.eval_every == 0)
 
     def progress(self) -> tuple[int, int, str]:
         done = self.state.step - self.period_start

@@ -204,3 +204,19 @@ class TrainingLoop:
                     raise self.interrupted(stop.signum, period_ended=True, path=path)
             if not self.stops_at_once and stop.signum is not None:
                 self.pass_on_stop(stop.signum)   # one after the last step, for the run's end
+
+
+class StepPeriodLoop(TrainingLoop):
+    """A loop whose periods are `period_steps` optimizer steps (a checkpoint or evaluation
+    interval), the last one cut short when the run finishes."""
+
+    period_steps: int = 1
+    period_start: int = 0
+
+    def begin_period(self) -> None:
+        self.period_start = self.state.step
+
+    def period_over(self) -> bool:
+        step = self.state.step
+        return self.finished() or (step > self.period_start
+                                   and step % self.period_steps == 0)

@@ -28,7 +28,7 @@ from experiment.cli import (
     prepare_out_dir,
     resolve_device,
 )
-from experiment.loop import TrainingLoop
+from experiment.loop import StepPeriodLoop
 from experiment.records import (
     MetricsLog,
     load_checkpoint,
@@ -143,7 +143,7 @@ class RunState:
     levels: list = field(default_factory=list)     # [step, level] each time the level grew
 
 
-class _SequenceLoop(TrainingLoop):
+class _SequenceLoop(StepPeriodLoop):
     """rnn_tasks.py's step: a batch of sequences at the curriculum's length through truncated
     BPTT (and its synthesizer); periods of --checkpoint-every steps; a printed line every
     --log-every steps."""
@@ -157,7 +157,7 @@ class _SequenceLoop(TrainingLoop):
         self.curriculum = Curriculum(args.threshold, args.window, max_level=args.max_length)
         self.network = list(model.named_parameters())
         self.clipped = model.network_parameters()
-        self.period_start, self.batch = 0, None
+        self.batch, self.period_steps = None, args.checkpoint_every
         if checkpoint is not None:
             self.restore(checkpoint)
 
@@ -176,14 +176,6 @@ class _SequenceLoop(TrainingLoop):
 
     def finished(self) -> bool:
         return self.state.step >= self.args.steps
-
-    def begin_period(self) -> None:
-        self.period_start = self.state.step
-
-    def period_over(self) -> bool:
-        step = self.state.step
-        return self.finished() or (step > self.period_start
-                                   and step % self.args.checkpoint_every == 0)
 
     def progress(self) -> tuple[int, int, str]:
         args = self.args
