@@ -23,7 +23,7 @@ GPT_SYNTHESIZERS = ("linear", "mlp", "sequence_conv")   # names in dni.SYNTHESIZ
 # each model's own flags and their defaults: the other model's are refused, so a flag given is
 # never silently ignored (their argparse default is None, resolved in parse_args)
 MODEL_FLAGS = {
-    "lstm": {"truncation": 5, "hidden": 256, "discount": 0.1, "target_decay": 0.0,
+    "lstm": {"truncation": 5, "hidden": 256, "discount": 0.1, "target_decay": 0.9,
              "center": True, "aux_weight": 0.1},
     "gpt": {"context": 64, "width": 128, "layers": 4, "heads": 4, "cuts": None,
             "conditioned": False, "lower_lr": 1.0},
@@ -71,7 +71,7 @@ def build_parser() -> Parser:
                            "(default: 0.1)")
     lstm.add_argument("--target-decay", type=nonnegative_float, default=None,
                       help="moving-average decay of the synthesizer copy that sends (0: off) "
-                           "(default: 0)")
+                           "(default: 0.9)")
     lstm.add_argument("--center", type=boolean, nargs="?", const=True, default=None,
                       help="send and fit the synthetic gradient minus its batch mean "
                            "(default: True)")
