@@ -1,6 +1,10 @@
-"""Shared fixtures: the repository root, MNIST materialised once, and a script runner."""
+"""Shared fixtures: the repository root, MNIST materialised once, a script runner, a small text
+and a run folder's records."""
 
+import csv
+import json
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -44,3 +48,26 @@ def torchrun_env(rank: int, world: int, port: int) -> dict[str, str]:
     """The environment torchrun gives one worker of a `world`-process job on one machine."""
     return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
             "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+
+
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    """A 6,000-character text of made-up words, a line each few words, as a file."""
+    rng = random.Random(0)
+    words = ["the", "and", "lord", "said", "unto", "them", "of", "light", "day", "was"]
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + "."
+             for _ in range(240)]
+    path = tmp_path_factory.mktemp("corpus") / "small.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_records(out: Path):
+    """A finished run's metrics.csv rows, summary.json and checkpointed model state."""
+    import torch
+
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    summary = json.loads((out / "summary.json").read_text())
+    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    return rows, summary, state

@@ -5,11 +5,9 @@ the batch; cDNI's context is per position; no synthesizer flattens a sequence; l
 scores and resumes exactly. A small text made here stands in for the corpus."""
 
 import copy
-import csv
 import json
 import math
 import os
-import random
 import signal
 
 import pytest
@@ -24,6 +22,7 @@ from experiment.errors import RunInterrupted
 from experiment.lm_flags import parse_args
 from experiment.lm_train import build_gpt, evaluate_gpt_bpc, token_loss, train
 from model import GPT
+from tests.conftest import run_records
 
 VOCAB, WIDTH, CONTEXT, BATCH = 7, 16, 8, 3
 TINY = ["--model", "gpt", "--width", "16", "--layers", "2", "--heads", "2", "--context", "8",
@@ -45,18 +44,6 @@ def perturb_synthesizers(model, std=0.2):
     with torch.no_grad():
         for p in model.interfaces.parameters():
             p.normal_(std=std)
-
-
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory):
-    """A 6,000-character text of made-up words, a line each few words, as a file."""
-    rng = random.Random(0)
-    words = ["the", "and", "lord", "said", "unto", "them", "of", "light", "day", "was"]
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + "."
-             for _ in range(240)]
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def test_gpt_is_a_stack_of_sequence_blocks_and_causal():
@@ -275,7 +262,7 @@ def test_frozen_control_never_trains_the_blocks_up_to_the_cut(small_text, tmp_pa
     start = {k: v.clone() for k, v in start.state_dict().items()}
     summary = train(args)
     assert summary["method"] == "frozen" and summary["cuts"] == [1]
-    _, _, state = records(tmp_path)
+    _, _, state = run_records(tmp_path)
     assert state.keys() == start.keys()
     for key in state:
         frozen = key.split(".")[0] in ("0", "1")    # the embedding and block 1
@@ -301,19 +288,11 @@ def test_mismatched_flags_give_one_error_line(run_script, argv, message):
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], lines
 
 
-def records(out):
-    with open(out / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    summary = json.loads((out / "summary.json").read_text())
-    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
-    return rows, summary, state
-
-
 def test_script_trains_a_gpt_and_writes_bits_per_character(run_script, small_text, tmp_path):
     result = run_script("lm.py", *TINY, "--corpus", small_text, "--steps", "8",
                         "--method", "dni", "--conditioned", "--out", tmp_path)
     assert result.returncode == 0, result.stderr
-    rows, summary, _ = records(tmp_path)
+    rows, summary, _ = run_records(tmp_path)
     assert [int(r["step"]) for r in rows] == [4, 8]
     assert all(r["valid_bpc"] and r["sg_loss"] and r["sg_cos"] and not r["aux_loss"]
                for r in rows)
@@ -334,7 +313,7 @@ def test_gpt_sigterm_then_resume_is_exact(tmp_path, small_text, method):
                            "--out", str(out), "--method", *method])
 
     train(run_args(tmp_path / "ref"))
-    want_rows, want_summary, want_state = records(tmp_path / "ref")
+    want_rows, want_summary, want_state = run_records(tmp_path / "ref")
 
     def kill(step):
         if step == 6:
@@ -344,7 +323,7 @@ def test_gpt_sigterm_then_resume_is_exact(tmp_path, small_text, method):
         train(run_args(tmp_path / "cut"), on_step=kill)
     assert not (tmp_path / "cut" / "summary.json").exists()
     train(parse_args(["--resume", str(tmp_path / "cut")]))
-    rows, summary, state = records(tmp_path / "cut")
+    rows, summary, state = run_records(tmp_path / "cut")
     for key in want_state:
         assert torch.equal(state[key], want_state[key]), key
     drop = ("wall_seconds",)

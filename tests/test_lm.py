@@ -3,12 +3,10 @@ checksums and the split, bits per character on known distributions, the recurren
 against autograd, one-line errors, and exact resume after SIGTERM. A small text made here
 stands in for the corpus."""
 
-import csv
 import hashlib
 import json
 import math
 import os
-import random
 import signal
 
 import pytest
@@ -30,21 +28,10 @@ from experiment.lm_train import (
     window_loss,
 )
 from model import SEQUENCE_SYNTHESIZERS
+from tests.conftest import run_records
 
 TINY = ["--batch-size", "4", "--hidden", "8", "--truncation", "3", "--device", "cpu",
         "--threads", "1", "--eval-every", "4"]
-
-
-@pytest.fixture(scope="module")
-def small_text(tmp_path_factory):
-    """A 6,000-character text of made-up words, a line each few words, as a file."""
-    rng = random.Random(0)
-    words = ["the", "and", "lord", "said", "unto", "them", "of", "light", "day", "was"]
-    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + "."
-             for _ in range(240)]
-    path = tmp_path_factory.mktemp("corpus") / "small.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 class FakeDistribution:
@@ -214,19 +201,11 @@ def run_args(out, small_text, *extra):
                        *extra])
 
 
-def records(out):
-    with open(out / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    summary = json.loads((out / "summary.json").read_text())
-    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
-    return rows, summary, state
-
-
 def test_script_writes_records_and_bits_per_character(run_script, small_text, tmp_path):
     result = run_script("lm.py", *TINY, "--corpus", small_text, "--steps", "8",
                         "--method", "dni_aux", "--out", tmp_path)
     assert result.returncode == 0, result.stderr
-    rows, summary, _ = records(tmp_path)
+    rows, summary, _ = run_records(tmp_path)
     assert [int(r["step"]) for r in rows] == [4, 8]
     assert all(r["valid_bpc"] and r["sg_loss"] and r["aux_loss"] and r["sg_cos"] for r in rows)
     best = min(float(r["valid_bpc"]) for r in rows)
@@ -238,7 +217,7 @@ def test_script_writes_records_and_bits_per_character(run_script, small_text, tm
 @pytest.mark.parametrize("method", ["dni", "bptt"])
 def test_sigterm_then_resume_is_exact(tmp_path, small_text, method):
     train(run_args(tmp_path / "ref", small_text, "--method", method))
-    want_rows, want_summary, want_state = records(tmp_path / "ref")
+    want_rows, want_summary, want_state = run_records(tmp_path / "ref")
 
     def kill(step):
         if step == 6:
@@ -248,7 +227,7 @@ def test_sigterm_then_resume_is_exact(tmp_path, small_text, method):
         train(run_args(tmp_path / "cut", small_text, "--method", method), on_step=kill)
     assert not (tmp_path / "cut" / "summary.json").exists()
     train(parse_args(["--resume", str(tmp_path / "cut")]))
-    rows, summary, state = records(tmp_path / "cut")
+    rows, summary, state = run_records(tmp_path / "cut")
     for key in want_state:
         assert torch.equal(state[key], want_state[key]), key
     drop = ("wall_seconds",)

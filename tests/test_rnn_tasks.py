@@ -11,6 +11,7 @@ import torch
 
 from experiment.errors import RunInterrupted, UserError
 from experiment.rnn_train import parse_args, train
+from tests.conftest import run_records
 
 TINY = ["--steps", "12", "--batch-size", "4", "--hidden", "8", "--device", "cpu",
         "--log-every", "4", "--threads", "1"]
@@ -116,14 +117,6 @@ def tiny_args(out, *extra):
                        "--out", str(out), *extra])
 
 
-def records(out):
-    with open(out / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    summary = json.loads((out / "summary.json").read_text())
-    state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
-    return rows, summary, state
-
-
 @pytest.mark.parametrize("stop_after, extra", [
     (3, ["--method", "dni", "--truncation", "2", "--target-decay", "0"]),
     (4, ["--method", "dni_aux", "--truncation", "3", "--synthesizer", "rnn"]),
@@ -132,7 +125,7 @@ def records(out):
 def test_sigterm_then_resume_is_exact(tmp_path, stop_after, extra):
     extra = [*extra, "--bits", "2", "--threshold", "6", "--window", "2"]  # levels grow
     train(tiny_args(tmp_path / "ref", *extra))
-    want_rows, want_summary, want_state = records(tmp_path / "ref")
+    want_rows, want_summary, want_state = run_records(tmp_path / "ref")
     assert want_summary["final_length"] > 1
 
     def kill(step):
@@ -145,7 +138,7 @@ def test_sigterm_then_resume_is_exact(tmp_path, stop_after, extra):
     assert f"after step {stop_after};" in str(info.value) and "epoch" not in str(info.value)
     assert not (tmp_path / "cut" / "summary.json").exists()
     train(parse_args(["--resume", str(tmp_path / "cut")]))
-    rows, summary, state = records(tmp_path / "cut")
+    rows, summary, state = run_records(tmp_path / "cut")
     for key in want_state:
         assert torch.equal(state[key], want_state[key]), key
     drop = ("wall_seconds",)
