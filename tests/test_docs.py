@@ -49,8 +49,8 @@ def test_no_tracked_text_speaks_of_how_the_work_was_organised():
 
 
 def test_the_patterns_catch_what_they_are_for():
-    for text in ("as measured in " + "Sess" + "ion 12", "sess" + "ions 11 to 15", "the " + "iss" + "ue 15 note",
-                 "see " + "iss" + "ue #3", "resumed each " + "session"):
+    for text in ("as measured in " + "Sess" + "ion 12", "sess" + "ions 11 to 15",
+                 "the " + "iss" + "ue 15 note", "see " + "iss" + "ue #3", "resumed each " + "session"):
         assert any(p.search(text) for p in PROCESS_WORDS), text
     for text in ('@pytest.fixture(scope="session")', "start_new_session=True", "session_start"):
         assert not any(p.search(text) for p in PROCESS_WORDS), text
