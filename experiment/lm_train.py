@@ -43,13 +43,6 @@ EVAL_STREAMS = 8        # validation and test run as this many streams, state ca
 COSINE_WINDOWS = 8      # the cosine diagnostic looks this many windows ahead
 
 
-def bits_per_character(logits: torch.Tensor, targets: torch.Tensor) -> float:
-    """Mean cross-entropy of `targets` under `logits` (any leading shape, classes last), in
-    bits per character."""
-    nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-    return nats.item() / math.log(2)
-
-
 def as_streams(ids: torch.Tensor, streams: int) -> torch.Tensor:
     """A 1-D text of ids as `streams` rows of equal length (the tail that does not fit is
     dropped), each row a contiguous stretch of the text."""

@@ -5,7 +5,6 @@ stands in for the corpus."""
 
 import hashlib
 import json
-import math
 import os
 import signal
 
@@ -20,7 +19,6 @@ from experiment.errors import RunInterrupted
 from experiment.lm_flags import SYNTHESIZERS, parse_args
 from experiment.lm_train import (
     as_streams,
-    bits_per_character,
     build_model,
     evaluate_bpc,
     one_hot_inputs,
@@ -114,14 +112,6 @@ def test_a_missing_or_binary_text_file_is_one_error(tmp_path):
     (tmp_path / "short.txt").write_text("ab")
     with pytest.raises(DataError, match="too short"):
         load_text(str(tmp_path / "short.txt"))
-
-
-def test_bits_per_character_on_known_distributions():
-    targets = torch.tensor([0, 1, 2, 3, 0, 0, 1, 2])
-    assert bits_per_character(torch.zeros(8, 4), targets) == pytest.approx(2.0)   # uniform
-    p = torch.tensor([0.5, 0.25, 0.125, 0.125])
-    want = -sum(math.log2(p[t]) for t in targets.tolist()) / len(targets)
-    assert bits_per_character(p.log().expand(8, 4), targets) == pytest.approx(want, rel=1e-6)
 
 
 def test_evaluate_bpc_is_the_cross_entropy_of_a_fixed_distribution(small_text):
