@@ -26,14 +26,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from experiment.cli import prepare_out_dir, resolve_device
 from experiment.data import TextSplits, load_text
 from experiment.errors import UserError
 from experiment.loop import StepPeriodLoop
 from experiment.records import load_checkpoint, write_config, write_json
-from experiment.rnn_train import future_gradient_cosine
+from experiment.rnn_train import future_gradient_cosine, print_step_line
 from experiment.train import adam, first_nonfinite_gradient
 from model import GPT, SequenceModel
 
@@ -306,14 +305,7 @@ class _LanguageModelLoop(StepPeriodLoop):
         line = (f"step {state.step:>7}  epoch {row['epoch']:6.2f}  "
                 f"train {row['train_bpc']:.3f}  valid {valid_bpc:.3f} bpc  "
                 f"(best {state.best_valid_bpc:.3f})")
-        if row["sg_loss"] is not None:
-            line += f"  sg_loss {row['sg_loss']:.3g}"
-        if row["aux_loss"] is not None:
-            line += f"  aux_loss {row['aux_loss']:.3g}"
-        if row["sg_cos"] is not None:
-            line += f"  sg_cos {row['sg_cos']:.3f}"
-        tqdm.write(f"{line}  {state.train_seconds:.0f}s", file=sys.stdout)
-        sys.stdout.flush()
+        print_step_line(line, row, state.train_seconds)
         state.sums = RunState().sums
 
 

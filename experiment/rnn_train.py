@@ -251,6 +251,19 @@ def future_gradient_cosine(trainer, inputs: torch.Tensor, chunk_loss,
                for g, t in pairs) / len(pairs)
 
 
+def print_step_line(line: str, row: dict, train_seconds: float) -> None:
+    """Print `line`, then the row's synthesizer figures that were measured (sg_loss, aux_loss,
+    sg_cos), then the training seconds, above the progress bar."""
+    if row["sg_loss"] is not None:
+        line += f"  sg_loss {row['sg_loss']:.3g}"
+    if row["aux_loss"] is not None:
+        line += f"  aux_loss {row['aux_loss']:.3g}"
+    if row["sg_cos"] is not None:
+        line += f"  sg_cos {row['sg_cos']:.3f}"
+    tqdm.write(f"{line}  {train_seconds:.0f}s", file=sys.stdout)
+    sys.stdout.flush()
+
+
 def _log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog,
               cosine: float | None = None) -> None:
     """One metrics.csv row and one printed line for the steps since the last one; `cosine`
@@ -268,14 +281,7 @@ def _log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog,
     line = (f"step {state.step:>6}/{args.steps}  length {curriculum.level:>3}  "
             f"solved {curriculum.solved:>3}  {unit} {row['errors_per_seq']:.3f}  "
             f"loss {row['train_loss']:.4f}")
-    if row["sg_loss"] is not None:
-        line += f"  sg_loss {row['sg_loss']:.3g}"
-    if row["aux_loss"] is not None:
-        line += f"  aux_loss {row['aux_loss']:.3g}"
-    if cosine is not None:
-        line += f"  sg_cos {cosine:.3f}"
-    tqdm.write(f"{line}  {state.train_seconds:.0f}s", file=sys.stdout)
-    sys.stdout.flush()
+    print_step_line(line, row, state.train_seconds)
     state.window = {"loss": 0.0, "errors": 0.0, "sg": 0.0, "aux": 0.0, "n": 0}
 
 
