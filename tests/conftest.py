@@ -71,3 +71,19 @@ def run_records(out: Path):
     summary = json.loads((out / "summary.json").read_text())
     state = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
     return rows, summary, state
+
+
+def assert_same_run(got: Path, want: Path, summary_keys: tuple[str, ...]) -> None:
+    """A resumed run's records equal an uninterrupted one's: every model tensor, every
+    metrics.csv row but its wall time, and the summary's `summary_keys`."""
+    import torch
+
+    rows, summary, state = run_records(got)
+    want_rows, want_summary, want_state = run_records(want)
+    for key in want_state:
+        assert torch.equal(state[key], want_state[key]), key
+    drop = ("wall_seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in want_rows]
+    for key in summary_keys:
+        assert summary[key] == want_summary[key], key

@@ -22,7 +22,7 @@ from experiment.errors import RunInterrupted
 from experiment.lm_flags import parse_args
 from experiment.lm_train import build_gpt, evaluate_gpt_bpc, token_loss, train
 from model import GPT
-from tests.conftest import run_records
+from tests.conftest import assert_same_run, run_records
 
 VOCAB, WIDTH, CONTEXT, BATCH = 7, 16, 8, 3
 TINY = ["--model", "gpt", "--width", "16", "--layers", "2", "--heads", "2", "--context", "8",
@@ -313,7 +313,6 @@ def test_gpt_sigterm_then_resume_is_exact(tmp_path, small_text, method):
                            "--out", str(out), "--method", *method])
 
     train(run_args(tmp_path / "ref"))
-    want_rows, want_summary, want_state = run_records(tmp_path / "ref")
 
     def kill(step):
         if step == 6:
@@ -323,14 +322,8 @@ def test_gpt_sigterm_then_resume_is_exact(tmp_path, small_text, method):
         train(run_args(tmp_path / "cut"), on_step=kill)
     assert not (tmp_path / "cut" / "summary.json").exists()
     train(parse_args(["--resume", str(tmp_path / "cut")]))
-    rows, summary, state = run_records(tmp_path / "cut")
-    for key in want_state:
-        assert torch.equal(state[key], want_state[key]), key
-    drop = ("wall_seconds",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in want_rows]
-    for key in ("valid_bpc", "test_bpc", "best_step", "steps", "epochs"):
-        assert summary[key] == want_summary[key], key
+    assert_same_run(tmp_path / "cut", tmp_path / "ref",
+                    ("valid_bpc", "test_bpc", "best_step", "steps", "epochs"))
 
 
 def test_a_resume_keeps_the_gpt_and_refuses_lstm_flags(run_script, small_text, tmp_path):

@@ -26,7 +26,7 @@ from experiment.lm_train import (
     window_loss,
 )
 from model import SEQUENCE_SYNTHESIZERS
-from tests.conftest import run_records
+from tests.conftest import assert_same_run, run_records
 
 TINY = ["--batch-size", "4", "--hidden", "8", "--truncation", "3", "--device", "cpu",
         "--threads", "1", "--eval-every", "4"]
@@ -207,7 +207,6 @@ def test_script_writes_records_and_bits_per_character(run_script, small_text, tm
 @pytest.mark.parametrize("method", ["dni", "bptt"])
 def test_sigterm_then_resume_is_exact(tmp_path, small_text, method):
     train(run_args(tmp_path / "ref", small_text, "--method", method))
-    want_rows, want_summary, want_state = run_records(tmp_path / "ref")
 
     def kill(step):
         if step == 6:
@@ -217,14 +216,8 @@ def test_sigterm_then_resume_is_exact(tmp_path, small_text, method):
         train(run_args(tmp_path / "cut", small_text, "--method", method), on_step=kill)
     assert not (tmp_path / "cut" / "summary.json").exists()
     train(parse_args(["--resume", str(tmp_path / "cut")]))
-    rows, summary, state = run_records(tmp_path / "cut")
-    for key in want_state:
-        assert torch.equal(state[key], want_state[key]), key
-    drop = ("wall_seconds",)
-    assert [{k: v for k, v in r.items() if k not in drop} for r in rows] == \
-        [{k: v for k, v in r.items() if k not in drop} for r in want_rows]
-    for key in ("valid_bpc", "test_bpc", "best_step", "steps", "epochs"):
-        assert summary[key] == want_summary[key], key
+    assert_same_run(tmp_path / "cut", tmp_path / "ref",
+                    ("valid_bpc", "test_bpc", "best_step", "steps", "epochs"))
 
 
 def test_early_stopping_and_epochs_end_the_run(tmp_path, small_text):
