@@ -33,10 +33,12 @@ chunk's start. Why, and what each option gave: bench/README.md, "The recurrent s
 
 `center=True` sends, and fits S on, the synthetic gradient minus its batch mean. On a text
 stream whose state is carried across calls (`continues=True`), an uncentred S learns a bias
-that drives the LSTM cell state without bound (docs/results.md, "recurrent DNI on text").
+that drives the LSTM cell state without bound (bench/README.md, "Recurrent DNI on a text
+stream").
 
 Gradients accumulate over all chunks; the caller steps the optimizer once per sequence batch.
 """
+
 from __future__ import annotations
 
 import copy
