@@ -36,8 +36,8 @@ from experiment.rnn_train import future_gradient_cosine, print_step_line
 from experiment.train import adam, first_nonfinite_gradient
 from model import GPT, SequenceModel
 
-COLUMNS = ["train_bpc", "valid_bpc", "best_valid_bpc", "sg_loss", "aux_loss",
-           "sg_cos"]
+COLUMNS = ["train_seconds", "train_bpc", "valid_bpc", "best_valid_bpc", "sg_loss",
+           "aux_loss", "sg_cos"]
 EVAL_STREAMS = 8        # validation and test run as this many streams, state carried
 COSINE_WINDOWS = 8      # the cosine diagnostic looks this many windows ahead
 
@@ -294,6 +294,7 @@ class _LanguageModelLoop(StepPeriodLoop):
             state.evals_since_best += 1
         sums, n = state.sums, max(state.sums["n"], 1)
         row = {"kind": "step", "step": state.step, "wall_seconds": state.wall_seconds,
+               "train_seconds": state.train_seconds,
                "epoch": self.epochs_done(),
                "train_loss": sums["nats"] / max(sums["chars"], 1),
                "train_bpc": sums["nats"] / max(sums["chars"], 1) / math.log(2),
