@@ -28,7 +28,9 @@ from dni.wrapper import SynthesizerFactory, synthesizer_factory
 
 TRAIN, EVAL, STOP = 1.0, 2.0, 3.0    # forward message kinds
 FORWARD_TAG, BACKWARD_TAG, TRUE_GRADIENT_TAG = 11, 12, 13
-HEADER = 4   # kind, step, batch rows, stop signal; then one loss, then one cosine, per interface
+# kind, step, batch rows, stop signal, whether a context rides along (else it is rebuilt from
+# the labels); then one loss, then one cosine, per interface
+HEADER = 5
 
 
 @dataclass
@@ -64,6 +66,14 @@ def running_statistics_kept(module: nn.Module) -> Iterator[None]:
                 buffer.copy_(saved)
 
 
+def link_groups(world_size: int) -> dict[tuple[int, int], dist.ProcessGroup]:
+    """A process group of its own for each link (by its lower stage) and kind of message (by
+    its tag), made in the same order on every rank (new_group is a collective)."""
+    return {(lower, tag): dist.new_group([lower, lower + 1])
+            for lower in range(world_size - 1)
+            for tag in (FORWARD_TAG, BACKWARD_TAG, TRUE_GRADIENT_TAG)}
+
+
 class PipelineStage(nn.Module):
     """One process's share of a pipeline trained with synthetic gradients: a run of
     consecutive blocks of an nn.Sequential and the synthesizer at its output edge.
@@ -79,7 +89,11 @@ class PipelineStage(nn.Module):
     and gradients travel in (default: the network's); targets are class indices unless
     `integer_targets=False`. `center_gradients` subtracts the batch mean from the synthetic
     gradients of every interface but the top one, as one-process `DNI` does. `batch_mean=False`
-    for a `loss_fn` summed (not averaged) over the batch, as in `DNI`.
+    for a `loss_fn` summed (not averaged) over the batch, as in `DNI`. `label_shape`: one
+    example's target shape (a language model's: (T,), one target per position; cDNI's context
+    is then one per position, rebuilt from the labels at each stage rather than sent).
+    `frozen_stages=k`: the first k stages never train (no synthesizer at their edges, no
+    gradient sent down to them): the control that shows what the synthetic gradients taught.
 
     After building, every rank reseeds torch's random stream from one number drawn from the
     stream (the same on every rank) plus its rank, so stages draw their own dropout masks,
@@ -96,6 +110,7 @@ class PipelineStage(nn.Module):
                  message_dtype: torch.dtype | None = None,
                  rank: int | None = None, world_size: int | None = None,
                  center_gradients: bool = True, batch_mean: bool = True,
+                 label_shape: Sequence[int] = (), frozen_stages: int = 0,
                  **synthesizer_options):
         super().__init__()
         if interfaces not in INTERFACE_MODES:
@@ -116,7 +131,14 @@ class PipelineStage(nn.Module):
         self.loss_fn, self.integer_targets = loss_fn, integer_targets
         first = sum(self.counts[:self.rank])
         self.block_range = (first, first + self.counts[self.rank])
-        self.positions = interface_positions(self.counts, interfaces)  # over the whole net
+        if not 0 <= frozen_stages < self.world_size:
+            raise ValueError(f"frozen_stages must be 0 to {self.world_size - 1}, "
+                             f"got {frozen_stages}")
+        self.frozen_stages, self.label_shape = frozen_stages, tuple(label_shape)
+        self.frozen = self.rank < frozen_stages
+        trained_from = sum(self.counts[:frozen_stages])   # the first block that trains
+        self.positions = [i for i in interface_positions(self.counts, interfaces)  # whole net
+                          if i >= trained_from]
         shapes = output_shapes(net, example_input)
         # every rank builds every synthesizer in the same order, as one-process DNI does, so
         # the random streams (and hence initial weights) agree with it
@@ -130,9 +152,13 @@ class PipelineStage(nn.Module):
                       center=center_gradients and i != top)
             for i in mine)
         self.is_first, self.is_last = self.rank == 0, self.rank == self.world_size - 1
+        self.sends_down = self.rank > frozen_stages   # the stage below learns from us
+        if self.frozen:
+            for p in self.blocks.parameters():
+                p.requires_grad_(False)
         self._inner = {i - first: self.interfaces[n] for n, i in enumerate(mine)
                        if i < self.block_range[1] - 1}
-        self.edge = None if self.is_last else self.interfaces[-1]
+        self.edge = None if self.is_last or self.frozen else self.interfaces[-1]
         self.input_shape = tuple(example_input.shape[1:]) if self.is_first else shapes[first - 1]
         self.output_shape = shapes[self.block_range[1] - 1]
         dtype, device = example_input.dtype, example_input.device
@@ -160,7 +186,11 @@ class PipelineStage(nn.Module):
         self._pending: deque[_Pending] = deque()
         # the edge synthesizer's (S, B d) of the fit in this step (None: no fit yet)
         self._edge_fit: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._build_links(device, timeout)
+        # messages live where the backend carries them: on the GPU for NCCL, else in host
+        # memory (gloo; a CUDA stage's messages are then staged through the host)
+        self.link_device = (device if device.type == "cuda" and dist.get_backend() == "nccl"
+                            else torch.device("cpu"))
+        self._build_links(self.link_device, timeout)
         # a stream of the stage's own: with the shared seed alone, stages whose blocks end in
         # same-shaped dropout would draw the same masks at every step
         shared = int(torch.randint(2**62, (1,)).item())
@@ -169,13 +199,24 @@ class PipelineStage(nn.Module):
     def _build_links(self, device: torch.device, timeout: float) -> None:
         """The message layouts and the links to both neighbours. Each receiver keeps
         staleness + 2 receives posted: a lower stage may run `staleness` mini-batches ahead
-        of its targets, and no sender ever waits for a receive not yet posted."""
+        of its targets, and no sender ever waits for a receive not yet posted.
+
+        Every kind of message on every link has a process group of its own (activations up,
+        targets down, true gradients down), so within one group a rank only sends or only
+        receives, and messages match in the order they were posted. That is what makes the
+        posted-ahead receives safe under NCCL, which runs a communicator's operations in
+        order on one stream and ignores tags: with one group, a receive posted ahead would
+        sit in front of the same rank's next send to that peer, each side's stream would
+        wait on the other's, and a true gradient could land in a buffer meant for a target.
+        Under gloo the tags alone would do; the groups are the same there."""
+        groups = link_groups(self.world_size)
         label_dtype = torch.int64 if self.integer_targets else self.dtype
         wire = self.message_dtype
 
         def forward(shape):
             return Layout([("header", torch.float64, HEADER + 2 * len(self.positions)),
-                           ("labels", label_dtype, self.max_batch),
+                           ("labels", label_dtype,
+                            self.max_batch * math.prod(self.label_shape)),
                            ("context", self.dtype, self.max_batch * self.context_size),
                            ("h", wire, self.max_batch * math.prod(shape))])
 
@@ -190,19 +231,24 @@ class PipelineStage(nn.Module):
         ahead = self.staleness + 2
         self._previous = self._feedback = self._next = self._targets = None
         self._true_below = self._true_above = None   # true gradients, on measured steps only
+        below, above = self.rank - 1, self.rank   # the links, by their lower stage
         if not self.is_first:
-            self._previous = Receiver(self.rank - 1, self._in_layout.nbytes, FORWARD_TAG,
-                                      ahead=ahead, **link)
-            self._feedback = Sender(self.rank - 1, self._feedback_layout.nbytes, BACKWARD_TAG,
-                                    **link)
-            self._true_below = Sender(self.rank - 1, self._feedback_layout.nbytes,
-                                      TRUE_GRADIENT_TAG, **link)
+            self._previous = Receiver(below, self._in_layout.nbytes, FORWARD_TAG, ahead=ahead,
+                                      group=groups[below, FORWARD_TAG], **link)
+        if self.sends_down:
+            self._feedback = Sender(below, self._feedback_layout.nbytes, BACKWARD_TAG,
+                                    group=groups[below, BACKWARD_TAG], **link)
+            self._true_below = Sender(below, self._feedback_layout.nbytes, TRUE_GRADIENT_TAG,
+                                      group=groups[below, TRUE_GRADIENT_TAG], **link)
         if not self.is_last:
-            self._next = Sender(self.rank + 1, self._out_layout.nbytes, FORWARD_TAG, **link)
-            self._targets = Receiver(self.rank + 1, self._target_layout.nbytes, BACKWARD_TAG,
-                                     ahead=ahead, **link)
-            self._true_above = Receiver(self.rank + 1, self._target_layout.nbytes,
-                                        TRUE_GRADIENT_TAG, **link)
+            self._next = Sender(above + 1, self._out_layout.nbytes, FORWARD_TAG,
+                                group=groups[above, FORWARD_TAG], **link)
+        if self.edge is not None:
+            self._targets = Receiver(above + 1, self._target_layout.nbytes, BACKWARD_TAG,
+                                     ahead=ahead, group=groups[above, BACKWARD_TAG], **link)
+            self._true_above = Receiver(above + 1, self._target_layout.nbytes,
+                                        TRUE_GRADIENT_TAG, ahead=1,
+                                        group=groups[above, TRUE_GRADIENT_TAG], **link)
 
     # -- parameters -----------------------------------------------------------------------
     def block_parameters(self):
@@ -233,15 +279,18 @@ class PipelineStage(nn.Module):
         """The signal this stage was asked to stop by (here or from a neighbour), 0 if none."""
         return self._stop_request
 
-    def _context(self, labels: torch.Tensor) -> torch.Tensor | None:
+    def _context(self, values: torch.Tensor, from_labels: bool = False
+                 ) -> torch.Tensor | None:
         """The synthesizers' context: integer labels become one-hot vectors, float contexts
-        (batch, context_size) pass through, as in `DNI`."""
+        (batch, context_size) pass through, as in `DNI`. Built `from_labels`, it is one per
+        target (batch, *label_shape, context_size)."""
         if not self.context_size:
             return None
-        context = one_hot(labels, self.context_size)
-        if context.shape != (len(labels), self.context_size):
+        context = one_hot(values, self.context_size)
+        want = ((len(values), *self.label_shape) if from_labels else (len(values),))
+        if context.shape != (*want, self.context_size):
             raise ValueError(f"a context must be labels or (batch, {self.context_size}) "
-                             f"vectors, got shape {tuple(labels.shape)}")
+                             f"vectors, got shape {tuple(values.shape)}")
         return context.to(self.dtype)
 
     def _read_figures(self, header: torch.Tensor) -> None:
@@ -275,7 +324,7 @@ class PipelineStage(nn.Module):
         layout = self._in_layout
         message = self._previous.receive()
         header = layout.field(message, "header")
-        got, step, n, signal = header[:HEADER].tolist()
+        got, step, n, signal, context_sent = header[:HEADER].tolist()
         if got == STOP:
             self._read_figures(header)
             self.stopped = int(signal)
@@ -285,26 +334,32 @@ class PipelineStage(nn.Module):
                                 f"step {step:g}, expected kind {kind:g} step {self.step})")
         n = int(n)
         self._read_figures(header)
-        labels = layout.field(message, "labels")[:n]
+        labels = layout.field(message, "labels")[:n * math.prod(self.label_shape)].view(
+            n, *self.label_shape).to(self.device)
         context = None
-        if self.context_size:   # kept with a pending update: a copy, not the buffer
-            context = layout.field(message, "context")[:n * self.context_size].view(
-                n, self.context_size).clone()
+        if self.context_size and kind == TRAIN and not self.frozen:
+            if context_sent:   # kept with a pending update: a copy, not the buffer
+                context = layout.field(message, "context")[:n * self.context_size].view(
+                    n, self.context_size).to(self.device, copy=True)
+            else:
+                context = self._context(labels, from_labels=True)
         h = layout.field(message, "h")[:n * math.prod(self.input_shape)]
-        return h.view(n, *self.input_shape).to(self.dtype), labels, context
+        return h.view(n, *self.input_shape).to(self.device, self.dtype), labels, context
 
     def _send_output(self, kind: float, h: torch.Tensor, labels: torch.Tensor,
                      context: torch.Tensor | None = None) -> None:
         """Send (h, labels, context) to stage s+1, with the figures of this stage and the
-        ones below of the step before."""
+        ones below of the step before (context None: stage s+1 rebuilds it from the
+        labels, if it uses one)."""
         layout = self._out_layout
 
         def fill(buffer):
             header = layout.field(buffer, "header")
             header.fill_(math.nan)
-            header[:HEADER] = torch.tensor([kind, self.step, len(h), 0.0], dtype=torch.float64)
+            header[:HEADER] = torch.tensor([kind, self.step, len(h), 0.0,
+                                            float(context is not None)], dtype=torch.float64)
             self._write_figures(header)
-            layout.field(buffer, "labels")[:len(labels)].copy_(labels)
+            layout.field(buffer, "labels")[:labels.numel()].copy_(labels.reshape(-1))
             if context is not None:
                 layout.field(buffer, "context")[:context.numel()].copy_(context.reshape(-1))
             # rows past the batch keep old values; the receiver skips them
@@ -318,7 +373,7 @@ class PipelineStage(nn.Module):
         def fill(buffer):
             header = self._out_layout.field(buffer, "header")
             header.fill_(math.nan)
-            header[:HEADER] = torch.tensor([STOP, self.step, 0.0, float(self.stopped)],
+            header[:HEADER] = torch.tensor([STOP, self.step, 0.0, float(self.stopped), 0.0],
                                            dtype=torch.float64)
             self._write_figures(header)
 
@@ -353,7 +408,7 @@ class PipelineStage(nn.Module):
         if signal:
             self.request_stop(signal)
         grad = layout.field(message, "grad")[:like.numel()]
-        return grad.view_as(like).to(self.dtype, copy=True)
+        return grad.view(like.shape).to(self.device, self.dtype, copy=True)
 
     def _receive_target(self, entry: _Pending) -> None:
         """Wait for the target of `entry` from stage s+1."""
@@ -380,12 +435,15 @@ class PipelineStage(nn.Module):
             self.times.total += perf_counter() - start - self.last_measure_seconds
 
     def _train_step(self, optimizer, x, y, context, report, measure) -> float | None:
+        sent = None   # a context given at stage 0 travels; one from the labels is rebuilt
         if self.is_first:
             if self._stop_request:
                 self.stopped = self._stop_request
             h_in, labels = x, y
-            if self.stopped is None:
-                context = self._context(y if context is None else context)
+            if self.stopped is None and not self.frozen:
+                given = context is not None
+                context = self._context(context if given else y, from_labels=not given)
+                sent = context if given else None
         else:
             received = self._receive_input(TRAIN)
             h_in, labels, context = received if received is not None else (None, None, None)
@@ -395,7 +453,9 @@ class PipelineStage(nn.Module):
             if not self.is_last:
                 self._send_stop()
             return None
-        if not self.is_first:
+        if self.frozen:
+            return self._forward_only(h_in, labels)
+        if self.sends_down:
             h_in = h_in.detach().requires_grad_()
         streams = self._random_states() if measure else None
         self._edge_fit = None
@@ -410,10 +470,10 @@ class PipelineStage(nn.Module):
             loss = self.loss_fn(h, labels)
             loss.backward()
         else:
-            self._send_output(TRAIN, h, labels, context)
+            self._send_output(TRAIN, h, labels, sent)
             with torch.no_grad():
                 self.edge.send_gradient(h, self.edge.predict(h, context))
-        if not self.is_first:
+        if self.sends_down:
             # h_in's gradient came through a scaled synthetic gradient unless the loss is
             # right above it; the target goes back in the loss's units
             delivered = 1.0 if self.is_last and not self._inner else self.grad_scale
@@ -434,6 +494,16 @@ class PipelineStage(nn.Module):
         self._own_figures = StepFigures(self.step, losses, cosines)
         self.step += 1
         return None if loss is None else loss.item()
+
+    def _forward_only(self, h_in: torch.Tensor, labels: torch.Tensor) -> None:
+        """A frozen stage's step: its blocks forward, the output sent up; nothing learns."""
+        with torch.no_grad():
+            h = h_in
+            for block in self.blocks:
+                h = block(h)
+        self._send_output(TRAIN, h, labels)
+        self._own_figures = StepFigures(self.step, [], [])
+        self.step += 1
 
     def _random_states(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The random streams as they are now (CPU, and the stage's GPU if it has one)."""
@@ -458,7 +528,7 @@ class PipelineStage(nn.Module):
             torch.set_rng_state(cpu)
             if cuda is not None:
                 torch.cuda.set_rng_state(cuda, self.device)
-            x = h_in.detach().requires_grad_(not self.is_first)
+            x = h_in.detach().requires_grad_(self.sends_down)
             h, inner = x, []
             for i, block in enumerate(self.blocks):
                 h = block(h)
@@ -468,12 +538,12 @@ class PipelineStage(nn.Module):
                 root, from_above = self.loss_fn(h, labels), None
             else:
                 root, from_above = h, self._receive_gradient(self._true_above, self.step, h)
-            wanted = [out for _, out in inner] + ([] if self.is_first else [x])
+            wanted = [out for _, out in inner] + ([x] if self.sends_down else [])
             grads = [None] * len(wanted)
             if wanted and root.requires_grad:
                 grads = list(torch.autograd.grad(root, wanted, from_above, allow_unused=True))
             grads = [torch.zeros_like(w) if g is None else g for w, g in zip(wanted, grads)]
-            if not self.is_first:
+            if self.sends_down:
                 self._send_gradient(self._true_below, grads.pop())
             pairs = list(zip(inner, grads))
             if not self.is_last:

@@ -91,8 +91,8 @@ class Sender:
     buffers (a buffer is reused once its previous message has left)."""
 
     def __init__(self, peer: int, nbytes: int, tag: int, device: torch.device,
-                 timeout: float, times: StageTimes, slots: int = 2):
-        self.peer, self.tag, self.times = peer, tag, times
+                 timeout: float, times: StageTimes, slots: int = 2, group=None):
+        self.peer, self.tag, self.times, self.group = peer, tag, times, group
         self.timeout = timedelta(seconds=timeout)
         self.buffers = [torch.zeros(nbytes, dtype=torch.uint8, device=device)
                         for _ in range(slots)]
@@ -106,7 +106,7 @@ class Sender:
             _wait(work, self.peer, self.timeout, self.times)
         start = perf_counter()
         fill(buffer)
-        self.works[self.index] = dist.isend(buffer, self.peer, tag=self.tag)
+        self.works[self.index] = dist.isend(buffer, self.peer, group=self.group, tag=self.tag)
         self.index = (self.index + 1) % len(self.buffers)
         self.times.comm += perf_counter() - start
 
@@ -124,10 +124,10 @@ class Receiver:
     that is not posted yet). The buffer `receive` returns stays valid until the next call."""
 
     def __init__(self, peer: int, nbytes: int, tag: int, device: torch.device,
-                 timeout: float, times: StageTimes, ahead: int = 1):
+                 timeout: float, times: StageTimes, ahead: int = 1, group=None):
         if ahead < 1:
             raise ValueError(f"ahead must be 1 or more, got {ahead}")
-        self.peer, self.tag, self.times = peer, tag, times
+        self.peer, self.tag, self.times, self.group = peer, tag, times, group
         self.timeout = timedelta(seconds=timeout)
         self.buffers = [torch.zeros(nbytes, dtype=torch.uint8, device=device)
                         for _ in range(ahead + 1)]
@@ -137,7 +137,8 @@ class Receiver:
             self._post(i)
 
     def _post(self, index: int) -> None:
-        self.works[index] = dist.irecv(self.buffers[index], self.peer, tag=self.tag)
+        self.works[index] = dist.irecv(self.buffers[index], self.peer, group=self.group,
+                                       tag=self.tag)
 
     def receive(self) -> torch.Tensor:
         """The next message (a buffer of the link's size)."""
