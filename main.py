@@ -12,15 +12,16 @@ from typing import TYPE_CHECKING
 from dni.pipeline import INTERFACE_MODES
 from experiment.baseline import BASELINE_DEFAULTS
 from experiment.cli import (
+    PIPELINE_LINK_FLAGS,
+    add_pipeline_link_arguments,
     add_switch,
-    flags_given,
     learning_rate,
-    nonnegative_int,
     parse_training_args,
     positive_float,
     positive_int,
     prepare_run,
     rank_from_env,
+    refuse_pipeline_flags,
     run,
     training_parser,
 )
@@ -37,7 +38,6 @@ if TYPE_CHECKING:
     from experiment.train import Probe
 
 SYNTHESIZER_CHOICES = ("linear", "linear_sigmoid", "mlp", "conv")
-MESSAGE_DTYPES = ("bfloat16", "float32")  # the torch dtypes a pipeline's messages may travel in
 # what a resumed run keeps: its network, synthesizers, placement, data and batch order
 RUN_DEFINING_FLAGS = ("model_type", "depth", "width", "channels", "conditioned", "synthesizer",
                       "synth_hidden", "synth_layers", "forward_unlock", "center_gradients",
@@ -48,10 +48,7 @@ RUN_DEFINING_FLAGS = ("model_type", "depth", "width", "channels", "conditioned",
 PIPELINE_ONLY_FLAGS = {
     "stages": "one process runs every block; --interfaces-at puts interfaces where a "
               "pipeline's stages would end",
-    "staleness": "one process updates each synthesizer in the step that uses it, as a "
-                 "pipeline at --staleness 0 does",
-    "message_dtype": "one process sends no messages between stages",
-    "timeout": "one process waits for no other stage",
+    **PIPELINE_LINK_FLAGS,
 }
 
 
@@ -97,15 +94,7 @@ def parse_args():
     parser.add_argument("--interfaces", choices=INTERFACE_MODES, default=None,
                         help="under torchrun: edges (default): an interface at each stage's "
                              "output, backprop inside a stage; all: one after every block")
-    parser.add_argument("--message-dtype", choices=MESSAGE_DTYPES, default="float32",
-                        help="under torchrun: the dtype activations and gradients travel in "
-                             "between stages")
-    parser.add_argument("--staleness", type=nonnegative_int, default=1,
-                        help="under torchrun: mini-batches a stage's synthesizer update may lag "
-                             "its blocks (0: lockstep, as one process)")
-    parser.add_argument("--timeout", type=positive_float, default=60.0,
-                        help="under torchrun: seconds to wait for a neighbouring stage before "
-                             "an error")
+    add_pipeline_link_arguments(parser)
     add_model_arguments(parser)
     # runs saved before edge interfaces / before centred gradients ran without them
     args = parse_training_args(parser, absent={"interfaces": "all", "center_gradients": False},
@@ -117,11 +106,7 @@ def parse_args():
                      "(--stages) place the interfaces")
     if args.interfaces == "all" and args.interfaces_at:
         parser.error("--interfaces all and --interfaces-at contradict each other")
-    if world_size_from_env() == 1:
-        for dest in flags_given(parser, PIPELINE_ONLY_FLAGS):
-            flag = "--" + dest.replace("_", "-")
-            parser.error(f"{flag} needs torchrun (a pipeline of processes): "
-                         f"{PIPELINE_ONLY_FLAGS[dest]}")
+    refuse_pipeline_flags(parser, PIPELINE_ONLY_FLAGS)
     if world_size_from_env() == 1 and args.interfaces == "edges":
         parser.error("--interfaces edges needs torchrun; in one process, --interfaces-at "
                      "puts interfaces where a pipeline's stages would end")

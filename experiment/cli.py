@@ -225,6 +225,43 @@ def flags_given(parser: argparse.ArgumentParser, dests: Iterable[str],
     return [d for d in dests if getattr(typed, d) is not unset]
 
 
+MESSAGE_DTYPES = ("bfloat16", "float32")  # the torch dtypes a pipeline's messages may travel in
+# the flags of a pipeline's links, and why one process has no use for them
+PIPELINE_LINK_FLAGS = {
+    "staleness": "one process updates each synthesizer in the step that uses it, as a "
+                 "pipeline at --staleness 0 does",
+    "message_dtype": "one process sends no messages between stages",
+    "timeout": "one process waits for no other stage",
+}
+
+
+def add_pipeline_link_arguments(parser) -> None:
+    """The flags of the links between pipeline stages under torchrun: --message-dtype,
+    --staleness and --timeout."""
+    parser.add_argument("--message-dtype", choices=MESSAGE_DTYPES, default="float32",
+                        help="under torchrun: the dtype activations and gradients travel in "
+                             "between stages")
+    parser.add_argument("--staleness", type=nonnegative_int, default=1,
+                        help="under torchrun: mini-batches a stage's synthesizer update may lag "
+                             "its blocks (0: lockstep, as one process)")
+    parser.add_argument("--timeout", type=positive_float, default=60.0,
+                        help="under torchrun: seconds to wait for a neighbouring stage before "
+                             "an error")
+
+
+def refuse_pipeline_flags(parser: argparse.ArgumentParser, reasons: dict[str, str],
+                          argv: list[str] | None = None) -> None:
+    """Outside torchrun, each of `reasons`' flags typed (at any value) is an error naming why
+    one process has no use for it."""
+    from experiment.records import world_size_from_env
+
+    if world_size_from_env() > 1:
+        return
+    for dest in flags_given(parser, reasons, argv):
+        parser.error(f"--{dest.replace('_', '-')} needs torchrun (a pipeline of processes): "
+                     f"{reasons[dest]}")
+
+
 def _shown(value) -> str:
     """A flag's value as it is typed: lists space-separated, None as 'unset'."""
     if value is None:

@@ -17,6 +17,8 @@ import torch.distributed as dist
 from dni.pipeline import PipelineError, PipelineStage
 from experiment.data import ImageSplits, batches
 from experiment.errors import USER_ERROR_EXIT, RunInterrupted, UserError
+from experiment.loop import TrainingLoop
+from experiment.records import peak_memory_mb
 from experiment.train import EpochLoop, adam, finish_epoch, score, write_summary
 
 
@@ -39,21 +41,25 @@ def pin_to_cores() -> list[int] | None:
 
 def start_process_group(device: torch.device, timeout: float) -> None:
     """Join the process group torchrun describes: gloo on CPU (each rank pinned to its own
-    cores), NCCL on CUDA."""
-    backend = "nccl" if device.type == "cuda" else "gloo"
+    cores); on CUDA, NCCL with a GPU per local rank, or, with fewer GPUs than local ranks
+    (several stages share a GPU, which NCCL refuses), gloo with the messages staged through
+    host memory."""
+    backend = "gloo"
     if device.type == "cpu":
         pin_to_cores()
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.device_count() < int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
-            raise UserError("NCCL needs one GPU per stage on a machine; run with --device cpu")
-        torch.cuda.set_device(local)
+        gpus = torch.cuda.device_count()
+        if gpus >= int(os.environ.get("LOCAL_WORLD_SIZE", "1")):
+            backend = "nccl"
+        torch.cuda.set_device(local % gpus)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
 
 
-def shared_out_dir(out: str | None) -> str:
-    """The run folder every rank agrees on: rank 0's choice (its default name has a time)."""
-    chosen = [out or f"runs/main-{time.strftime('%Y%m%d-%H%M%S')}"]
+def shared_out_dir(out: str | None, script: str = "main") -> str:
+    """The run folder every rank agrees on: rank 0's choice (its default name, under runs/,
+    has the script's name and a time)."""
+    chosen = [out or f"runs/{script}-{time.strftime('%Y%m%d-%H%M%S')}"]
     dist.broadcast_object_list(chosen, src=0)
     return chosen[0]
 
@@ -173,16 +179,15 @@ class _StageLoop(EpochLoop):
                 "world_size": self.stage.world_size}
 
 
-def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: ImageSplits, args, *,
-                 model_name: str, method: str, out_dir: Path, checkpoint: dict | None,
-                 extra_summary: dict) -> dict | None:
-    """Train this rank's stage for args.epochs (learning rates as --schedule says); the last stage prints the epoch
-    lines and writes metrics.csv and summary.json, which it returns (others return None)."""
-    collectives = dist.new_group(backend="gloo")  # for the few collectives, apart from p2p
+def run_stages(loop: TrainingLoop, stage: PipelineStage, out_dir: Path,
+               checkpoint: dict | None, collectives) -> list[dict]:
+    """Run a stage's loop (its subclass of TrainingLoop, checkpoint named per stage) to the
+    end, checking first that every stage resumes from the same step; a dead or silent
+    neighbour is one error line; a stop that came too late to stop a step ends every stage
+    as the signal asks, the run saved. Returns every stage's times (and peak memory)."""
     if checkpoint is not None and checkpoint.get("counts") != stage.counts:
         raise UserError(f"{out_dir / stage_checkpoint_name(stage.rank)} was written with "
                         f"stages {checkpoint.get('counts')}, not {stage.counts}")
-    loop = _StageLoop(stage, optimizer, data, args, out_dir, checkpoint)
     steps = gather_from_every_stage(loop.state.step, stage, collectives)
     if len(set(steps)) != 1:  # every rank sees it; stage 0 says it
         if stage.rank != 0:
@@ -203,10 +208,21 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: I
     if signum:
         raise loop.interrupted(signum, period_ended=True,
                                path=out_dir / stage_checkpoint_name(stage.rank))
-    times = gather_from_every_stage(
+    return gather_from_every_stage(
         {"rank": stage.rank, "blocks": list(stage.block_range), "total_s": stage.times.total,
          "wait_s": stage.times.wait, "comm_s": stage.times.comm,
-         "compute_s": stage.times.compute}, stage, collectives)
+         "compute_s": stage.times.compute, "peak_memory_mb": peak_memory_mb(stage.device)},
+        stage, collectives)
+
+
+def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: ImageSplits, args, *,
+                 model_name: str, method: str, out_dir: Path, checkpoint: dict | None,
+                 extra_summary: dict) -> dict | None:
+    """Train this rank's stage for args.epochs (learning rates as --schedule says); the last stage prints the epoch
+    lines and writes metrics.csv and summary.json, which it returns (others return None)."""
+    collectives = dist.new_group(backend="gloo")  # for the few collectives, apart from p2p
+    loop = _StageLoop(stage, optimizer, data, args, out_dir, checkpoint)
+    times = run_stages(loop, stage, out_dir, checkpoint, collectives)
     if not stage.is_last:
         return None
     extra = {**extra_summary, "stages": stage.counts, "staleness": stage.staleness,

@@ -32,6 +32,18 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def peak_memory_mb(device: torch.device) -> float:
+    """This process's peak memory in MiB: the GPU's allocations on CUDA, else the process's
+    peak resident set (torch itself included)."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # KiB on Linux
+
+
 def write_text_whole(path: Path, text: str) -> None:
     """Write `text` atomically (temporary file, then rename), line endings as given;
     processes writing the same file at once each use their own temporary file."""
