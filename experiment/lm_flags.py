@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from experiment.cli import (
+    PIPELINE_LINK_FLAGS,
     Parser,
+    add_pipeline_link_arguments,
     add_run_arguments,
     boolean,
     learning_rate,
@@ -12,7 +14,9 @@ from experiment.cli import (
     parse_training_args,
     positive_float,
     positive_int,
+    refuse_pipeline_flags,
 )
+from experiment.records import world_size_from_env
 
 MODELS = ("lstm", "gpt")
 METHODS = ("bptt", "dni", "dni_aux")     # the LSTM's
@@ -30,7 +34,15 @@ MODEL_FLAGS = {
 }
 LEARNING_RATES = {"lstm": 2e-3, "gpt": 1e-3}
 FIXED = ("model", "method", "truncation", "corpus", "batch_size", "hidden", "synthesizer",
-         "synth_hidden", "seed", "context", "width", "layers", "heads", "cuts", "conditioned")
+         "synth_hidden", "seed", "context", "width", "layers", "heads", "cuts", "conditioned",
+         "staleness")
+
+
+def even_cuts(layers: int, stages: int = 2) -> list[int]:
+    """The children after which `stages` pipeline stages of a GPT with `layers` blocks meet
+    (0: the embedding), its layers + 2 children (embedding, blocks, head) spread as evenly as
+    they divide."""
+    return [round(k * (layers + 2) / stages) - 1 for k in range(1, stages)]
 
 
 def build_parser() -> Parser:
@@ -87,9 +99,8 @@ def build_parser() -> Parser:
     gpt.add_argument("--heads", type=positive_int, default=None,
                      help="attention heads per block (default: 4)")
     gpt.add_argument("--cuts", type=nonnegative_int, nargs="+", default=None,
-                     help="dni: an interface after each of these blocks (0: the "
-                          "embedding); frozen: frozen up to the highest "
-                          "(default: --layers // 2)")
+                     help="dni: interfaces after these blocks (0: the embedding); frozen: "
+                          "up to the highest; torchrun: stage edges (default: even)")
     gpt.add_argument("--conditioned", type=boolean, nargs="?", const=True, default=None,
                      help="dni: cDNI, each position's target character as the synthesizer's "
                           "context (True/False/1/0, or the flag alone; default: False)")
@@ -97,6 +108,7 @@ def build_parser() -> Parser:
                      help="dni: the rate of the embedding and the blocks up to the top cut "
                           "(those that learn from synthetic gradients), as a multiple of "
                           "--lr (default: 1.0)")
+    add_pipeline_link_arguments(gpt)
     p.add_argument("--clip", type=nonnegative_float, default=0.0,
                    help="clip the network's gradient norm to this (0: off)")
     p.add_argument("--epochs", type=positive_int, default=20,
@@ -118,7 +130,13 @@ def parse_args(argv: list[str] | None = None):
     """Parse and check the flags (with --resume, the run's saved flags are the defaults)."""
     parser = build_parser()
     args = parse_training_args(parser, argv, script="lm.py", fixed=FIXED)
-    model = args.model
+    refuse_pipeline_flags(parser, PIPELINE_LINK_FLAGS, argv)
+    model, stages = args.model, world_size_from_env()
+    if stages > 1 and (model != "gpt" or args.method == "bp"):
+        parser.error("under torchrun lm.py runs --model gpt as a pipeline, --method dni or "
+                     "frozen (bp runs in one process)")
+    if stages > 1 and args.clip:
+        parser.error("argument --clip: not in a pipeline (each stage steps on its own)")
     if args.method not in METHODS_OF[model]:
         parser.error(f"argument --method: {args.method} is not a method of --model {model} "
                      f"(choose from {', '.join(METHODS_OF[model])})")
@@ -151,7 +169,10 @@ def parse_args(argv: list[str] | None = None):
         if args.method == "bp":
             return args
         if args.cuts is None:
-            args.cuts = [args.layers // 2]
+            args.cuts = even_cuts(args.layers, max(stages, 2))
+        if stages > 1 and len(args.cuts) != stages - 1:
+            parser.error(f"argument --cuts: {stages} processes need {stages - 1} cuts, got "
+                         f"{len(args.cuts)}")
         if any(cut > args.layers for cut in args.cuts) or len(set(args.cuts)) < len(args.cuts):
             parser.error(f"argument --cuts: distinct blocks from 0 to --layers {args.layers}, "
                          f"got {' '.join(map(str, args.cuts))}")

@@ -31,7 +31,13 @@ from experiment.cli import prepare_out_dir, resolve_device
 from experiment.data import TextSplits, load_text
 from experiment.errors import UserError
 from experiment.loop import StepPeriodLoop
-from experiment.records import load_checkpoint, write_config, write_json
+from experiment.records import (
+    load_checkpoint,
+    peak_memory_mb,
+    world_size_from_env,
+    write_config,
+    write_json,
+)
 from experiment.rnn_train import future_gradient_cosine, print_step_line
 from experiment.train import adam, first_nonfinite_gradient
 from model import GPT, SequenceModel
@@ -114,27 +120,41 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
+UNSCORED = -100   # a padded position's target: cross_entropy's ignore_index
+GPT_EVAL_BATCH = 64   # windows per evaluation batch
+
+
+def gpt_eval_batches(ids: torch.Tensor, context: int, batch_size: int = GPT_EVAL_BATCH):
+    """A text as consecutive windows of `context` characters, `batch_size` at a time: (inputs,
+    targets) pairs of shape (n, context). The tail is padded to a whole window; its padded
+    positions have the target UNSCORED (a causal model's earlier positions never see them)."""
+    inputs, targets = ids[:-1], ids[1:]
+    windows = -(-len(inputs) // context)
+    pad = windows * context - len(inputs)
+    inputs = F.pad(inputs, (0, pad)).view(windows, context)
+    targets = F.pad(targets, (0, pad), value=UNSCORED).view(windows, context)
+    for start in range(0, windows, batch_size):
+        yield inputs[start:start + batch_size], targets[start:start + batch_size]
+
+
+def scored_nats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """The summed cross-entropy (nats) of the scored targets, and how many there are."""
+    nats = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           reduction="sum", ignore_index=UNSCORED).item()
+    return nats, int((targets != UNSCORED).sum())
+
+
 @torch.no_grad()
 def evaluate_gpt_bpc(model: nn.Module, ids: torch.Tensor, context: int,
-                     batch_size: int = 64) -> float:
+                     batch_size: int = GPT_EVAL_BATCH) -> float:
     """Bits per character of a text under a GPT, read as consecutive windows of `context`
     characters, each from no context (every character after the text's first is scored)."""
     was_training = model.training
     model.eval()
-    inputs, targets = ids[:-1], ids[1:]
-    full = len(inputs) // context
-    windows = [(inputs[:full * context].view(full, context),
-                targets[:full * context].view(full, context))]
-    if len(inputs) > full * context:      # the tail, a shorter window
-        windows.append((inputs[full * context:][None], targets[full * context:][None]))
     nats, count = 0.0, 0
-    for x, y in windows:
-        for start in range(0, len(x), batch_size):
-            logits = model(x[start:start + batch_size])
-            nats += F.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                    y[start:start + batch_size].reshape(-1),
-                                    reduction="sum").item()
-        count += y.numel()
+    for x, y in gpt_eval_batches(ids, context, batch_size):
+        batch_nats, scored = scored_nats(model(x), y)
+        nats, count = nats + batch_nats, count + scored
     model.train(was_training)
     return nats / count / math.log(2)
 
@@ -230,6 +250,14 @@ class _LanguageModelLoop(StepPeriodLoop):
         """Passes over the training text so far."""
         raise NotImplementedError
 
+    def model_state(self) -> dict:
+        """A copy of what evaluation needs of the model (the best one is kept)."""
+        return copy.deepcopy(self.model.state_dict())
+
+    def load_model_state(self, state: dict) -> None:
+        """Load a `model_state()`."""
+        self.model.load_state_dict(state)
+
     # shared
     def restore(self, checkpoint: dict) -> list[float]:
         flag_lrs = super().restore(checkpoint)
@@ -289,7 +317,7 @@ class _LanguageModelLoop(StepPeriodLoop):
         if valid_bpc < state.best_valid_bpc:
             state.best_valid_bpc, state.best_step, state.evals_since_best = \
                 valid_bpc, state.step, 0
-            self.best_model = copy.deepcopy(self.model.state_dict())
+            self.best_model = self.model_state()
         else:
             state.evals_since_best += 1
         sums, n = state.sums, max(state.sums["n"], 1)
@@ -299,15 +327,18 @@ class _LanguageModelLoop(StepPeriodLoop):
                "train_loss": sums["nats"] / max(sums["chars"], 1),
                "train_bpc": sums["nats"] / max(sums["chars"], 1) / math.log(2),
                "valid_bpc": valid_bpc, "best_valid_bpc": state.best_valid_bpc,
-               "sg_loss": sums["sg"] / n if uses_synthesizer(args) else None,
+               "sg_loss": (sums["sg"] / max(sums.get("sg_n", n), 1)
+                           if uses_synthesizer(args) else None),
                "aux_loss": sums["aux"] / n if args.method == "dni_aux" else None,
                "sg_cos": self.cosine()}
+        state.sums = RunState().sums
+        if self.log is None:    # a pipeline stage that keeps no records
+            return
         self.log.write(row)
         line = (f"step {state.step:>7}  epoch {row['epoch']:6.2f}  "
                 f"train {row['train_bpc']:.3f}  valid {valid_bpc:.3f} bpc  "
                 f"(best {state.best_valid_bpc:.3f})")
         print_step_line(line, row, state.train_seconds)
-        state.sums = RunState().sums
 
 
 class _RecurrentLoop(_LanguageModelLoop):
@@ -385,10 +416,12 @@ class _TransformerLoop(_LanguageModelLoop):
 
     def __init__(self, args, model: nn.Module, optimizer, text: TextSplits, out_dir: Path,
                  device: torch.device, checkpoint: dict | None,
-                 on_step: Callable[[int], None] | None):
-        net = model.net if uses_synthesizer(args) else model
+                 on_step: Callable[[int], None] | None,
+                 clipped: list[nn.Parameter] | None = None):
+        if clipped is None:
+            clipped = list((model.net if uses_synthesizer(args) else model).parameters())
         super().__init__(args, model, optimizer, text, out_dir, device, checkpoint, on_step,
-                         list(net.parameters()))
+                         clipped)
         self.train_ids = text.train.to(device)
         if len(self.train_ids) < args.context + 2:
             raise UserError(f"--corpus {args.corpus}: the training text is shorter than one "
@@ -467,7 +500,12 @@ def make_loop(args, text: TextSplits, out_dir: Path, device: torch.device,
 
 
 def train(args, on_step: Callable[[int], None] | None = None) -> dict:
-    """Run (or resume) one language-model run; write its records; return summary.json's."""
+    """Run (or resume) one language-model run; write its records; return summary.json's
+    (under torchrun, the GPT as a pipeline: the last stage returns it, the others None)."""
+    if world_size_from_env() > 1:
+        from experiment.lm_pipeline import train_as_pipeline
+
+        return train_as_pipeline(args)
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -477,18 +515,23 @@ def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     write_config(out_dir, "lm.py", args, device)
     loop = make_loop(args, text, out_dir, device, checkpoint, on_step)
     loop.run()
-    return _write_summary(args, loop, text, out_dir, device)
+    return write_summary(args, loop, text, out_dir, device)
 
 
-def _write_summary(args, loop: _LanguageModelLoop, text: TextSplits, out_dir: Path,
-                   device: torch.device) -> dict:
-    """Score the best validation model on validation and test; write summary.json."""
-    state, model = loop.state, loop.model
-    final = copy.deepcopy(model.state_dict())
-    model.load_state_dict(loop.best_model)
+def write_summary(args, loop: _LanguageModelLoop, text: TextSplits, out_dir: Path,
+                  device: torch.device, extra: dict | None = None, writes: bool = True
+                  ) -> dict | None:
+    """Score the best validation model on validation and test; write summary.json (with
+    `extra` keys) and print the run's line, unless `writes` is False (a pipeline stage that
+    keeps no records: it only takes part in the scoring)."""
+    state = loop.state
+    final = loop.model_state()
+    loop.load_model_state(loop.best_model)
     valid_bpc = loop.evaluate(text.valid.to(device))
     test_bpc = loop.evaluate(text.test.to(device))
-    model.load_state_dict(final)
+    loop.load_model_state(final)
+    if not writes:
+        return None
     stopped = ("early" if state.evals_since_best >= args.patience else
                "epochs" if loop.epochs_done() >= args.epochs else "steps")
     synthetic = uses_synthesizer(args)
@@ -515,7 +558,8 @@ def _write_summary(args, loop: _LanguageModelLoop, text: TextSplits, out_dir: Pa
             "cuts": args.cuts if synthetic or args.method == "frozen" else [],
             "conditioned": bool(synthetic and args.conditioned),
             "lower_lr": args.lower_lr if synthetic else 1.0})
-    summary.update({"vocab_size": text.vocab_size, "device": str(device), "argv": sys.argv})
+    summary.update({"vocab_size": text.vocab_size, "device": str(device), "argv": sys.argv,
+                    "peak_memory_mb": peak_memory_mb(device), **(extra or {})})
     write_json(out_dir / "summary.json", summary)
     print(f"{describe(args)}: test {test_bpc:.4f} bpc, valid {valid_bpc:.4f} "
           f"(best at step {state.best_step} of {state.step}, stopped by {stopped}); "
