@@ -50,6 +50,32 @@ def torchrun_env(rank: int, world: int, port: int) -> dict[str, str]:
             "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
 
 
+def launch(argv, world=2, wrap=None, script="main.py", **popen):
+    """Start `script` once per rank as torchrun would (its environment variables), so the test
+    holds every stage's process; `wrap` {rank: [program, its args]} runs it through that
+    program on those ranks (e.g. tests/signal_at.py)."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+               **torchrun_env(rank, world, port)}
+        prefix = (wrap or {}).get(rank, [])
+        procs.append(subprocess.Popen([sys.executable, *prefix, script, *map(str, argv)],
+                                      cwd=ROOT,
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True, **popen))
+    return procs
+
+
+def torchrun(argv, world=2, timeout=300, script="main.py"):
+    """Run `script` under torchrun and return the finished process."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node", str(world), script, *map(str, argv)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
 @pytest.fixture(scope="module")
 def small_text(tmp_path_factory):
     """A 6,000-character text of made-up words, a line each few words, as a file."""

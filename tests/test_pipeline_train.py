@@ -13,36 +13,10 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT, free_port, torchrun_env
+from tests.conftest import ROOT, free_port, launch, torchrun
 
 FLAGS = ["--model_type", "mlp", "--train-size", "4096", "--batch-size", "64", "--epochs", "2",
          "--log-every", "4"]
-
-
-def launch(argv, world=2, wrap=None, **popen):
-    """Start main.py once per rank as torchrun would (its environment variables), so the test
-    holds every stage's process; `wrap` {rank: [program, its args]} runs main.py through
-    that program on those ranks (e.g. tests/signal_at.py)."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
-               **torchrun_env(rank, world, port)}
-        prefix = (wrap or {}).get(rank, [])
-        procs.append(subprocess.Popen([sys.executable, *prefix, "main.py", *map(str, argv)],
-                                      cwd=ROOT,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True, **popen))
-    return procs
-
-
-def torchrun(argv, world=2, timeout=300):
-    """Run main.py under torchrun and return the finished process."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node", str(world), "main.py", *map(str, argv)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
 
 
 def wait_for_steps(run_dir, rows=3, timeout=120):
