@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.pipeline_schedules import SCHEDULES, rank_blocks, schedule_step
+from bench.script_runs import failure_line
 from bench.timing import measured_costs, one_pinned_thread
 from dni.pipeline import check_counts
 from experiment.cli import Parser, RawDescriptionHelpFormatter, nonnegative_int, positive_int, run
@@ -82,8 +83,7 @@ def worker_run(kind: str, args, processes: int, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        lines = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]
-        return {"failed": (lines[-1] if lines else done.stderr[-300:]).strip()[:200]}
+        return {"failed": failure_line(done.stderr)}
     return json.loads((out / "result.json").read_text())
 
 
