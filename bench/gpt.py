@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 
+from bench.script_runs import failure_line
 from experiment.cli import (
     Parser,
     RawDescriptionHelpFormatter,
@@ -49,6 +50,8 @@ from experiment.cli import (
     run,
 )
 from experiment.errors import UserError
+from experiment.figures import draw_time_curves
+from experiment.records import write_json, write_text_whole
 
 ROWS = ("bp", "gpipe", "1f1b", "zero-bubble", "ddp", "dni", "cdni", "frozen")
 WORKER_ROWS = ("bp", "gpipe", "1f1b", "zero-bubble", "ddp")   # this file's own workers
@@ -287,8 +290,6 @@ def run_row(row: str, args) -> dict:
     print(f"\n$ OMP_NUM_THREADS={threads}", " ".join(cmd[1:]), flush=True)
     done = subprocess.run(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True,
                           check=False)
-    from bench.script_runs import failure_line
-
     if done.returncode != 0:
         return {"failed": failure_line(done.stderr)}
     try:
@@ -367,8 +368,6 @@ def gather_records(args) -> dict[str, dict]:
                 records[row] = record
             continue
         record = {"row": row, **run_row(row, args), "config": config}
-        from experiment.records import write_json
-
         write_json(args.results / f"{row}.json", record)
         records[row] = record
         shown = (f"failed: {record['failed']}" if "failed" in record
@@ -443,9 +442,6 @@ def main() -> None:
             f"{args.eval_chars or 'all'} characters every {args.eval_every} steps; {note}"
             f"\n\n{table}\n")
     print("\n" + text)
-    from experiment.figures import draw_time_curves
-    from experiment.records import write_text_whole
-
     write_text_whole(args.results / "table.md", text)
     curves = {row: [(seconds, bpc) for _, seconds, bpc in r.get("curve", [])]
               for row, r in records.items()}

@@ -222,3 +222,21 @@ def test_the_bench_prints_and_writes_the_table_and_figure_and_a_rerun_skips_its_
     assert rows[1:] == ["bp", "gpipe", "ddp", "dni"]
     assert "bp at its last step" in table
     assert (results / "gpt_bpc_time.png").stat().st_size > 0
+
+
+def test_a_row_finished_with_other_flags_is_refused_not_mixed_in(tmp_path):
+    from bench.gpt import build_parser, gather_records, run_config
+    from experiment.errors import UserError
+
+    argv = ["--results", str(tmp_path), "--rows", "dni", "--steps", "20"]
+    args = build_parser().parse_args(argv)
+    fake_edge_run(tmp_path / "dni")
+    old = {**run_config(args), "steps": 10}
+    (tmp_path / "dni.json").write_text(json.dumps(
+        {"row": "dni", **row_record("dni", tmp_path / "dni", 64), "config": old}))
+    with pytest.raises(UserError, match="its dni row ran with other --steps"):
+        gather_records(args)
+    old["steps"] = 20       # the same flags: read back, nothing runs
+    (tmp_path / "dni.json").write_text(json.dumps(
+        {"row": "dni", **row_record("dni", tmp_path / "dni", 64), "config": old}))
+    assert gather_records(args)["dni"]["peak_mb"] == [250.0, 251.0]
