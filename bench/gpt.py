@@ -367,7 +367,10 @@ def gather_records(args) -> dict[str, dict]:
             if record is not None:
                 records[row] = record
             continue
-        record = {"row": row, **run_row(row, args), "config": config}
+        # other work on the cores slows most the rows that use them all (threads wait on
+        # each other): each row keeps the load it started under
+        load = os.getloadavg()[0]
+        record = {"row": row, **run_row(row, args), "config": config, "load_average": load}
         write_json(args.results / f"{row}.json", record)
         records[row] = record
         shown = (f"failed: {record['failed']}" if "failed" in record
@@ -429,21 +432,23 @@ def main() -> None:
         return
     args.results = args.results.resolve()
     args.results.mkdir(parents=True, exist_ok=True)
-    print(f"# {platform.machine()}, {cores()} cores, torch {torch.__version__}; GPT "
-          f"{args.layers}x{args.width}, context {args.context}, batch {args.batch_size}, "
-          f"{args.steps} steps", flush=True)
+    hardware = f"{platform.machine()}, {cores()} cores, torch {torch.__version__}"
+    print(f"# {hardware}", flush=True)
     records = gather_records(args)
     target = args.target if args.target is not None else default_target(records)
     table = render_table(records, target)
     note = ("target: " + ("none (no bp row and no --target)" if target is None else
                           f"{target:.3f} BPC ({'--target' if args.target else 'bp at its last step'})"))
-    text = (f"GPT {args.layers}x{args.width}, context {args.context}, batch "
+    text = (f"{hardware}\n\nGPT {args.layers}x{args.width}, context {args.context}, batch "
             f"{args.batch_size}, {args.steps} steps, validation on "
             f"{args.eval_chars or 'all'} characters every {args.eval_every} steps; {note}"
-            f"\n\n{table}\n")
+            f"\n\n{table}\n\nload average (1 min) at each row's start: "
+            + ", ".join(f"{row} {r['load_average']:.1f}" for row, r in records.items()
+                        if "load_average" in r) + "\n")
     print("\n" + text)
     write_text_whole(args.results / "table.md", text)
-    curves = {row: [(seconds, bpc) for _, seconds, bpc in r.get("curve", [])]
+    curves = {f"{row} (failed)" if "failed" in r else row:
+              [(seconds, bpc) for _, seconds, bpc in r.get("curve", [])]
               for row, r in records.items()}
     print(draw_time_curves(curves, args.results / "gpt_bpc_time.png", target,
                            title=f"GPT {args.layers}x{args.width}, {args.steps} steps"))

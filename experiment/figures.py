@@ -340,7 +340,7 @@ def draw_time_curves(curves: dict[str, list[tuple[float, float]]], out_path: str
     notes, drew = [], False
     for colour, (label, points) in zip(colours, curves.items()):
         if not points:
-            notes.append(f"{label}: nothing yet")
+            notes.append(f"{label}: no validation")
             continue
         xs, ys = zip(*points)
         _plot(ax, xs, ys, color=colour, alpha=0.85, label=label)
