@@ -43,6 +43,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from bench.pipeline_schedules import SCHEDULES, rank_blocks, schedule_step
+from bench.script_runs import failure_line
 from bench.timing import measured_costs, one_pinned_thread
 from dni.pipeline import check_counts
 from experiment.cli import Parser, RawDescriptionHelpFormatter, nonnegative_int, positive_int, run
@@ -51,8 +53,6 @@ from experiment.train import adam
 ROWS = ("bp", "dni-1core", "dni-allcores", "dni-pipeline", "edges-1core", "edges-pipeline",
         "edges-bf16", "edges-lowrank-bf16", "edges-4stages", "gpipe", "1f1b", "zero-bubble", "ddp")
 BATCH = 256
-SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
-             "zero-bubble": "ScheduleInterleavedZeroBubble"}
 
 
 def cores() -> int:
@@ -83,8 +83,7 @@ def worker_run(kind: str, args, processes: int, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        lines = [ln for ln in done.stderr.splitlines() if "Error" in ln or "error" in ln]
-        return {"failed": (lines[-1] if lines else done.stderr[-300:]).strip()[:200]}
+        return {"failed": failure_line(done.stderr)}
     return json.loads((out / "result.json").read_text())
 
 
@@ -155,70 +154,15 @@ def _worker(args) -> None:
 
 def _rank_blocks(args, rank: int, world: int) -> list[int]:
     """The blocks rank `rank` trains under args.worker's schedule."""
-    if args.worker == "zero-bubble":
-        return _virtual_blocks(args.stage_blocks, rank, world)
-    first = sum(args.stage_blocks[:rank])
-    return list(range(first, first + args.stage_blocks[rank]))
-
-
-def _virtual_stages(num_blocks: int, world: int) -> list[list[int]]:
-    """Contiguous groups of blocks, a multiple of `world` of them (interleaved schedules give
-    every rank the same number of virtual stages): one block each where the count allows,
-    the last blocks merged otherwise."""
-    groups = max(num_blocks // world, 1) * world
-    sizes = [1] * groups
-    sizes[-1] += num_blocks - groups
-    starts = [sum(sizes[:i]) for i in range(groups)]
-    return [list(range(start, start + size)) for start, size in zip(starts, sizes)]
-
-
-def _virtual_blocks(counts, rank, world) -> list[int]:
-    """Blocks of rank `rank` in an interleaved schedule: rank r holds virtual stages r,
-    r + world, ..."""
-    stages = _virtual_stages(sum(counts), world)
-    return [block for group in stages[rank::world] for block in group]
+    return rank_blocks(args.worker, args.stage_blocks, rank, world)
 
 
 def _schedule(args, net: nn.Sequential, rank: int, world: int):
     """This rank's part of `net` under a torch.distributed.pipelining schedule: returns
     (step(x, y), parameters)."""
-    from torch.distributed import pipelining
-
-    blocks = list(net.children())
-    schedule_class = getattr(pipelining, SCHEDULES[args.worker])
-    cpu = torch.device("cpu")
-    # each block's input and output for one microbatch, given to the stages so they do not
-    # infer shapes with a forward pass of their own (which ran BatchNorm on empty tensors)
-    shapes = [torch.zeros(BATCH // args.microbatches, 1, 28, 28)]
-    with torch.no_grad():
-        net.eval()
-        for block in blocks:
-            shapes.append(block(shapes[-1]))
-        net.train()
-    mine = _rank_blocks(args, rank, world)
-    if args.worker == "zero-bubble":  # interleaved: several virtual stages per rank
-        groups = _virtual_stages(len(blocks), world)
-        stages = [pipelining.PipelineStage(nn.Sequential(*(blocks[i] for i in groups[v])), v,
-                                           len(groups), cpu, input_args=shapes[groups[v][0]])
-                  for v in range(rank, len(groups), world)]
-        schedule = schedule_class(stages, args.microbatches, loss_fn=F.cross_entropy)
-        params = [p for i in mine for p in blocks[i].parameters()]
-        first, last = 0 in mine, len(blocks) - 1 in mine
-    else:
-        part = nn.Sequential(*(blocks[i] for i in mine))
-        stage = pipelining.PipelineStage(part, rank, world, cpu, input_args=shapes[mine[0]])
-        schedule = schedule_class(stage, args.microbatches, loss_fn=F.cross_entropy)
-        params = list(part.parameters())
-        first, last = rank == 0, rank == world - 1
-
-    def step(x, y):
-        kwargs = {"target": y, "losses": []} if last else {}
-        if first:
-            schedule.step(x, **kwargs)
-        else:
-            schedule.step(**kwargs)
-
-    return step, params
+    return schedule_step(args.worker, net, args.stage_blocks, rank, world, args.microbatches,
+                         torch.zeros(BATCH // args.microbatches, 1, 28, 28), F.cross_entropy,
+                         torch.device("cpu"))
 
 
 # -- the table ----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,6 +21,9 @@ from experiment.cli import positive_int
 from experiment.errors import ScriptFailed
 
 ROOT = Path(__file__).resolve().parent.parent
+# a Python exception's last line, or a script's one `error:` line (after torchrun's [rankN]:)
+ERROR_LINE = re.compile(r"(^|\]: )(error: |[\w.]*(Error|Exception): )")
+ECHOES = ("Connection closed by peer", "ChildFailedError", "Connection reset by peer")
 
 
 class StopsPassedOn:
@@ -79,6 +83,15 @@ def finished_summary(out: Path) -> dict | None:
     """The summary of the finished run in `out`, or None while it is unfinished or absent."""
     summary = out / "summary.json"
     return json.loads(summary.read_text()) if summary.exists() else None
+
+
+def failure_line(stderr: str) -> str:
+    """What a failed run says of why, in one line: the first error it raised or printed that
+    is not another process's failure (under torchrun a rank's error ends its peers with errors
+    of their own), else the end of what it printed."""
+    errors = [line.strip() for line in stderr.splitlines() if ERROR_LINE.search(line)]
+    causes = [line for line in errors if not any(echo in line for echo in ECHOES)]
+    return ((causes or errors)[0] if causes or errors else stderr[-300:].strip())[:200]
 
 
 def script_run(command: list[str], out: Path, label: str | None = None) -> dict:

@@ -321,3 +321,36 @@ def draw_bpc_curves(panels: dict[str, list[tuple[str, str | Path]]], out_path: s
             ax.legend(fontsize="small")
     axes[0][0].set_ylabel("validation bits per character")
     return save_figure(fig, Path(out_path))
+
+
+def draw_time_curves(curves: dict[str, list[tuple[float, float]]], out_path: str | Path,
+                     target: float | None = None, title: str = "") -> Path:
+    """Validation bits per character against training seconds, one line per key of `curves`
+    (a row's (seconds, BPC) points; an empty list is named on the figure), and the `target`
+    BPC as a dashed line. Return the figure's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = sns.color_palette("tab10", max(len(curves), 1))
+    notes, drew = [], False
+    for colour, (label, points) in zip(colours, curves.items()):
+        if not points:
+            notes.append(f"{label}: no validation")
+            continue
+        xs, ys = zip(*points)
+        _plot(ax, xs, ys, color=colour, alpha=0.85, label=label)
+        drew = True
+    if target is not None and drew:
+        ax.axhline(target, color="0.4", linestyle="--", linewidth=1,
+                   label=f"target {target:.3f}")
+    ax.set(title=title, xlabel="training seconds (evaluation excluded)",
+           ylabel="validation bits per character")
+    if drew:
+        ax.legend(fontsize="small")
+    _note(ax, notes, drew)
+    return save_figure(fig, Path(out_path))

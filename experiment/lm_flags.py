@@ -117,6 +117,9 @@ def build_parser() -> Parser:
                    help="stop after N optimizer steps (default: no cap)")
     p.add_argument("--eval-every", type=positive_int, default=2000,
                    help="steps between validations (and checkpoints)")
+    p.add_argument("--eval-chars", type=nonnegative_int, default=0,
+                   help="validate on the first N characters of the validation split (0: all of "
+                        "it); the summary scores all of it (default: 0)")
     p.add_argument("--patience", type=positive_int, default=5,
                    help="stop after this many validations without a new best")
     p.add_argument("--threads", type=nonnegative_int, default=0,

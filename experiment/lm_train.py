@@ -144,6 +144,14 @@ def scored_nats(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int
     return nats, int((targets != UNSCORED).sum())
 
 
+def random_windows(ids: torch.Tensor, batch_size: int, context: int,
+                   generator: torch.Generator) -> torch.Tensor:
+    """`batch_size` windows of `context` + 1 consecutive ids of a 1-D text, (B, context + 1),
+    their starts drawn at random from `generator` (a CPU generator; the text on any device)."""
+    starts = torch.randint(0, len(ids) - context, (batch_size,), generator=generator)
+    return ids[(starts[:, None] + torch.arange(context + 1)).to(ids.device)]
+
+
 @torch.no_grad()
 def evaluate_gpt_bpc(model: nn.Module, ids: torch.Tensor, context: int,
                      batch_size: int = GPT_EVAL_BATCH) -> float:
@@ -231,8 +239,8 @@ class _LanguageModelLoop(StepPeriodLoop):
                          torch.Generator().manual_seed(args.seed), device, RunState(),
                          COLUMNS, checkpoint)
         self.args, self.text, self.on_step = args, text, on_step
-        self.valid = text.valid.to(device)
-        self.best_model = copy.deepcopy(model.state_dict())
+        self.valid = text.valid[:args.eval_chars or None].to(device)   # 0: the whole split
+        self.best_model = self.model_state()
         self.checked = list(model.named_parameters())
         self.clipped = clipped         # the network's parameters, not the synthesizers'
         self.period_steps = args.eval_every
@@ -426,7 +434,6 @@ class _TransformerLoop(_LanguageModelLoop):
         if len(self.train_ids) < args.context + 2:
             raise UserError(f"--corpus {args.corpus}: the training text is shorter than one "
                             f"window of --context {args.context} + 1 characters")
-        self.offsets = torch.arange(args.context + 1)
         # the cosine's probe: fixed windows, drawn apart from training's random stream
         self.probe = self.draw_windows(torch.Generator().manual_seed(args.seed + 1))
         if checkpoint is not None:
@@ -434,10 +441,8 @@ class _TransformerLoop(_LanguageModelLoop):
 
     def draw_windows(self, generator: torch.Generator) -> torch.Tensor:
         """--batch-size random windows of --context + 1 training characters, (B, context + 1)."""
-        args = self.args
-        starts = torch.randint(0, len(self.train_ids) - args.context, (args.batch_size,),
-                               generator=generator)
-        return self.train_ids[(starts[:, None] + self.offsets).to(self.device)]
+        return random_windows(self.train_ids, self.args.batch_size, self.args.context,
+                              generator)
 
     def epochs_done(self) -> float:
         args = self.args
