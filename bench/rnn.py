@@ -5,9 +5,10 @@ T = 0 is untruncated BPTT (the whole sequence in one chunk), the ceiling; only B
 The caption states the budget (steps, LSTM size, batch); a cell marked * has a seed whose
 curriculum was still growing in the last quarter of its steps (not stalled: the budget is short).
 
-Each run is `rnn_tasks.py` in its own folder under --results; a folder with summary.json is
-finished and skipped, one with only a checkpoint is resumed. Subsets by flags, so the table can
-be filled a few runs at a time (--max-runs). Every run uses one CPU thread.
+Each run is `rnn_tasks.py` in its own folder under --results; a folder with summary.json of
+--steps steps is finished and skipped, one with a checkpoint is resumed, or extended to a larger
+--steps (its other flags as saved). Subsets by flags, so the table can be filled a few runs at a
+time (--max-runs). Every run uses one CPU thread.
 
 Usage: python bench/rnn.py [--tasks copy repeat_copy] [--methods bptt dni dni_aux]
        [--truncations 0 2 3 4 5 8] [--seeds 0 1 2] [--max-runs K] [--table-only]
@@ -38,12 +39,13 @@ def run_name(task: str, method: str, truncation: int, seed: int) -> str:
 
 
 def train_one(folder: Path, task: str, method: str, truncation: int, seed: int,
-              extra: list[str]) -> dict:
-    """Run (or resume) one rnn_tasks.py run on one thread; return its summary."""
+              extra: list[str], steps: int) -> dict:
+    """Run (or resume, or extend to `steps`) one rnn_tasks.py run on one thread; return its
+    summary."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
     if (folder / "checkpoint.pt").exists():
-        argv = ["--resume", str(folder)]
+        argv = ["--resume", str(folder), "--steps", str(steps)]   # its other flags as saved
     else:
         argv = ["--task", task, "--method", method, "--truncation", str(truncation),
                 "--seed", str(seed), "--out", str(folder), *extra]
@@ -54,6 +56,13 @@ def train_one(folder: Path, task: str, method: str, truncation: int, seed: int,
         last = (result.stderr.strip().splitlines() or [""])[-1].removeprefix("error: ")
         raise UserError(f"run {folder.name} failed (exit {result.returncode}): {last}")
     return json.loads((folder / "summary.json").read_text())
+
+
+def finished(folder: Path, steps: int) -> bool:
+    """Whether the run in `folder` has finished at least `steps` steps (a shorter finished
+    run is extended from its checkpoint: a longer budget where a curriculum had not stalled)."""
+    path = folder / "summary.json"
+    return path.exists() and json.loads(path.read_text())["steps"] >= steps
 
 
 def runs_at(truncation: int, methods) -> list[str]:
@@ -81,11 +90,12 @@ def cell(values: list[int], growing: bool = False) -> str:
 
 def budget(summaries: list[dict]) -> str:
     """'N steps a run, LSTM H, batch B' of the finished runs (every value seen, if mixed)."""
-    def seen(key):
-        return "/".join(f"{v:,}" for v in sorted({s[key] for s in summaries}))
+    def seen(key, default=None):
+        values = sorted({s.get(key, default) for s in summaries})
+        return "/".join(f"{v:,}" if isinstance(v, int) else str(v).upper() for v in values)
 
-    return (f"{seen('steps')} steps a run, {seen('hidden')} units, batch {seen('batch_size')}"
-            if summaries else "no run finished yet")
+    return (f"{seen('steps')} steps a run, {seen('core', 'lstm')} {seen('hidden')}, "
+            f"batch {seen('batch_size')}" if summaries else "no run finished yet")
 
 
 def table(results: Path, tasks, methods, truncations, seeds) -> str:
@@ -144,7 +154,7 @@ def main():
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from experiment.rnn_train import parse_args as parse_run_flags
 
-    parse_run_flags(extra)  # a flag no rnn_tasks.py run takes stops here, in one line
+    steps = parse_run_flags(extra).steps  # a flag no rnn_tasks.py run takes stops here
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     started = 0
@@ -154,13 +164,13 @@ def main():
                 for t in args.truncations:
                     for method in runs_at(t, args.methods):
                         folder = results / run_name(task, method, t, seed)
-                        if (folder / "summary.json").exists():
+                        if finished(folder, steps):
                             continue
                         if args.max_runs and started >= args.max_runs:
                             continue
                         started += 1
                         tick = time.perf_counter()
-                        summary = train_one(folder, task, method, t, seed, extra)
+                        summary = train_one(folder, task, method, t, seed, extra, steps)
                         print(f"{folder.name}: length {summary['max_length_solved']} "
                               f"({'stalled' if stalled(summary) else 'still growing'}, "
                               f"{time.perf_counter() - tick:.0f}s)", flush=True)

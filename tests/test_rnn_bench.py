@@ -75,7 +75,7 @@ def test_table_renders_median_range_stalled_mark_and_budget(tmp_path):
         write_summary(tmp_path / run_name("copy", "bptt", 0, seed), 9, [[20000, 10]])
     text = table(tmp_path, ["copy"], ["bptt", "dni", "dni_aux"], [0, 3], [0, 1, 2])
     caption, _, head, _, full, t3 = text.splitlines()
-    assert "30,000 steps a run, 128 units, batch 32" in caption and "seeds 0 1 2" in caption
+    assert "30,000 steps a run, LSTM 128, batch 32" in caption and "seeds 0 1 2" in caption
     assert head == "| task | T | BPTT | DNI | DNI+Aux | seeds | s/run |"
     assert full == "| copy | full | 9 (9-9) |  |  | 3 | 60 |"     # BPTT only, untruncated
     assert t3 == "| copy | 3 | 3 (2-5)* | 4 (4-4) | - | 0 | 60 |"  # seed 1 still grew
@@ -83,3 +83,27 @@ def test_table_renders_median_range_stalled_mark_and_budget(tmp_path):
 
 def test_cell_of_one_seed_and_of_none():
     assert cell([4]) == "4" and cell([]) == "-" and cell([2, 3], growing=True) == "2.5 (2-3)*"
+
+
+def test_bench_runs_the_untruncated_row_then_extends_it_to_a_larger_budget(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def bench(steps):
+        return subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
+             "0", "--seeds", "0", "--results", str(tmp_path), "--steps", str(steps),
+             "--batch-size", "2", "--hidden", "4"],
+            capture_output=True, text=True, check=True, cwd=ROOT).stdout
+
+    first = bench(4)
+    folder = tmp_path / run_name("copy", "bptt", 0, 0)
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]     # BPTT alone untruncated
+    assert "| copy | full | 0 |  |  | 1 |" in first and "4 steps a run" in first
+    bench(6)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["truncation"] == 0
+    rows = (folder / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[1] for row in rows[1:]] == ["4", "6"]   # one run, continued
