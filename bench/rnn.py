@@ -1,15 +1,19 @@
 """The longest sequence solved by truncated BPTT, DNI and DNI+Aux on copy and repeat copy at
 several truncations T, over seeds (median and range), as a markdown table.
 
-Each run is `rnn_tasks.py` in its own folder under --results; a folder with summary.json is
-finished and skipped, one with only a checkpoint is resumed. Subsets by flags, so the table can
-be filled a few runs at a time (--max-runs). Every run uses one CPU thread.
+T = 0 is untruncated BPTT (the whole sequence in one chunk), the ceiling; only BPTT runs there.
+The caption states the budget (steps, LSTM size, batch); a cell marked * has a seed whose
+curriculum was still growing in the last quarter of its steps (not stalled: the budget is short).
+
+Each run is `rnn_tasks.py` in its own folder under --results; a folder with summary.json of
+--steps steps is finished and skipped, one with a checkpoint is resumed, or extended to a larger
+--steps (its other flags as saved). Subsets by flags, so the table can be filled a few runs at a
+time (--max-runs). Every run uses one CPU thread.
 
 Usage: python bench/rnn.py [--tasks copy repeat_copy] [--methods bptt dni dni_aux]
-       [--truncations 2 3 4 5 8] [--seeds 0 1 2] [--max-runs K] [--table-only]
-       [--results DIR] [rnn_tasks.py flags, e.g. --steps 30000]
-Flags it does not know go to every rnn_tasks.py run; keep one --results folder per setting.
-"""
+       [--truncations 0 2 3 4 5 8] [--seeds 0 1 2] [--max-runs K] [--table-only]
+       [--results DIR] [rnn_tasks.py flags, e.g. --steps 30000 --hidden 256 --batch-size 256]
+Flags it does not know go to every rnn_tasks.py run; keep one --results folder per setting."""
 
 import json
 import os
@@ -22,8 +26,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiment.cli import Parser, nonnegative_int, positive_int, run
+from experiment.cli import Parser, nonnegative_int, run
 from experiment.errors import UserError
+from experiment.rnn_train import curriculum_stalled
 
 LABELS = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux"}
 
@@ -34,12 +39,13 @@ def run_name(task: str, method: str, truncation: int, seed: int) -> str:
 
 
 def train_one(folder: Path, task: str, method: str, truncation: int, seed: int,
-              extra: list[str]) -> dict:
-    """Run (or resume) one rnn_tasks.py run on one thread; return its summary."""
+              extra: list[str], steps: int) -> dict:
+    """Run (or resume, or extend to `steps`) one rnn_tasks.py run on one thread; return its
+    summary."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
     if (folder / "checkpoint.pt").exists():
-        argv = ["--resume", str(folder)]
+        argv = ["--resume", str(folder), "--steps", str(steps)]   # its other flags as saved
     else:
         argv = ["--task", task, "--method", method, "--truncation", str(truncation),
                 "--seed", str(seed), "--out", str(folder), *extra]
@@ -52,36 +58,78 @@ def train_one(folder: Path, task: str, method: str, truncation: int, seed: int,
     return json.loads((folder / "summary.json").read_text())
 
 
-def cell(values: list[int]) -> str:
-    """'median (min-max)' of the seeds' lengths, '-' when none finished."""
+def finished(folder: Path, steps: int) -> bool:
+    """Whether the run in `folder` has finished at least `steps` steps (a shorter finished
+    run is extended from its checkpoint: a longer budget where a curriculum had not stalled)."""
+    path = folder / "summary.json"
+    return path.exists() and json.loads(path.read_text())["steps"] >= steps
+
+
+def runs_at(truncation: int, methods) -> list[str]:
+    """The methods that run at this T: all of them, but BPTT alone untruncated (T = 0)."""
+    return [m for m in methods if truncation > 0 or m == "bptt"]
+
+
+def stalled(summary: dict) -> bool:
+    """Whether a finished run's curriculum was flat over the last quarter of its steps."""
+    if "stalled" in summary:
+        return summary["stalled"]
+    return curriculum_stalled(summary["levels"], summary["steps"])  # runs before the key
+
+
+def cell(values: list[int], growing: bool = False) -> str:
+    """'median (min-max)' of the seeds' lengths, '-' when none finished; `growing` adds '*'
+    (a seed's curriculum had not stalled)."""
     if not values:
         return "-"
     med = statistics.median(values)
     text = f"{med:g}"
-    return f"{text} ({min(values)}-{max(values)})" if len(values) > 1 else text
+    text = f"{text} ({min(values)}-{max(values)})" if len(values) > 1 else text
+    return text + "*" if growing else text
+
+
+def budget(summaries: list[dict]) -> str:
+    """'N steps a run, LSTM H, batch B' of the finished runs (every value seen, if mixed)."""
+    def seen(key, default=None):
+        values = sorted({s.get(key, default) for s in summaries})
+        return "/".join(f"{v:,}" if isinstance(v, int) else str(v).upper() for v in values)
+
+    return (f"{seen('steps')} steps a run, {seen('core', 'lstm')} {seen('hidden')}, "
+            f"batch {seen('batch_size')}" if summaries else "no run finished yet")
 
 
 def table(results: Path, tasks, methods, truncations, seeds) -> str:
-    """The markdown table of the finished runs."""
+    """The markdown table of the finished runs, under a caption with their budget."""
     head = "| task | T | " + " | ".join(LABELS[m] for m in methods) + " | seeds | s/run |"
     lines = [head, "|" + "---|" * (len(methods) + 4)]
+    finished = []
     for task in tasks:
         for t in truncations:
+            if not runs_at(t, methods):
+                continue
             cells, seconds, counts = [], [], []
             for method in methods:
-                values = []
+                if method not in runs_at(t, methods):
+                    cells.append("")
+                    continue
+                values, growing = [], False
                 for seed in seeds:
                     path = results / run_name(task, method, t, seed) / "summary.json"
                     if path.exists():
                         summary = json.loads(path.read_text())
+                        finished.append(summary)
                         values.append(summary["max_length_solved"])
                         seconds.append(summary["train_seconds"])
-                cells.append(cell(values))
+                        growing = growing or not stalled(summary)
+                cells.append(cell(values, growing))
                 counts.append(len(values))
             per_run = f"{statistics.mean(seconds):.0f}" if seconds else "-"
-            lines.append(f"| {task} | {t} | " + " | ".join(cells)
+            lines.append(f"| {task} | {t or 'full'} | " + " | ".join(cells)
                          + f" | {min(counts)} | {per_run} |")
-    return "\n".join(lines)
+    caption = (f"Longest length solved, median (range) over seeds {' '.join(map(str, seeds))}; "
+               f"{budget(finished)}; T full: untruncated BPTT. *: a seed's curriculum still "
+               "grew in the last quarter of its steps (not stalled).")
+    return "\n".join([caption, "", *lines])
 
 
 def main():
@@ -91,8 +139,8 @@ def main():
                         default=["copy", "repeat_copy"], help="tasks")
     parser.add_argument("--methods", nargs="+", choices=list(LABELS),
                         default=list(LABELS), help="methods")
-    parser.add_argument("--truncations", nargs="+", type=positive_int, default=[2, 3, 4, 5, 8],
-                        help="truncations T")
+    parser.add_argument("--truncations", nargs="+", type=nonnegative_int,
+                        default=[0, 2, 3, 4, 5, 8], help="truncations T (0: untruncated, BPTT only)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds")
     parser.add_argument("--results", default=str(ROOT / "runs" / "bench-rnn"),
                         help="folder of the run folders")
@@ -106,7 +154,7 @@ def main():
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from experiment.rnn_train import parse_args as parse_run_flags
 
-    parse_run_flags(extra)  # a flag no rnn_tasks.py run takes stops here, in one line
+    steps = parse_run_flags(extra).steps  # a flag no rnn_tasks.py run takes stops here
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     started = 0
@@ -114,23 +162,24 @@ def main():
         for seed in args.seeds:                  # seed by seed: every cell gets a first run
             for task in args.tasks:
                 for t in args.truncations:
-                    for method in args.methods:
+                    for method in runs_at(t, args.methods):
                         folder = results / run_name(task, method, t, seed)
-                        if (folder / "summary.json").exists():
+                        if finished(folder, steps):
                             continue
                         if args.max_runs and started >= args.max_runs:
                             continue
                         started += 1
                         tick = time.perf_counter()
-                        summary = train_one(folder, task, method, t, seed, extra)
+                        summary = train_one(folder, task, method, t, seed, extra, steps)
                         print(f"{folder.name}: length {summary['max_length_solved']} "
-                              f"({time.perf_counter() - tick:.0f}s)", flush=True)
+                              f"({'stalled' if stalled(summary) else 'still growing'}, "
+                              f"{time.perf_counter() - tick:.0f}s)", flush=True)
     print(table(results, args.tasks, args.methods, args.truncations, args.seeds))
     if args.figure:
         from experiment.figures import draw_length_curves
 
         folders = [results / run_name(task, m, t, 0) for task in args.tasks
-                   for t in args.truncations for m in args.methods]
+                   for t in args.truncations for m in runs_at(t, args.methods)]
         draw_length_curves([f for f in folders if (f / "metrics.csv").exists()], args.figure)
 
 

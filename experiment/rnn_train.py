@@ -40,6 +40,7 @@ from experiment.train import first_nonfinite_gradient
 from model import RNN_CORES, SEQUENCE_SYNTHESIZERS, SequenceModel
 
 METHODS = ("bptt", "dni", "dni_aux")
+UNTRUNCATED = 2**31 - 1   # --truncation 0's chunk: longer than any sequence, so one chunk
 COLUMNS = ["level", "max_length_solved", "errors_per_seq", "sg_loss", "aux_loss", "sg_cos"]
 
 
@@ -51,8 +52,9 @@ def build_parser() -> Parser:
     p.add_argument("--method", choices=METHODS, default="dni",
                    help="bptt: truncated BPTT; dni: + synthetic gradient at every chunk edge; "
                         "dni_aux: + the auxiliary task")
-    p.add_argument("--truncation", type=positive_int, default=3,
-                   help="T, the steps of each BPTT chunk")
+    p.add_argument("--truncation", type=nonnegative_int, default=3,
+                   help="T, the steps of each BPTT chunk (0: untruncated, BPTT through the "
+                        "whole sequence; bptt only)")
     p.add_argument("--steps", type=positive_int, default=3000, help="optimizer steps (batches)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="sequences per batch")
     p.add_argument("--hidden", type=positive_int, default=128, help="units of the RNN core")
@@ -105,6 +107,9 @@ def parse_args(argv: list[str] | None = None):
                                       "max_repeats", "seed"))
     if args.target_decay >= 1:
         parser.error("argument --target-decay: must be below 1")
+    if args.truncation == 0 and args.method != "bptt":
+        parser.error("argument --truncation: 0 (untruncated) has no chunk edge for a synthetic "
+                     "gradient; use it with --method bptt")
     if args.task == "argmax" and args.max_length > 512:
         parser.error("argument --max-length: argmax names positions, at most 512")
     return args
@@ -114,7 +119,7 @@ def build_model(args, input_size: int, output_size: int) -> SequenceModel:
     """The sequence model rnn_tasks.py's flags describe."""
     return SequenceModel(
         input_size, output_size, hidden=args.hidden, core=args.core,
-        truncation=args.truncation,
+        truncation=args.truncation or UNTRUNCATED,
         synthesizer=None if args.method == "bptt" else args.synthesizer,
         synth_hidden=args.synth_hidden, discount=args.discount,
         aux_weight=args.aux_weight if args.method == "dni_aux" else 0.0,
@@ -285,6 +290,13 @@ def _log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog,
     state.window = {"loss": 0.0, "errors": 0.0, "sg": 0.0, "aux": 0.0, "n": 0}
 
 
+def curriculum_stalled(levels: list, steps: int, last_fraction: float = 0.25) -> bool:
+    """True when the curriculum level was flat over the last `last_fraction` of `steps`:
+    no growth in `levels` ([step, level] each time the level grew) after that point."""
+    start = steps - last_fraction * steps
+    return all(step <= start for step, _ in levels)
+
+
 def _write_summary(args, state: RunState, curriculum: Curriculum, out_dir: Path,
                    device) -> dict:
     """summary.json of the finished run."""
@@ -293,7 +305,8 @@ def _write_summary(args, state: RunState, curriculum: Curriculum, out_dir: Path,
         "max_length_solved": curriculum.solved, "steps": state.step,
         "train_seconds": state.train_seconds, "final_length": curriculum.level,
         "steps_per_s": state.step / state.train_seconds if state.train_seconds else math.nan,
-        "levels": state.levels, "seed": args.seed, "batch_size": args.batch_size,
+        "levels": state.levels, "stalled": curriculum_stalled(state.levels, state.step),
+        "seed": args.seed, "batch_size": args.batch_size,
         "hidden": args.hidden, "core": args.core, "lr": args.lr, "synth_lr": args.synth_lr,
         "synthesizer": args.synthesizer, "discount": args.discount,
         "target_decay": args.target_decay if args.method != "bptt" else 0.0,

@@ -54,7 +54,9 @@ def test_every_task_and_method_trains(tmp_path, task, method, core):
 
 
 BAD = {
-    "truncation zero": ["--truncation", "0"],
+    "truncation zero (untruncated) with DNI": ["--truncation", "0"],
+    "truncation zero (untruncated) with DNI+Aux": ["--truncation", "0", "--method", "dni_aux"],
+    "truncation negative": ["--truncation", "-1", "--method", "bptt"],
     "steps negative": ["--steps", "-3"],
     "unknown task": ["--task", "sort"],
     "unknown method": ["--method", "sgd"],

@@ -1,0 +1,109 @@
+"""The copy-task bench (bench/rnn.py) and what it rests on: untruncated BPTT (`--truncation 0`)
+is full BPTT, the stalled check on a run's curriculum, and the table over seeds."""
+
+import json
+
+import torch
+
+from bench.rnn import cell, run_name, table
+from experiment.rnn_train import build_model, curriculum_stalled, parse_args
+from experiment.sequence_tasks import make_task
+
+
+def gradients_after_trainer(truncation: str, task, batch) -> dict[str, torch.Tensor]:
+    """The parameter gradients rnn_tasks.py's BPTT model leaves for one batch."""
+    args = parse_args(["--task", "copy", "--method", "bptt", "--truncation", truncation,
+                       "--hidden", "8", "--batch-size", "3", "--bits", "4"])
+    torch.manual_seed(0)
+    model = build_model(args, task.input_size, task.output_size)
+    model.trainer(batch.inputs, task.loss_of(batch))
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_untruncated_bptt_gradient_is_full_bptt_by_autograd():
+    task = make_task("copy", bits=4)
+    batch = task.sample(6, 3, torch.Generator().manual_seed(1), torch.device("cpu"))  # 13 steps
+    untruncated = gradients_after_trainer("0", task, batch)
+    torch.manual_seed(0)
+    model = build_model(parse_args(["--task", "copy", "--method", "bptt", "--hidden", "8",
+                                    "--bits", "4"]), task.input_size, task.output_size)
+    trainer = model.trainer
+    outputs, _ = trainer.core(batch.inputs)            # the whole sequence in one graph
+    loss = task.chunk_loss(trainer.readout(outputs), batch, 0, batch.inputs.shape[0])
+    names = [name for name, _ in model.named_parameters()]
+    full = dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
+    for name in names:
+        torch.testing.assert_close(untruncated[name], full[name], rtol=1e-5, atol=1e-7)
+    truncated = gradients_after_trainer("3", task, batch)   # the comparison can tell them apart
+    assert not torch.allclose(truncated["trainer.core.weight_hh_l0"],
+                              full["trainer.core.weight_hh_l0"], rtol=1e-3, atol=1e-6)
+
+
+def test_stalled_means_no_level_growth_in_the_last_quarter():
+    assert curriculum_stalled([], 1000)
+    assert curriculum_stalled([[100, 2], [500, 3]], 1000)
+    assert curriculum_stalled([[750, 3]], 1000)          # step 750 is in the first 3 quarters
+    assert not curriculum_stalled([[751, 3]], 1000)
+    assert not curriculum_stalled([[100, 2], [999, 3]], 1000)
+    assert not curriculum_stalled([[40, 2]], 40, last_fraction=1.0)
+
+
+def test_short_run_summary_says_whether_it_stalled(tmp_path):
+    from experiment.rnn_train import train
+
+    args = parse_args(["--task", "copy", "--method", "bptt", "--truncation", "0", "--steps",
+                       "8", "--batch-size", "2", "--hidden", "4", "--device", "cpu",
+                       "--threads", "1", "--log-every", "0", "--threshold", "100",
+                       "--window", "1", "--out", str(tmp_path / "run")])
+    summary = train(args)                                # every step grows the level
+    assert summary["truncation"] == 0 and summary["levels"][-1] == [8, 9]
+    assert summary["stalled"] is False
+
+
+def write_summary(folder, length, levels, steps=30000, hidden=128, batch=32, seconds=60.0):
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({
+        "max_length_solved": length, "levels": levels, "steps": steps, "hidden": hidden,
+        "batch_size": batch, "train_seconds": seconds}))
+
+
+def test_table_renders_median_range_stalled_mark_and_budget(tmp_path):
+    for seed, (length, last_growth) in enumerate([(2, 100), (5, 29000), (3, 200)]):
+        write_summary(tmp_path / run_name("copy", "bptt", 3, seed), length,
+                      [[last_growth, length + 1]])
+        write_summary(tmp_path / run_name("copy", "dni", 3, seed), 4, [[1000, 5]])
+        write_summary(tmp_path / run_name("copy", "bptt", 0, seed), 9, [[20000, 10]])
+    text = table(tmp_path, ["copy"], ["bptt", "dni", "dni_aux"], [0, 3], [0, 1, 2])
+    caption, _, head, _, full, t3 = text.splitlines()
+    assert "30,000 steps a run, LSTM 128, batch 32" in caption and "seeds 0 1 2" in caption
+    assert head == "| task | T | BPTT | DNI | DNI+Aux | seeds | s/run |"
+    assert full == "| copy | full | 9 (9-9) |  |  | 3 | 60 |"     # BPTT only, untruncated
+    assert t3 == "| copy | 3 | 3 (2-5)* | 4 (4-4) | - | 0 | 60 |"  # seed 1 still grew
+
+
+def test_cell_of_one_seed_and_of_none():
+    assert cell([4]) == "4" and cell([]) == "-" and cell([2, 3], growing=True) == "2.5 (2-3)*"
+
+
+def test_bench_runs_the_untruncated_row_then_extends_it_to_a_larger_budget(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def bench(steps):
+        return subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
+             "0", "--seeds", "0", "--results", str(tmp_path), "--steps", str(steps),
+             "--batch-size", "2", "--hidden", "4"],
+            capture_output=True, text=True, check=True, cwd=ROOT).stdout
+
+    first = bench(4)
+    folder = tmp_path / run_name("copy", "bptt", 0, 0)
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]     # BPTT alone untruncated
+    assert "| copy | full | 0 |  |  | 1 |" in first and "4 steps a run" in first
+    bench(6)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["truncation"] == 0
+    rows = (folder / "metrics.csv").read_text().splitlines()
+    assert [row.split(",")[1] for row in rows[1:]] == ["4", "6"]   # one run, continued
