@@ -19,20 +19,18 @@ METHODS = ("bptt", "dni", "dni_aux")     # the LSTM's
 GPT_METHODS = ("bp", "dni", "frozen")
 METHODS_OF = {"lstm": METHODS, "gpt": GPT_METHODS}
 SYNTHESIZERS = ("linear", "mlp", "rnn")   # model.SEQUENCE_SYNTHESIZERS, without torch
-GPT_SYNTHESIZERS = ("linear", "mlp", "sequence_conv", "loss_gradient")   # names in dni.SYNTHESIZERS
+GPT_SYNTHESIZERS = ("linear", "mlp", "sequence_conv", "loss_gradient")   # in dni.SYNTHESIZERS
 # each model's own flags and their defaults: the other model's are refused, so a flag given is
 # never silently ignored (their argparse default is None, resolved in parse_args)
 MODEL_FLAGS = {
     "lstm": {"truncation": 5, "hidden": 256, "discount": 0.1, "target_decay": 0.9,
              "center": True, "aux_weight": 0.1},
     "gpt": {"context": 64, "width": 128, "layers": 4, "heads": 4, "cuts": None,
-            "conditioned": False, "lower_lr": 1.0, "lower_warmup": 0, "lower_biases": True,
-            "lower_trust": 0.0},
+            "conditioned": False, "lower_lr": 1.0},
 }
 LEARNING_RATES = {"lstm": 2e-3, "gpt": 1e-3}
 FIXED = ("model", "method", "truncation", "corpus", "batch_size", "hidden", "synthesizer",
-         "synth_hidden", "seed", "context", "width", "layers", "heads", "cuts", "conditioned",
-         "lower_biases")
+         "synth_hidden", "seed", "context", "width", "layers", "heads", "cuts", "conditioned")
 
 
 def build_parser() -> Parser:
@@ -58,8 +56,8 @@ def build_parser() -> Parser:
                    help="Adam rate of the synthesizer")
     p.add_argument("--synthesizer", choices=sorted({*SYNTHESIZERS, *GPT_SYNTHESIZERS}),
                    default="linear",
-                   help="lstm: on the state [h, c]; gpt: per position (linear, mlp) or along "
-                        "the sequence (sequence_conv)")
+                   help="lstm: on the state [h, c]; gpt: per position (linear, mlp, "
+                        "loss_gradient: cDNI only) or along the sequence (sequence_conv)")
     p.add_argument("--synth-hidden", type=positive_int, default=256,
                    help="hidden units of the mlp, rnn or sequence_conv synthesizer")
     lstm = p.add_argument_group("lstm only")
@@ -99,14 +97,6 @@ def build_parser() -> Parser:
                      help="dni: the rate of the embedding and the blocks up to the top cut "
                           "(those that learn from synthetic gradients), as a multiple of "
                           "--lr (default: 1.0)")
-    gpt.add_argument("--lower-warmup", type=nonnegative_int, default=None,
-                     help="dni: the lower rate ramps from 0 over this many steps (default: 0)")
-    gpt.add_argument("--lower-biases", type=boolean, nargs="?", const=True, default=None,
-                     help="dni: biases and LayerNorms below the top cut learn from S; False "
-                          "freezes them (default: True)")
-    gpt.add_argument("--lower-trust", type=nonnegative_float, default=None,
-                     help="dni: cap each lower step's norm at this times the lower weights' "
-                          "norm (0: off) (default: 0)")
     p.add_argument("--clip", type=nonnegative_float, default=0.0,
                    help="clip the network's gradient norm to this (0: off)")
     p.add_argument("--epochs", type=positive_int, default=20,
@@ -154,11 +144,9 @@ def parse_args(argv: list[str] | None = None):
                          f"{args.heads}")
         if args.method == "bp" and (args.cuts is not None or args.conditioned):
             parser.error("argument --cuts/--conditioned: for --method dni, not bp")
-        for flag in ("lower_lr", "lower_warmup", "lower_biases", "lower_trust"):
-            if args.method != "dni" and getattr(args, flag) != MODEL_FLAGS["gpt"][flag]:
-                parser.error(f"argument --{flag.replace('_', '-')}: for --method dni, not "
-                             f"{args.method}")
-        if args.synthesizer == "loss_gradient" and not args.conditioned:
+        if args.method != "dni" and args.lower_lr != 1.0:
+            parser.error(f"argument --lower-lr: for --method dni, not {args.method}")
+        if args.method == "dni" and args.synthesizer == "loss_gradient" and not args.conditioned:
             parser.error("argument --synthesizer: loss_gradient needs --conditioned True")
         if args.method == "frozen" and args.conditioned:
             parser.error("argument --conditioned: for --method dni, not frozen")

@@ -139,13 +139,6 @@ def evaluate_gpt_bpc(model: nn.Module, ids: torch.Tensor, context: int,
     return nats / count / math.log(2)
 
 
-def lower_group(args) -> bool:
-    """Whether the parameters below the top cut are an optimizer group of their own (the
-    first), as the --lower-* flags need."""
-    return (args.lower_lr != 1.0 or args.lower_warmup > 0 or not args.lower_biases
-            or args.lower_trust > 0)
-
-
 def gpt_synthesizer_options(args) -> dict:
     """What lm.py's flags give the synthesizer at each GPT cut (dni.synthesizer_factory)."""
     if args.synthesizer == "mlp":
@@ -173,17 +166,12 @@ def build_gpt(args, vocab_size: int, device: torch.device
         for p in lower:
             p.requires_grad_(False)
         return net, adam([p for p in net.parameters() if p.requires_grad], lr=args.lr)
-    if not args.lower_biases:    # only the weight matrices below the cut learn from S
-        for p in lower:
-            if p.dim() < 2:
-                p.requires_grad_(False)
-    if not lower_group(args):
+    if args.lower_lr == 1.0:
         optimizer = adam(net.parameters(), lr=args.lr)
-    else:   # two groups only when asked, so runs without the flags resume as before
+    else:   # two groups only when asked, so runs without the flag resume as before
         below = {id(p) for p in lower}
         upper = [p for p in net.parameters() if id(p) not in below]
-        optimizer = adam([{"params": [p for p in lower if p.requires_grad],
-                           "lr": args.lr * args.lower_lr},
+        optimizer = adam([{"params": lower, "lr": args.lr * args.lower_lr},
                           {"params": upper, "lr": args.lr}], lr=args.lr)
     model = DNI(net, optim=optimizer, synthesizer=args.synthesizer,
                 blocks=[str(cut) for cut in args.cuts],
@@ -436,33 +424,9 @@ class _TransformerLoop(_LanguageModelLoop):
         synthesizer_loss = None
         if uses_synthesizer(self.args):
             synthesizer_loss = torch.stack([i.last_loss for i in self.model.interfaces]).mean()
-        lower = self.prepare_lower_step()
         self.check_and_step(loss, synthesizer_loss, "lower --lr or --synth-lr")
-        if lower is not None and self.args.lower_trust > 0:
-            self.limit_lower_step(*lower)
         self.add_to_sums(loss.item() * targets.numel(), targets.numel(), synthesizer_loss,
                          None)
-
-    def prepare_lower_step(self) -> tuple[list[nn.Parameter], list[torch.Tensor]] | None:
-        """Set the lower group's rate for this step (the warm-up); return its parameters and,
-        under a trust region, their values before the step."""
-        args = self.args
-        if not (uses_synthesizer(args) and lower_group(args)):
-            return None
-        group = self.optimizer.param_groups[0]
-        ramp = min(1.0, (self.state.step + 1) / args.lower_warmup) if args.lower_warmup else 1.0
-        group["lr"] = args.lr * args.lower_lr * ramp
-        params = group["params"]
-        return params, [p.detach().clone() for p in params] if args.lower_trust > 0 else []
-
-    @torch.no_grad()
-    def limit_lower_step(self, params: list[nn.Parameter], before: list[torch.Tensor]) -> None:
-        """Shrink the lower group's step to at most --lower-trust times its weights' norm."""
-        step = torch.cat([(p - b).flatten() for p, b in zip(params, before)]).norm()
-        bound = self.args.lower_trust * torch.cat([b.flatten() for b in before]).norm()
-        if step > bound:
-            for p, b in zip(params, before):
-                p.copy_(torch.lerp(b, p, bound / step))
 
     def cosine(self) -> float | None:
         """The synthetic gradient's cosine to the true dL/dh at the cuts (mean over them), on
@@ -550,10 +514,7 @@ def _write_summary(args, loop: _LanguageModelLoop, text: TextSplits, out_dir: Pa
             "heads": args.heads,
             "cuts": args.cuts if synthetic or args.method == "frozen" else [],
             "conditioned": bool(synthetic and args.conditioned),
-            "lower_lr": args.lower_lr if synthetic else 1.0,
-            "lower_warmup": args.lower_warmup if synthetic else 0,
-            "lower_biases": args.lower_biases if synthetic else True,
-            "lower_trust": args.lower_trust if synthetic else 0.0})
+            "lower_lr": args.lower_lr if synthetic else 1.0})
     summary.update({"vocab_size": text.vocab_size, "device": str(device), "argv": sys.argv})
     write_json(out_dir / "summary.json", summary)
     print(f"{describe(args)}: test {test_bpc:.4f} bpc, valid {valid_bpc:.4f} "

@@ -280,6 +280,7 @@ def test_frozen_control_never_trains_the_blocks_up_to_the_cut(small_text, tmp_pa
     (["--model", "gpt", "--method", "frozen", "--conditioned"], "for --method dni, not frozen"),
     (["--model", "gpt", "--cuts", "5"], "--cuts: distinct blocks from 0 to --layers 4"),
     (["--model", "gpt", "--synthesizer", "rnn"], "--synthesizer: rnn is not a synthesizer"),
+    (["--model", "gpt", "--synthesizer", "loss_gradient"], "loss_gradient needs --conditioned"),
     (["--model", "gpt", "--heads", "3"], "--heads: --width 128 is not a multiple of 3")])
 def test_mismatched_flags_give_one_error_line(run_script, argv, message):
     result = run_script("lm.py", *argv)

@@ -6,7 +6,7 @@ their parameters and over their weight matrices alone, on the run's fixed probe 
 Usage: OMP_NUM_THREADS=1 python bench/probes/gpt_lower_cosine.py --model gpt --method dni
        --steps 300 --eval-every 100 --threads 1 [lm.py's flags]
 Prints one line per measurement and writes them to lower_cosine.csv in the run folder
-(bench/README.md, "Does a synthetic gradient at a GPT's middle teach its lower half?").
+(bench/README.md, "Synthetic gradients on a transformer").
 """
 
 from __future__ import annotations
