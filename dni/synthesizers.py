@@ -103,6 +103,36 @@ class LinearSigmoidSynthesizer(LinearSynthesizer):
         return torch.sigmoid(per_position(self.net, append_context(input, context))) - 0.5, None
 
 
+class LossGradientSynthesizer(Synthesizer):
+    """A synthesizer shaped like a softmax loss's gradient, for cDNI with class labels as
+    context: g = a W^T (softmax(W h + b) - y), y the one-hot label (per position on a
+    sequence). It is the gradient in h of a (learned) linear classifier's cross-entropy, so
+    the block below descends a loss that is bounded below, and its sum over a batch cancels
+    as the true gradient's does; exact for a linear head. W, b and a are fit by the usual
+    regression; a starts at zero. Usage: `LossGradientSynthesizer(128, context_size=vocab)`."""
+
+    def __init__(self, input_size: int, hidden_size: int = 0, output_size: int | None = None,
+                 context_size: int = 0):
+        super().__init__(input_size, hidden_size, output_size, context_size)
+        if context_size < 2:
+            raise ValueError("the loss_gradient synthesizer needs the labels as context "
+                             "(cDNI, context_size = the number of classes)")
+        if self.output_size != input_size:
+            raise ValueError("the loss_gradient synthesizer's output has the input's size")
+        self.head = nn.Linear(input_size, context_size)
+        self.scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, input, hidden=None, context=None):
+        """Return (a W^T (softmax(W h + b) - y), None)."""
+        if context is None:
+            raise ValueError("the loss_gradient synthesizer needs the labels (context=)")
+        labels = context.to(input.dtype)
+        if input.dim() == 3 and labels.dim() == 2:    # one label per sequence
+            labels = labels[:, None, :]
+        error = torch.softmax(self.head(input), dim=-1) - labels
+        return self.scale * (error @ self.head.weight), None
+
+
 class MLPSynthesizer(Synthesizer):
     """The paper's MLP synthesizer: `num_layers - 1` hidden layers of Linear -> BatchNorm ->
     ReLU with `hidden_size` units, then a zero-initialised Linear. Usage:

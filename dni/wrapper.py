@@ -28,6 +28,7 @@ from dni.synthesizers import (
     InputSynthesizer,
     LinearSigmoidSynthesizer,
     LinearSynthesizer,
+    LossGradientSynthesizer,
     MLPSynthesizer,
     SequenceConvSynthesizer,
     one_hot,
@@ -52,7 +53,8 @@ class _Flat(nn.Module):
 
 SYNTHESIZERS = {"linear": LinearSynthesizer, "linear_sigmoid": LinearSigmoidSynthesizer,
                 "mlp": MLPSynthesizer, "conv": ConvSynthesizer,
-                "sequence_conv": SequenceConvSynthesizer}
+                "sequence_conv": SequenceConvSynthesizer,
+                "loss_gradient": LossGradientSynthesizer}
 
 
 def synthesizer_factory(kind: str, **options) -> SynthesizerFactory:

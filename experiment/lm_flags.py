@@ -23,7 +23,7 @@ METHODS = ("bptt", "dni", "dni_aux")     # the LSTM's
 GPT_METHODS = ("bp", "dni", "frozen")
 METHODS_OF = {"lstm": METHODS, "gpt": GPT_METHODS}
 SYNTHESIZERS = ("linear", "mlp", "rnn")   # model.SEQUENCE_SYNTHESIZERS, without torch
-GPT_SYNTHESIZERS = ("linear", "mlp", "sequence_conv")   # names in dni.SYNTHESIZERS
+GPT_SYNTHESIZERS = ("linear", "mlp", "sequence_conv", "loss_gradient")   # in dni.SYNTHESIZERS
 # each model's own flags and their defaults: the other model's are refused, so a flag given is
 # never silently ignored (their argparse default is None, resolved in parse_args)
 MODEL_FLAGS = {
@@ -68,8 +68,8 @@ def build_parser() -> Parser:
                    help="Adam rate of the synthesizer")
     p.add_argument("--synthesizer", choices=sorted({*SYNTHESIZERS, *GPT_SYNTHESIZERS}),
                    default="linear",
-                   help="lstm: on the state [h, c]; gpt: per position (linear, mlp) or along "
-                        "the sequence (sequence_conv)")
+                   help="lstm: on the state [h, c]; gpt: per position (linear, mlp, "
+                        "loss_gradient: cDNI only) or along the sequence (sequence_conv)")
     p.add_argument("--synth-hidden", type=positive_int, default=256,
                    help="hidden units of the mlp, rnn or sequence_conv synthesizer")
     lstm = p.add_argument_group("lstm only")
@@ -167,6 +167,8 @@ def parse_args(argv: list[str] | None = None):
             parser.error("argument --cuts/--conditioned: for --method dni, not bp")
         if args.method != "dni" and args.lower_lr != 1.0:
             parser.error(f"argument --lower-lr: for --method dni, not {args.method}")
+        if args.method == "dni" and args.synthesizer == "loss_gradient" and not args.conditioned:
+            parser.error("argument --synthesizer: loss_gradient needs --conditioned True")
         if args.method == "frozen" and args.conditioned:
             parser.error("argument --conditioned: for --method dni, not frozen")
         if args.method == "bp":

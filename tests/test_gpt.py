@@ -280,6 +280,7 @@ def test_frozen_control_never_trains_the_blocks_up_to_the_cut(small_text, tmp_pa
     (["--model", "gpt", "--method", "frozen", "--conditioned"], "for --method dni, not frozen"),
     (["--model", "gpt", "--cuts", "5"], "--cuts: distinct blocks from 0 to --layers 4"),
     (["--model", "gpt", "--synthesizer", "rnn"], "--synthesizer: rnn is not a synthesizer"),
+    (["--model", "gpt", "--synthesizer", "loss_gradient"], "loss_gradient needs --conditioned"),
     (["--model", "gpt", "--heads", "3"], "--heads: --width 128 is not a multiple of 3")])
 def test_mismatched_flags_give_one_error_line(run_script, argv, message):
     result = run_script("lm.py", *argv)
@@ -344,3 +345,24 @@ def test_token_loss_is_the_mean_over_every_position():
     want = sum(F.cross_entropy(logits[b, t][None], y[b, t][None]) for b in range(2)
                for t in range(5)) / 10
     assert torch.allclose(token_loss(logits, y), want)
+
+
+def test_loss_gradient_synthesizer_is_exact_under_a_linear_head():
+    """Cut below a linear head with the mean token loss: the loss_gradient synthesizer with
+    the head's W, b and a = 1 sends the true gradient (the blocks below get what backprop
+    gives them) and its regression loss is zero."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(WIDTH, WIDTH), torch.nn.Linear(WIDTH, VOCAB))
+    reference = copy.deepcopy(net)
+    x, y = torch.randn(BATCH, CONTEXT, WIDTH), tokens(2)
+    model = DNI(net, optim=torch.optim.SGD(net.parameters(), lr=0.1), blocks=["0"],
+                synthesizer="loss_gradient", context_size=VOCAB, example_input=x)
+    synthesizer = model.interfaces[0].synthesizer
+    with torch.no_grad():
+        synthesizer.head.load_state_dict(net[1].state_dict())
+        synthesizer.scale.fill_(1.0)
+    token_loss(model(x, context=y), y).backward()
+    token_loss(reference(x), y).backward()
+    for got, want in zip(net.parameters(), reference.parameters()):
+        assert torch.allclose(got.grad, want.grad, atol=1e-7)
+    assert model.interfaces[0].last_loss.item() < 1e-12

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dni import (
@@ -9,6 +10,7 @@ from dni import (
     InputSynthesizer,
     LinearSigmoidSynthesizer,
     LinearSynthesizer,
+    LossGradientSynthesizer,
     MLPSynthesizer,
     RNNSynthesizer,
     Synthesizer,
@@ -136,3 +138,23 @@ def test_input_synthesizer_shape():
     unlock = InputSynthesizer(12, (4, 3, 3), hidden_size=8, context_size=2)
     out = unlock(torch.randn(5, 1, 3, 4), torch.eye(2)[[0, 1, 0, 1, 0]])
     assert out.shape == (5, 4, 3, 3)
+
+
+def test_loss_gradient_synthesizer_is_a_scaled_softmax_loss_gradient_per_position():
+    """S(h, y) = a d/dh CE(W h + b, y) at every position of a (B, T, d) sequence, as autograd
+    gives it; zero at the start (a = 0); no context is refused."""
+    synth = LossGradientSynthesizer(6, context_size=5)
+    h, labels = torch.randn(2, 3, 6), torch.randint(0, 5, (2, 3))
+    out, hidden = synth(h, None, context=F.one_hot(labels, 5).float())
+    assert out.shape == h.shape and hidden is None and torch.count_nonzero(out) == 0
+    with torch.no_grad():
+        synth.scale.fill_(0.7)
+    out, _ = synth(h, None, context=F.one_hot(labels, 5).float())
+    h_in = h.clone().requires_grad_()
+    loss = F.cross_entropy(synth.head(h_in).reshape(-1, 5), labels.reshape(-1), reduction="sum")
+    want, = torch.autograd.grad(0.7 * loss, h_in)
+    assert torch.allclose(out, want, atol=1e-6)
+    with pytest.raises(ValueError, match="needs the labels"):
+        synth(h, None)
+    with pytest.raises(ValueError, match="needs the labels as context"):
+        LossGradientSynthesizer(6)
