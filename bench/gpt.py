@@ -139,7 +139,7 @@ def _worker(args) -> None:
     import torch.distributed as dist
     from torch import nn
 
-    from bench.pipeline_schedules import rank_blocks, schedule_step
+    from bench.pipeline_schedules import end_worker, rank_blocks, schedule_step
     from experiment.cli import resolve_device
     from experiment.data import load_text
     from experiment.lm_train import evaluate_gpt_bpc, random_windows, token_loss
@@ -232,7 +232,8 @@ def _worker(args) -> None:
             "train_seconds": train_seconds, "peak_mb": peaks, "memory": memory_kind(device),
             "stage_counts": None if kind == "ddp" else stage_counts(args.layers),
             "device": str(device), "argv": sys.argv})
-    dist.destroy_process_group()
+    end_worker()
+
 
 
 # -- rows, records and the table ----------------------------------------------------------
@@ -259,9 +260,9 @@ def row_record(row: str, out: Path, batch_tokens: int) -> dict:
         return {"failed": "lm.py under torchrun wrote no stage_times: it ran no edge "
                           "pipeline"}
     if "peak_mb" in summary:
-        peaks, memory = summary["peak_mb"], memory_kind(torch.device(summary["device"]))
+        peaks, memory = summary["peak_mb"], memory_kind(torch.device(summary.get("device", "cpu")))
     else:
-        peaks, memory = [t["peak_memory_mb"] for t in stage_times], memory_kind(torch.device(summary["device"]))
+        peaks, memory = [t["peak_memory_mb"] for t in stage_times], memory_kind(torch.device(summary.get("device", "cpu")))
     curve = [(int(r["step"]), r["train_seconds"], r["valid_bpc"])
              for r in load_run(out).steps if "valid_bpc" in r and "train_seconds" in r]
     record = {"tokens_per_s": summary["steps"] * batch_tokens / summary["train_seconds"],

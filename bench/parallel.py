@@ -43,7 +43,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from bench.pipeline_schedules import SCHEDULES, rank_blocks, schedule_step
+from bench.pipeline_schedules import SCHEDULES, end_worker, rank_blocks, schedule_step
 from bench.script_runs import failure_line
 from bench.timing import measured_costs, one_pinned_thread
 from dni.pipeline import check_counts
@@ -149,7 +149,7 @@ def _worker(args) -> None:
         Path(args.result).write_text(json.dumps({
             "samples_per_s": samples / train_seconds, "test_acc": accuracy,
             "train_seconds": train_seconds}))
-    dist.destroy_process_group()
+    end_worker()
 
 
 def _rank_blocks(args, rank: int, world: int) -> list[int]:

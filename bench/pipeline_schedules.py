@@ -4,9 +4,12 @@ cut into stages: what bench/parallel.py (an MLP) and bench/gpt.py (a GPT) run as
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 SCHEDULES = {"gpipe": "ScheduleGPipe", "1f1b": "Schedule1F1B",
@@ -82,3 +85,14 @@ def schedule_step(kind: str, net: nn.Sequential, counts: list[int], rank: int, w
             schedule.step(**kwargs)
 
     return step, params
+
+
+def end_worker() -> None:
+    """End a worker process once every rank is done. Not through destroy_process_group or the
+    interpreter's exit: after a pipelining schedule, gloo's threads sometimes abort the
+    process as they are torn down ("terminate called without an active exception"), a third
+    of the runs here, after all the work is written."""
+    dist.barrier()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
