@@ -23,7 +23,7 @@ import torch
 from experiment.cli import prepare_out_dir, resolve_device, run
 from experiment.data import load_text
 from experiment.lm_flags import parse_args
-from experiment.lm_train import _write_summary, make_loop, token_loss, uses_synthesizer
+from experiment.lm_train import make_loop, token_loss, uses_synthesizer, write_summary
 from experiment.records import write_config
 
 
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
 
     loop = make_loop(args, text, out_dir, device, on_step=measure)
     loop.run()
-    _write_summary(args, loop, text, out_dir, device)
+    write_summary(args, loop, text, out_dir, device)
     with open(out_dir / "lower_cosine.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["step", "lower_cos", "lower_weight_cos"])
         writer.writeheader()
