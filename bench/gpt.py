@@ -9,8 +9,9 @@ Rows: bp: one process, backprop, every core (lm.py's training); gpipe, 1f1b, zer
 torch.distributed.pipelining, one core each, the GPT cut after block --layers // 2 (as the
 edge pipeline cuts it; zero-bubble interleaves one block a virtual stage), --microbatches per
 batch; ddp: DistributedDataParallel over 2 processes, one core each, half the batch each;
-dni, cdni, cdni-lossgrad (cDNI, S shaped as a softmax loss's gradient), frozen: the edge
-pipeline, lm.py under torchrun, one core a stage (frozen: the lower stage never trains).
+dni, cdni, cdni-lossgrad (cDNI, S shaped as a softmax loss's gradient, synthesizer rate 3e-4),
+frozen: the edge pipeline, lm.py under torchrun, one core a stage (frozen: the lower stage never
+trains).
 Every row validates every --eval-every steps (and at its last) on the first --eval-chars
 characters of the validation split, as lm.py does; evaluation is not training time. The
 target (default: bp's BPC at its last step) is reached at the first validation at or below it.
@@ -56,7 +57,7 @@ ROWS = ("bp", "gpipe", "1f1b", "zero-bubble", "ddp", "dni", "cdni", "cdni-lossgr
 WORKER_ROWS = ("bp", "gpipe", "1f1b", "zero-bubble", "ddp")   # this file's own workers
 EDGE_ROWS = {"dni": ["--method", "dni"], "cdni": ["--method", "dni", "--conditioned", "True"],
              "cdni-lossgrad": ["--method", "dni", "--conditioned", "True", "--synthesizer",
-                               "loss_gradient"],
+                               "loss_gradient", "--synth-lr", "3e-4"],
              "frozen": ["--method", "frozen"]}
 PROCESSES = 2
 # the flags that define a row's run: a record made with others is not this bench's row
