@@ -9,13 +9,16 @@ Usage: python lm.py [--model lstm] --method bptt|dni|dni_aux --truncation T [--s
 
 from experiment.cli import run
 from experiment.lm_flags import parse_args
+from experiment.records import world_size_from_env
 
 
 def main():
     """Parse the flags (before torch loads), then train."""
     args = parse_args()
-    from experiment.lm_train import train
-
+    if world_size_from_env() > 1:   # under torchrun: the GPT as a pipeline of stages
+        from experiment.lm_pipeline import train_as_pipeline as train
+    else:
+        from experiment.lm_train import train
     train(args)
 
 

@@ -15,7 +15,7 @@ __all__, __getattr__, __dir__ = _lazy_exports(__name__, {
     "reference": ("reference_step",),
     "synthesizers": ("RNN_DNI", "ConvSynthesizer", "DNI_Network", "InputSynthesizer",
                      "Linear_DNI", "Linear_Sigmoid_DNI", "LinearSigmoidSynthesizer",
-                     "LinearSynthesizer", "LossGradientSynthesizer", "MLPSynthesizer", "RNNSynthesizer",
-                     "SequenceConvSynthesizer", "Synthesizer"),
+                     "LinearSynthesizer", "LossGradientSynthesizer", "MLPSynthesizer",
+                     "RNNSynthesizer", "SequenceConvSynthesizer", "Synthesizer"),
     "wrapper": ("DNI", "SYNTHESIZERS", "synthesizer_factory"),
 })

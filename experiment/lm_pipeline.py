@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dni.pipeline import PipelineStage
+from dni.pipeline import PipelineError, PipelineStage
 from experiment.data import TextSplits, load_text
-from experiment.errors import RunInterrupted
+from experiment.errors import RunInterrupted, UserError
 from experiment.lm_train import (
     GPT_EVAL_BATCH,
     _TransformerLoop,
@@ -30,6 +30,7 @@ from experiment.lm_train import (
     write_summary,
 )
 from experiment.pipeline_train import (
+    gather_from_every_stage,
     run_stages,
     shared_out_dir,
     stage_checkpoint_name,
@@ -133,9 +134,8 @@ class _GPTStageLoop(_TransformerLoop):
                 nats, count = nats + batch_nats, count + scored
         stage.train()
         self.take_figures()    # the last training step's came with the first batch
-        figure = [nats / count / math.log(2) if count else math.nan]
-        dist.broadcast_object_list(figure, src=stage.world_size - 1, group=self.collectives)
-        return figure[0]
+        mine = nats / count / math.log(2) if stage.is_last else None
+        return gather_from_every_stage(mine, stage, self.collectives)[-1]
 
     def cosine(self) -> float | None:
         if not uses_synthesizer(self.args) or not self.cosines:
@@ -192,8 +192,11 @@ def train_as_pipeline(args) -> dict | None:
         times = run_stages(loop, stage, out_dir, checkpoint, collectives)
         extra = {"processes": world, "stages": stage.counts, "staleness": stage.staleness,
                  "message_dtype": args.message_dtype, "stage_times": times}
-        return write_summary(args, loop, text, out_dir, device, extra=extra,
-                             writes=stage.is_last)
+        try:   # the final scoring runs through every stage too
+            return write_summary(args, loop, text, out_dir, device, extra=extra,
+                                 writes=stage.is_last)
+        except PipelineError as exc:
+            raise UserError(f"stage {rank}: {exc}; this stage stops too") from None
     except RunInterrupted as exc:
         if rank != world - 1:   # the last stage, which keeps the records, says where to resume
             raise SystemExit(exc.exit_code) from None

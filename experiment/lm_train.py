@@ -31,13 +31,7 @@ from experiment.cli import prepare_out_dir, resolve_device
 from experiment.data import TextSplits, load_text
 from experiment.errors import UserError
 from experiment.loop import StepPeriodLoop
-from experiment.records import (
-    load_checkpoint,
-    peak_memory_mb,
-    world_size_from_env,
-    write_config,
-    write_json,
-)
+from experiment.records import load_checkpoint, peak_memory_mb, write_config, write_json
 from experiment.rnn_train import future_gradient_cosine, print_step_line
 from experiment.train import adam, first_nonfinite_gradient
 from model import GPT, SequenceModel
@@ -505,12 +499,8 @@ def make_loop(args, text: TextSplits, out_dir: Path, device: torch.device,
 
 
 def train(args, on_step: Callable[[int], None] | None = None) -> dict:
-    """Run (or resume) one language-model run; write its records; return summary.json's
-    (under torchrun, the GPT as a pipeline: the last stage returns it, the others None)."""
-    if world_size_from_env() > 1:
-        from experiment.lm_pipeline import train_as_pipeline
-
-        return train_as_pipeline(args)
+    """Run (or resume) one language-model run in this process; write its records; return
+    summary.json's (under torchrun, lm.py runs experiment.lm_pipeline instead)."""
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)

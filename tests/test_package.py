@@ -104,7 +104,8 @@ PUBLIC_HOMES = {
         "reference": "reference_step", "wrapper": "DNI SYNTHESIZERS synthesizer_factory",
         "synthesizers": "RNN_DNI ConvSynthesizer DNI_Network InputSynthesizer Linear_DNI "
                         "Linear_Sigmoid_DNI LinearSigmoidSynthesizer LinearSynthesizer "
-                        "MLPSynthesizer RNNSynthesizer SequenceConvSynthesizer Synthesizer"},
+                        "LossGradientSynthesizer MLPSynthesizer RNNSynthesizer SequenceConvSynthesizer "
+                        "Synthesizer"},
     "dni.pipeline": {
         "split": "balanced_stages block_costs check_counts counted_split interface_positions "
                  "stage_costs synthesizer_costs",
