@@ -151,7 +151,7 @@ def test_killed_stage_ends_the_other_with_one_error_line(small_text, tmp_path):
     start = time.monotonic()
     _, err = procs[0].communicate(timeout=60)
     assert time.monotonic() - start < 60
-    assert procs[0].returncode == 2
+    assert procs[0].returncode == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: stage 0: "), err
     procs[1].communicate()

@@ -67,6 +67,18 @@ class Layout:
         return buffer[offset:offset + size].view(dtype)
 
 
+def _peer_error(exc: RuntimeError, peer: int, timeout: timedelta) -> PipelineError:
+    """The PipelineError naming the peer for what torch.distributed raised on a link."""
+    text = str(exc)
+    if "closed" in text.lower() or "reset" in text.lower():
+        reason = "its connection closed (the process died or stopped)"
+    elif "timed out" in text.lower() or "timeout" in text.lower():
+        reason = f"no message for {timeout.total_seconds():.0f}s"
+    else:
+        reason = text.splitlines()[0][:160]
+    return PipelineError(f"stage {peer} is not answering: {reason}")
+
+
 def _wait(work, peer: int, timeout: timedelta, times: StageTimes) -> None:
     """Wait for one posted send or receive; a closed connection or the timeout raises
     PipelineError naming the peer. The time counts as waiting."""
@@ -74,14 +86,7 @@ def _wait(work, peer: int, timeout: timedelta, times: StageTimes) -> None:
     try:
         work.wait(timeout)
     except RuntimeError as exc:
-        text = str(exc)
-        if "closed" in text.lower() or "reset" in text.lower():
-            reason = "its connection closed (the process died or stopped)"
-        elif "timed out" in text.lower() or "timeout" in text.lower():
-            reason = f"no message for {timeout.total_seconds():.0f}s"
-        else:
-            reason = text.splitlines()[0][:160]
-        raise PipelineError(f"stage {peer} is not answering: {reason}") from None
+        raise _peer_error(exc, peer, timeout) from None
     finally:
         times.wait += perf_counter() - start
 
@@ -106,7 +111,11 @@ class Sender:
             _wait(work, self.peer, self.timeout, self.times)
         start = perf_counter()
         fill(buffer)
-        self.works[self.index] = dist.isend(buffer, self.peer, group=self.group, tag=self.tag)
+        try:   # posting to a peer already gone may fail at once
+            self.works[self.index] = dist.isend(buffer, self.peer, group=self.group,
+                                                tag=self.tag)
+        except RuntimeError as exc:
+            raise _peer_error(exc, self.peer, self.timeout) from None
         self.index = (self.index + 1) % len(self.buffers)
         self.times.comm += perf_counter() - start
 
@@ -137,8 +146,11 @@ class Receiver:
             self._post(i)
 
     def _post(self, index: int) -> None:
-        self.works[index] = dist.irecv(self.buffers[index], self.peer, group=self.group,
-                                       tag=self.tag)
+        try:
+            self.works[index] = dist.irecv(self.buffers[index], self.peer, group=self.group,
+                                           tag=self.tag)
+        except RuntimeError as exc:
+            raise _peer_error(exc, self.peer, self.timeout) from None
 
     def receive(self) -> torch.Tensor:
         """The next message (a buffer of the link's size)."""
