@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from dni.pipeline import PipelineError, PipelineStage
 from experiment.data import TextSplits, load_text
-from experiment.errors import RunInterrupted, UserError
+from experiment.errors import UserError
 from experiment.lm_train import (
     GPT_EVAL_BATCH,
     _TransformerLoop,
@@ -34,7 +34,7 @@ from experiment.pipeline_train import (
     run_stages,
     shared_out_dir,
     stage_checkpoint_name,
-    start_process_group,
+    stage_process,
 )
 from experiment.records import load_checkpoint, write_config
 from experiment.train import adam
@@ -172,9 +172,7 @@ def train_as_pipeline(args) -> dict | None:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    start_process_group(device, args.timeout)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    try:
+    with stage_process(device, args.timeout) as (rank, world):
         text = load_text(args.corpus)
         args.out = shared_out_dir(args.out, "lm")
         out_dir = Path(args.out)
@@ -197,10 +195,4 @@ def train_as_pipeline(args) -> dict | None:
                                  writes=stage.is_last)
         except PipelineError as exc:
             raise UserError(f"stage {rank}: {exc}; this stage stops too") from None
-    except RunInterrupted as exc:
-        if rank != world - 1:   # the last stage, which keeps the records, says where to resume
-            raise SystemExit(exc.exit_code) from None
-        raise
-    finally:
-        dist.destroy_process_group()
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 
@@ -54,6 +56,23 @@ def start_process_group(device: torch.device, timeout: float) -> None:
             backend = "nccl"
         torch.cuda.set_device(local % gpus)
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+
+
+@contextmanager
+def stage_process(device: torch.device, timeout: float) -> Iterator[tuple[int, int]]:
+    """This process as one stage of a torchrun job for the body: (rank, world size). A stop
+    (RunInterrupted) is reported by the last stage only, which keeps the records and says
+    where to resume; the others exit with its status. The process group is left at the end."""
+    start_process_group(device, timeout)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    try:
+        yield rank, world
+    except RunInterrupted as exc:
+        if rank != world - 1:
+            raise SystemExit(exc.exit_code) from None
+        raise
+    finally:
+        dist.destroy_process_group()
 
 
 def shared_out_dir(out: str | None, script: str = "main") -> str:
@@ -240,10 +259,7 @@ def train_as_pipeline(args, build_net, *, model_name: str, method: str, synthesi
     `build_net()` (called after seeding, identically on every rank) and train it."""
     from experiment.cli import prepare_run, resolve_device
 
-    device = resolve_device(args.device)
-    start_process_group(device, args.timeout)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    try:
+    with stage_process(resolve_device(args.device), args.timeout) as (rank, world):
         args.out = shared_out_dir(args.out)
         # config.json on every machine (local rank 0 of each), so each can --resume
         device, out_dir, data, checkpoint = prepare_run(
@@ -267,9 +283,3 @@ def train_as_pipeline(args, build_net, *, model_name: str, method: str, synthesi
         fit_pipeline(stage, optimizer, data, args, model_name=model_name, method=method,
                      out_dir=out_dir, checkpoint=checkpoint,
                      extra_summary={**extra_summary, "stage_blocks": stage.counts})
-    except RunInterrupted as exc:
-        if rank != world - 1:  # the last stage, which keeps the records, says where to resume
-            raise SystemExit(exc.exit_code) from None
-        raise
-    finally:
-        dist.destroy_process_group()
