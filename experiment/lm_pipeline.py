@@ -18,7 +18,6 @@ import torch.distributed as dist
 
 from dni.pipeline import PipelineError, PipelineStage
 from experiment.data import TextSplits, load_text
-from experiment.errors import UserError
 from experiment.lm_train import (
     GPT_EVAL_BATCH,
     _TransformerLoop,
@@ -31,6 +30,7 @@ from experiment.lm_train import (
 )
 from experiment.pipeline_train import (
     gather_from_every_stage,
+    lost_neighbour,
     run_stages,
     shared_out_dir,
     stage_checkpoint_name,
@@ -88,17 +88,18 @@ class _GPTStageLoop(_TransformerLoop):
 
     def train_step(self) -> None:
         stage, state = self.stage, self.state
-        x = y = None
-        drawn_from = self.generator.get_state()
-        if stage.is_first:
+        x = y = drawn_from = None
+        if stage.is_first:   # only stage 0 draws the batches
+            drawn_from = self.generator.get_state()
             windows = self.draw_windows(self.generator)
             x, y = windows[:, :-1], windows[:, 1:]
         loss = stage.train_step(self.optimizer, x, y, report=uses_synthesizer(self.args),
                                 measure=uses_synthesizer(self.args) and self.measured(state.step))
         self.diagnostic_seconds += stage.last_measure_seconds
         self.take_figures()
-        if stage.stopped is not None:   # the batch was not trained: it is drawn again
-            self.generator.set_state(drawn_from)
+        if stage.stopped is not None:
+            if drawn_from is not None:   # the batch was not trained: it is drawn again
+                self.generator.set_state(drawn_from)
             raise self.interrupted(stage.stopped)
         if stage.is_last:
             if loss is None or not math.isfinite(loss):
@@ -194,5 +195,5 @@ def train_as_pipeline(args) -> dict | None:
             return write_summary(args, loop, text, out_dir, device, extra=extra,
                                  writes=stage.is_last)
         except PipelineError as exc:
-            raise UserError(f"stage {rank}: {exc}; this stage stops too") from None
+            raise lost_neighbour(rank, exc) from None
 

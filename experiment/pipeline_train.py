@@ -198,6 +198,12 @@ class _StageLoop(EpochLoop):
                 "world_size": self.stage.world_size}
 
 
+def lost_neighbour(rank: int, exc: PipelineError) -> UserError:
+    """The one-line error of stage `rank` when a neighbour died, went silent or fell out of
+    step."""
+    return UserError(f"stage {rank}: {exc}; this stage stops too")
+
+
 def run_stages(loop: TrainingLoop, stage: PipelineStage, out_dir: Path,
                checkpoint: dict | None, collectives) -> list[dict]:
     """Run a stage's loop (its subclass of TrainingLoop, checkpoint named per stage) to the
@@ -218,7 +224,7 @@ def run_stages(loop: TrainingLoop, stage: PipelineStage, out_dir: Path,
         loop.run()
         stage.flush()
     except PipelineError as exc:
-        raise UserError(f"stage {stage.rank}: {exc}; this stage stops too") from None
+        raise lost_neighbour(stage.rank, exc) from None
     # a stop that came too late to stop a step (in the last steps, on its way down to stage
     # 0, or during the final evaluation): the run is whole and saved; every stage ends as
     # the signal asks, as one process does after its final evaluation
