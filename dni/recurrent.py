@@ -37,6 +37,16 @@ that drives the LSTM cell state without bound (bench/README.md, "Recurrent DNI o
 stream").
 
 Gradients accumulate over all chunks; the caller steps the optimizer once per sequence batch.
+
+Several independent runs in one call (`runs=K`, for one process training K seeds or settings
+side by side): the batch holds K runs' examples, run-major (run k owns columns k*B .. k*B+B-1),
+and the core, readout, synthesizers and aux head must keep the runs apart (one set of weights a
+run, as `experiment.stacked_runs` builds). The batch mean, the centring and every regression
+are then per run, so each run's gradients are those it would get alone; `chunk_loss` returns
+the K runs' batch-mean losses, (K,), and the report's losses are (K,). `lengths=` (one per
+example) lets the runs' sequences end at different steps in one padded batch: after an
+example's end no synthetic gradient enters it, S is not fitted on it and the aux loss skips
+it; `chunk_loss` must not score its padding.
 """
 
 from __future__ import annotations
@@ -143,7 +153,7 @@ class TruncatedBPTT(nn.Module):
                  readout: nn.Module | None = None, discount: float = 1.0,
                  aux_weight: float = 0.0, aux_input_size: int | None = None,
                  batch_mean: bool = True, target_decay: float = 0.0,
-                 center: bool = False, grad_scale: float | None = None):
+                 center: bool = False, grad_scale: float | None = None, runs: int = 1):
         super().__init__()
         if grad_scale is not None:
             warnings.warn("TruncatedBPTT(grad_scale=) is now discount=", DeprecationWarning,
@@ -151,6 +161,8 @@ class TruncatedBPTT(nn.Module):
             discount = grad_scale
         if truncation < 1:
             raise ValueError(f"truncation must be at least 1, got {truncation}")
+        if runs < 1:
+            raise ValueError(f"runs must be at least 1, got {runs}")
         if not discount >= 0:
             raise ValueError(f"discount must be 0 or positive, got {discount}")
         if aux_weight < 0 or (aux_weight > 0 and synthesizer is None):
@@ -161,6 +173,7 @@ class TruncatedBPTT(nn.Module):
         self.truncation, self.discount = truncation, discount
         self.aux_weight, self.batch_mean = aux_weight, batch_mean
         self.target_decay, self.center = target_decay, center
+        self.runs = runs
         self.target_synthesizer = None
         if target_decay > 0:
             self.target_synthesizer = copy.deepcopy(synthesizer).requires_grad_(False)
@@ -192,11 +205,57 @@ class TruncatedBPTT(nn.Module):
         return self._centred(out if isinstance(out, tuple) else (out, None))
 
     def _centred(self, out: tuple) -> tuple:
-        """(gradient, hidden) with the gradient minus its batch mean when `center`."""
+        """(gradient, hidden) with the gradient minus its batch mean (each run's) when
+        `center`."""
         gradient, hidden = out
-        if self.center:
+        if self.center and self.runs == 1:
             gradient = gradient - gradient.mean(0, keepdim=True)
+        elif self.center:
+            by_run = gradient.view(self.runs, -1, *gradient.shape[1:])
+            gradient = (by_run - by_run.mean(1, keepdim=True)).view_as(gradient)
         return gradient, hidden
+
+    def _unit(self, batch: int) -> float:
+        """The examples a batch-mean loss averages over: one run's share of the batch."""
+        if batch % self.runs:
+            raise ValueError(f"a batch of {batch} does not split into {self.runs} runs")
+        return float(batch // self.runs) if self.batch_mean else 1.0
+
+    def _per_run(self, rows: torch.Tensor) -> torch.Tensor:
+        """Per-example values (B,) summed over each run's examples: (runs,)."""
+        return rows.view(self.runs, -1).sum(1)
+
+    def _regression(self, synthetic: torch.Tensor, target: torch.Tensor,
+                    live: torch.Tensor | None) -> torch.Tensor:
+        """`synthesizer_loss` of each run ((runs,); a scalar for one run without lengths),
+        over the `live` examples (1.0 / 0.0 each; None: all)."""
+        if self.runs == 1 and live is None:
+            return synthesizer_loss(synthetic, target)
+        rows = (synthetic - target).pow(2).flatten(1).sum(1)
+        if live is not None:
+            rows = rows * live
+        return self._per_run(rows) / (rows.shape[0] // self.runs)
+
+    def _aux_loss(self, predicted: torch.Tensor, future: torch.Tensor, t0: int,
+                  lengths: torch.Tensor | None) -> torch.Tensor:
+        """The aux head's regression on the future gradient sent into the chunk's end, mean
+        over the chunk's steps and examples (each run's: (runs,), over its live steps)."""
+        steps = predicted.shape[0]
+        if self.runs == 1 and lengths is None:
+            return synthesizer_loss(predicted.flatten(0, 1), future.repeat(steps, 1))
+        rows = (predicted - future.unsqueeze(0)).pow(2).sum(2)          # (steps, B)
+        live = torch.ones_like(rows)
+        if lengths is not None:
+            at = torch.arange(t0, t0 + steps, device=rows.device)[:, None]
+            live = (at < lengths[None, :]).to(rows.dtype)
+        return self._per_run((rows * live).sum(0)) / self._per_run(live.sum(0)).clamp(min=1)
+
+    def _count(self, chunks: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor | int:
+        """How many chunks each run's mean is over (their number for one run without
+        lengths, shaped as `like`)."""
+        if like.dim() == 0:
+            return len(chunks)
+        return torch.stack(chunks).sum(0).clamp(min=1)
 
     @torch.no_grad()
     def update_target(self) -> None:
@@ -220,7 +279,7 @@ class TruncatedBPTT(nn.Module):
         if self.synthesizer is None:
             raise ValueError("future_gradients needs a synthesizer")
         length, batch = inputs.shape[0], inputs.shape[1]
-        unit = float(batch) if self.batch_mean else 1.0
+        unit = self._unit(batch)
         if state is None:
             state = zero_state(self.core, batch, inputs.device, inputs.dtype)
         start = flatten_state(state).detach()
@@ -235,7 +294,8 @@ class TruncatedBPTT(nn.Module):
                     state = unflatten_state(edge, state)
                 y, state = self.core(inputs[t0:t0 + self.truncation], state)
                 prediction = self.readout(y) if self.readout is not None else y
-                total = total + chunk_loss(prediction, t0, min(t0 + self.truncation, length))
+                total = total + chunk_loss(prediction, t0,
+                                           min(t0 + self.truncation, length)).sum()
             true = (torch.autograd.grad(total, edges, allow_unused=True)
                     if edges and total.requires_grad else [None] * len(edges))
         pairs = []
@@ -248,16 +308,22 @@ class TruncatedBPTT(nn.Module):
         return pairs
 
     def forward(self, inputs: torch.Tensor, chunk_loss: ChunkLoss,
-                state: State | None = None, continues: bool = False) -> SequenceReport:
+                state: State | None = None, continues: bool = False,
+                lengths: torch.Tensor | None = None) -> SequenceReport:
         """Run the sequence chunk by chunk and back-propagate: the core, readout and aux head
         get their truncated (+ synthetic) gradients, the synthesizer its regression gradient.
         Step the optimizer afterwards.
 
         `continues=True`: the sequence goes on after `inputs` (a text stream cut into
         windows, the next call starting from `report.state`), so the last chunk's end also
-        receives the synthetic gradient of the future, where by default it receives 0."""
+        receives the synthetic gradient of the future, where by default it receives 0.
+
+        `lengths` (B,): where each example's sequence ends in this padded batch (None: all at
+        the batch's end)."""
         length, batch = inputs.shape[0], inputs.shape[1]
-        unit = float(batch) if self.batch_mean else 1.0
+        unit = self._unit(batch)
+        if lengths is not None and continues:
+            raise ValueError("lengths= ends sequences; continues=True says they go on")
         if state is None:
             state = zero_state(self.core, batch, inputs.device, inputs.dtype)
         start = flatten_state(state).detach()
@@ -269,14 +335,18 @@ class TruncatedBPTT(nn.Module):
             if self.target_synthesizer is not None:
                 _, target_hidden = self._sent_gradient(start, None)
         outputs, fits, targets, aux_losses = [], [], [], []
+        fitted, aux_chunks = [], []           # which runs each fit / aux loss counts for
         total = inputs.new_zeros(())
         for t0 in range(0, length, self.truncation):
             t1 = min(t0 + self.truncation, length)
+            live = None if lengths is None else (lengths > t0).to(inputs.dtype)
+            running = (torch.ones(self.runs, device=inputs.device) if live is None
+                       else (self._per_run(live) > 0).to(inputs.dtype))
             s = start.requires_grad_()
             y, end_state = self.core(inputs[t0:t1], unflatten_state(s, state))
             prediction = self.readout(y) if self.readout is not None else y
             loss_k = chunk_loss(prediction, t0, t1)
-            objective = loss_k
+            objective = loss_k.sum()
             end = flatten_state(end_state)
             next_synthetic, sent = None, None
             if self.synthesizer is not None and (t1 < length or continues):
@@ -286,16 +356,18 @@ class TruncatedBPTT(nn.Module):
                     sent = next_synthetic.detach()
                 if self.target_synthesizer is not None:
                     sent, target_hidden = self._sent_gradient(end, target_hidden)
+                if lengths is not None:                   # 0 after an example's end
+                    sent = sent * (lengths > t1).to(sent.dtype)[:, None]
                 g_end = sent * (self.discount / unit)
                 objective = objective + (g_end * end).sum()   # <g_end, e>: the future
             aux_term = None
             if self.aux_head is not None:
                 future = (sent if sent is not None
                           else end.new_zeros(end.shape))   # 0 after the end
-                aux_k = synthesizer_loss(self.aux_head(y).flatten(0, 1),
-                                         future.repeat(y.shape[0], 1))
+                aux_k = self._aux_loss(self.aux_head(y), future, t0, lengths)
                 aux_losses.append(aux_k.detach())
-                aux_term = self.aux_weight * aux_k
+                aux_chunks.append(running)
+                aux_term = self.aux_weight * aux_k.sum()
             if objective.requires_grad:                  # a chunk may score nothing
                 objective.backward(retain_graph=aux_term is not None)
             if synthetic is not None and synthetic.requires_grad:
@@ -304,18 +376,22 @@ class TruncatedBPTT(nn.Module):
                 local = s.grad if s.grad is not None else torch.zeros_like(s)
                 target = local * unit                    # bootstrapped: local + synthetic future
                 targets.append(target)
-                fits.append(synthesizer_loss(synthetic, target))
+                fits.append(self._regression(synthetic, target, live))
+                fitted.append(running)
             if aux_term is not None and aux_term.requires_grad:
                 aux_term.backward()
             outputs.append(prediction.detach())
             total = total + loss_k.detach()
             synthetic, start, state = next_synthetic, end.detach(), end_state
-        fit = None
+        fit = aux = None
         if fits:
-            fit = torch.stack(fits).sum()
-            fit.backward()                               # through S's own recurrence too
-            fit = fit.detach() / len(fits)
-        aux = torch.stack(aux_losses).mean() if aux_losses else None
+            fit = torch.stack(fits).sum(0)
+            fit.sum().backward()                         # through S's own recurrence too
+            fit = fit.detach() / self._count(fitted, fit)
+        if aux_losses:
+            aux = torch.stack(aux_losses).sum(0) / self._count(aux_chunks, aux_losses[0])
         final = tuple(x.detach() for x in state_tensors(state))
+        if self.runs == 1 and lengths is not None:
+            fit, aux = (None if x is None else x.sum() for x in (fit, aux))
         return SequenceReport(torch.cat(outputs), total, fit, aux, targets,
                               final if isinstance(state, (tuple, list)) else final[0])
