@@ -10,9 +10,15 @@ Each run is `rnn_tasks.py` in its own folder under --results; a folder with summ
 --steps (its other flags as saved). Subsets by flags, so the table can be filled a few runs at a
 time (--max-runs). Every run uses one CPU thread.
 
+--stack trains each cell's unfinished seeds side by side in one process, as one stacked model
+(experiment/rnn_group.py), on --device (the GPU path: the whole table is one command); the runs'
+folders, records and checkpoints are the same, so either way resumes the other's runs. On one
+CPU thread it gains nothing (the step is compute-bound there: bench/README.md).
+
 Usage: python bench/rnn.py [--tasks copy repeat_copy] [--methods bptt dni dni_aux]
        [--truncations 0 2 3 4 5 8] [--seeds 0 1 2] [--max-runs K] [--table-only]
-       [--results DIR] [rnn_tasks.py flags, e.g. --steps 30000 --hidden 256 --batch-size 256]
+       [--stack [--device cuda]] [--results DIR]
+       [rnn_tasks.py flags, e.g. --steps 30000 --hidden 256 --batch-size 256]
 Flags it does not know go to every rnn_tasks.py run; keep one --results folder per setting."""
 
 import json
@@ -22,6 +28,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -44,11 +52,7 @@ def train_one(folder: Path, task: str, method: str, truncation: int, seed: int,
     summary."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
-    if (folder / "checkpoint.pt").exists():
-        argv = ["--resume", str(folder), "--steps", str(steps)]   # its other flags as saved
-    else:
-        argv = ["--task", task, "--method", method, "--truncation", str(truncation),
-                "--seed", str(seed), "--out", str(folder), *extra]
+    argv = run_flags(folder, task, method, truncation, seed, extra, steps)
     cmd = [sys.executable, str(ROOT / "rnn_tasks.py"), *argv, "--threads", "1",
            "--device", "cpu", "--log-every", "100"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
@@ -56,6 +60,38 @@ def train_one(folder: Path, task: str, method: str, truncation: int, seed: int,
         last = (result.stderr.strip().splitlines() or [""])[-1].removeprefix("error: ")
         raise UserError(f"run {folder.name} failed (exit {result.returncode}): {last}")
     return json.loads((folder / "summary.json").read_text())
+
+
+def run_flags(folder: Path, task: str, method: str, truncation: int, seed: int,
+              extra: list[str], steps: int) -> list[str]:
+    """rnn_tasks.py's flags for one run: a resume of its checkpoint (its other flags as saved,
+    to `steps`), or a new run with `extra`."""
+    if (folder / "checkpoint.pt").exists():
+        return ["--resume", str(folder), "--steps", str(steps)]
+    return ["--task", task, "--method", method, "--truncation", str(truncation),
+            "--seed", str(seed), "--out", str(folder), *extra]
+
+
+def train_stacked(folders: list[Path], cell: tuple[str, str, int], seeds: list[int],
+                  extra: list[str], steps: int) -> list[dict]:
+    """Train the cell's runs in `folders` side by side in this process, in groups of runs
+    whose checkpoints are at one step; return their summaries."""
+    from experiment.records import load_checkpoint
+    from experiment.rnn_group import train_group
+    from experiment.rnn_train import parse_args as parse_run_flags
+
+    task, method, truncation = cell
+    by_step: dict[int, list] = {}
+    for folder, seed in zip(folders, seeds):
+        argv = run_flags(folder, task, method, truncation, seed, extra, steps)
+        args = parse_run_flags([*argv, "--log-every", "100"])
+        at = (load_checkpoint(folder, torch.device("cpu"))["state"]["step"]
+              if args.resume else 0)
+        by_step.setdefault(at, []).append(args)
+    summaries = []
+    for group in by_step.values():
+        summaries += train_group(group, group[0].device)
+    return summaries
 
 
 def finished(folder: Path, steps: int) -> bool:
@@ -119,7 +155,9 @@ def table(results: Path, tasks, methods, truncations, seeds) -> str:
                         summary = json.loads(path.read_text())
                         finished.append(summary)
                         values.append(summary["max_length_solved"])
-                        seconds.append(summary["train_seconds"])
+                        # runs side by side shared their process's time
+                        seconds.append(summary["train_seconds"]
+                                       / summary.get("stacked_runs", 1))
                         growing = growing or not stalled(summary)
                 cells.append(cell(values, growing))
                 counts.append(len(values))
@@ -147,6 +185,9 @@ def main():
     parser.add_argument("--max-runs", type=nonnegative_int, default=0,
                         help="start at most this many unfinished runs, then print (0: all)")
     parser.add_argument("--table-only", action="store_true", help="run nothing; print")
+    parser.add_argument("--stack", action="store_true",
+                        help="train each cell's seeds side by side in this process, on "
+                             "--device (the GPU path); without it, one CPU process a run")
     parser.add_argument("--figure", default=None, metavar="PNG",
                         help="also draw length reached against steps for the seed-0 runs")
     args, extra = parser.parse_known_args()
@@ -158,7 +199,26 @@ def main():
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     started = 0
-    if not args.table_only:
+    if args.stack and not args.table_only:
+        torch.set_num_threads(1)
+        for task in args.tasks:
+            for t in args.truncations:
+                for method in runs_at(t, args.methods):
+                    seeds = [seed for seed in args.seeds
+                             if not finished(results / run_name(task, method, t, seed), steps)]
+                    if args.max_runs:
+                        seeds = seeds[:max(args.max_runs - started, 0)]
+                    if not seeds:
+                        continue
+                    started += len(seeds)
+                    tick = time.perf_counter()
+                    folders = [results / run_name(task, method, t, seed) for seed in seeds]
+                    summaries = train_stacked(folders, (task, method, t), seeds, extra, steps)
+                    lengths = " ".join(str(s["max_length_solved"]) for s in summaries)
+                    print(f"{task} {method} T={t} seeds {' '.join(map(str, seeds))}: "
+                          f"lengths {lengths} ({time.perf_counter() - tick:.0f}s, "
+                          "side by side)", flush=True)
+    elif not args.table_only:
         for seed in args.seeds:                  # seed by seed: every cell gets a first run
             for task in args.tasks:
                 for t in args.truncations:

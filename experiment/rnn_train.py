@@ -221,7 +221,7 @@ class _SequenceLoop(StepPeriodLoop):
             cosine = (future_gradient_cosine(self.model.trainer, self.batch.inputs,
                                              self.task.loss_of(self.batch))
                       if args.method != "bptt" else None)
-            _log_line(args, state, self.curriculum, self.log, cosine)
+            log_line(args, state, self.curriculum, self.log, cosine)
         if self.on_step is not None:
             self.on_step(state.step)
 
@@ -241,7 +241,7 @@ def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     loop = _SequenceLoop(args, model, make_optimizer(model, args), task, out_dir, device,
                          checkpoint, on_step)
     loop.run()
-    return _write_summary(args, loop.state, loop.curriculum, out_dir, device)
+    return write_summary(args, loop.state, loop.curriculum, out_dir, device)
 
 
 def future_gradient_cosine(trainer, inputs: torch.Tensor, chunk_loss,
@@ -269,10 +269,11 @@ def print_step_line(line: str, row: dict, train_seconds: float) -> None:
     sys.stdout.flush()
 
 
-def _log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog,
-              cosine: float | None = None) -> None:
-    """One metrics.csv row and one printed line for the steps since the last one; `cosine`
-    is the synthetic gradient's cosine to the true one on the last batch."""
+def log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog,
+             cosine: float | None = None, prefix: str = "") -> None:
+    """One metrics.csv row and one printed line (starting with `prefix`) for the steps since
+    the last one; `cosine` is the synthetic gradient's cosine to the true one on the last
+    batch."""
     w = state.window
     n = max(w["n"], 1)
     row = {"kind": "step", "step": state.step, "wall_seconds": state.wall_seconds,
@@ -283,7 +284,7 @@ def _log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog,
            "sg_cos": cosine}
     log.write(row)
     unit = "bits/seq" if args.task in ("copy", "repeat_copy") else "errors/seq"
-    line = (f"step {state.step:>6}/{args.steps}  length {curriculum.level:>3}  "
+    line = (f"{prefix}step {state.step:>6}/{args.steps}  length {curriculum.level:>3}  "
             f"solved {curriculum.solved:>3}  {unit} {row['errors_per_seq']:.3f}  "
             f"loss {row['train_loss']:.4f}")
     print_step_line(line, row, state.train_seconds)
@@ -297,9 +298,10 @@ def curriculum_stalled(levels: list, steps: int, last_fraction: float = 0.25) ->
     return all(step <= start for step, _ in levels)
 
 
-def _write_summary(args, state: RunState, curriculum: Curriculum, out_dir: Path,
-                   device) -> dict:
-    """summary.json of the finished run."""
+def write_summary(args, state: RunState, curriculum: Curriculum, out_dir: Path,
+                  device, **extra) -> dict:
+    """summary.json of the finished run (with `extra` keys, e.g. how many runs shared its
+    process)."""
     summary = {
         "task": args.task, "method": args.method, "truncation": args.truncation,
         "max_length_solved": curriculum.solved, "steps": state.step,
@@ -310,7 +312,7 @@ def _write_summary(args, state: RunState, curriculum: Curriculum, out_dir: Path,
         "hidden": args.hidden, "core": args.core, "lr": args.lr, "synth_lr": args.synth_lr,
         "synthesizer": args.synthesizer, "discount": args.discount,
         "target_decay": args.target_decay if args.method != "bptt" else 0.0,
-        "aux_weight": args.aux_weight, "device": str(device), "argv": sys.argv,
+        "aux_weight": args.aux_weight, "device": str(device), "argv": sys.argv, **extra,
     }
     write_json(out_dir / "summary.json", summary)
     print(f"{args.task} {args.method} T={args.truncation}: longest length solved "

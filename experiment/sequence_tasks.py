@@ -217,9 +217,9 @@ class Argmax(SequenceTask):
                                  answer=lambda values: values.argmax(0))
 
     def step_loss(self, prediction, target):
-        """Cross-entropy over positions."""
-        return F.cross_entropy(prediction.flatten(0, 1), target.flatten().long(),
-                               reduction="none")
+        """Cross-entropy over positions, shaped as the target (..., 1)."""
+        return F.cross_entropy(prediction.flatten(0, -2), target.flatten().long(),
+                               reduction="none").view(target.shape)
 
     def errors(self, prediction, batch):
         """Fraction of sequences whose position is wrong."""

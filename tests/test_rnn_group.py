@@ -1,0 +1,110 @@
+"""rnn_tasks.py runs side by side in one process (experiment/rnn_group.py): each run trains
+as it trains alone (curriculum, weights), with sequences of different lengths in one batch;
+SIGTERM then resume is exact; a run of a group resumes alone from its checkpoint; mixed
+settings are refused; bench/rnn.py --stack fills the same table."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from experiment.errors import RunInterrupted, UserError
+from experiment.rnn_group import clip_each_run, train_group
+from experiment.rnn_train import parse_args, train
+from tests.conftest import ROOT, assert_same_run, run_records
+
+SEEDS = (0, 1, 2)
+# levels grow within a few steps, at different times for different seeds
+GROWING = ["--steps", "16", "--batch-size", "4", "--hidden", "8", "--device", "cpu",
+           "--log-every", "4", "--threads", "1", "--bits", "2", "--threshold", "6",
+           "--window", "2", "--checkpoint-every", "5"]
+
+
+def run_args(folder, seed, *extra):
+    return parse_args([*GROWING, *extra, "--seed", str(seed), "--out", str(folder)])
+
+
+def weights(folder):
+    return torch.load(folder / "checkpoint.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("extra", [
+    ["--method", "dni_aux", "--truncation", "2", "--target-decay", "0.5"],
+    ["--method", "bptt", "--truncation", "0", "--task", "repeat_copy"],
+    ["--method", "dni", "--truncation", "3", "--synthesizer", "mlp", "--clip", "0.5"],
+])
+def test_runs_side_by_side_train_as_they_train_alone(tmp_path, extra):
+    alone = [train(run_args(tmp_path / f"alone{s}", s, *extra)) for s in SEEDS]
+    group = train_group([run_args(tmp_path / f"group{s}", s, *extra) for s in SEEDS])
+    assert len({json.dumps(a["levels"]) for a in alone}) > 1, "the lengths must differ"
+    for s, want, got in zip(SEEDS, alone, group):
+        for key in ("levels", "max_length_solved", "final_length", "steps"):
+            assert got[key] == want[key], (s, key)
+        assert got["stacked_runs"] == len(SEEDS)
+        single, stacked = weights(tmp_path / f"alone{s}"), weights(tmp_path / f"group{s}")
+        assert single.keys() == stacked.keys()
+        for name, value in single.items():
+            assert torch.allclose(stacked[name], value, atol=1e-4), (s, name)
+        rows = run_records(tmp_path / f"group{s}")[0]
+        assert [int(r["step"]) for r in rows] == [4, 8, 12, 16]
+
+
+def test_sigterm_then_resume_is_exact_and_a_run_resumes_alone(tmp_path):
+    extra = ["--method", "dni", "--truncation", "2"]
+    train_group([run_args(tmp_path / f"ref{s}", s, *extra) for s in SEEDS])
+
+    def kill(step):
+        if step == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(RunInterrupted, match="after step 7;"):
+        train_group([run_args(tmp_path / f"cut{s}", s, *extra) for s in SEEDS], on_step=kill)
+    assert not (tmp_path / "cut0" / "summary.json").exists()
+    train_group([parse_args(["--resume", str(tmp_path / f"cut{s}")]) for s in SEEDS])
+    for s in SEEDS:
+        assert_same_run(tmp_path / f"cut{s}", tmp_path / f"ref{s}",
+                        ("max_length_solved", "final_length", "levels", "steps"))
+    # a group's checkpoint is rnn_tasks.py's: a run goes on alone
+    summary = train(parse_args(["--resume", str(tmp_path / "cut2"), "--steps", "20"]))
+    assert summary["steps"] == 20 and "stacked_runs" not in summary
+
+
+def test_mixed_settings_and_steps_are_refused(tmp_path):
+    with pytest.raises(UserError, match="--truncation differs"):
+        train_group([run_args(tmp_path / "a", 0, "--truncation", "2"),
+                     run_args(tmp_path / "b", 1, "--truncation", "3")])
+    with pytest.raises(UserError, match="LSTM core"):
+        train_group([run_args(tmp_path / "c", s, "--core", "gru") for s in (0, 1)])
+    train(run_args(tmp_path / "d", 0, "--steps", "3"))
+    train(run_args(tmp_path / "e", 1, "--steps", "5"))
+    with pytest.raises(UserError, match=r"at steps \[3, 5\]"):
+        train_group([parse_args(["--resume", str(tmp_path / x), "--steps", "9"]) for x in "de"])
+
+
+def test_clip_each_run_clips_every_run_by_its_own_norm():
+    grads = [torch.tensor([[3.0, 4.0], [0.3, 0.4]]), torch.tensor([[0.0], [0.0]])]
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    clip_each_run(params, 1.0, runs=2)
+    assert torch.allclose(params[0].grad[0], torch.tensor([0.6, 0.8]), atol=1e-5)  # norm 5 -> 1
+    assert torch.equal(params[0].grad[1], grads[0][1])                              # 0.5: kept
+
+
+def test_bench_stack_fills_the_table(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
+         "0", "2", "--methods", "bptt", "dni", "--seeds", "0", "1", "--stack", "--results",
+         str(tmp_path), "--steps", "6", "--batch-size", "2", "--hidden", "4"],
+        capture_output=True, text=True, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "copy-bptt-T0-s0", "copy-bptt-T0-s1", "copy-bptt-T2-s0", "copy-bptt-T2-s1",
+        "copy-dni-T2-s0", "copy-dni-T2-s1"]
+    summary = json.loads((tmp_path / "copy-dni-T2-s1" / "summary.json").read_text())
+    assert summary["stacked_runs"] == 2 and summary["seed"] == 1
+    assert "| copy | 2 | 0 (0-0) | 0 (0-0) | 2 |" in result.stdout
