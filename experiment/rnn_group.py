@@ -149,17 +149,23 @@ class _GroupLoop(StepPeriodLoop):
         if args.clip > 0:
             clip_each_run(self.clipped, args.clip, len(self.members))
         self.optimizer.step()
-        for k, (m, b) in enumerate(zip(self.members, batches)):
-            columns = slice(k * args.batch_size, (k + 1) * args.batch_size)
-            errors = self.task.errors(report.outputs[:b.inputs.shape[0], columns], b).item()
-            w = m.state.window
-            w["loss"] += report.loss[k].item()
-            w["errors"] += errors
-            w["sg"] += (report.synthesizer_loss[k].item()
-                        if report.synthesizer_loss is not None else 0.0)
-            w["aux"] += report.aux_loss[k].item() if report.aux_loss is not None else 0.0
+        b = args.batch_size
+        errors = torch.stack([self.task.errors(report.outputs[:one.inputs.shape[0],
+                                                              k * b:(k + 1) * b], one)
+                              for k, one in enumerate(batches)])
+        none = torch.zeros_like(report.loss)
+        figures = torch.stack([errors, report.loss,
+                               none if report.synthesizer_loss is None
+                               else report.synthesizer_loss,
+                               none if report.aux_loss is None else report.aux_loss])
+        for m, (errors_k, loss_k, sg_k, aux_k) in zip(self.members, figures.T.tolist()):
+            w = m.state.window           # one transfer for all runs' figures (a GPU waits once)
+            w["loss"] += loss_k
+            w["errors"] += errors_k
+            w["sg"] += sg_k
+            w["aux"] += aux_k
             w["n"] += 1
-            if m.curriculum.record(errors):
+            if m.curriculum.record(errors_k):
                 m.state.levels.append([self.state.step + 1, m.curriculum.level])
         self.last = (batch, lengths)
 
