@@ -13,11 +13,13 @@ time (--max-runs). Every run uses one CPU thread.
 --stack trains each cell's unfinished seeds side by side in one process, as one stacked model
 (experiment/rnn_group.py), on --device (the GPU path: the whole table is one command); the runs'
 folders, records and checkpoints are the same, so either way resumes the other's runs. On one
-CPU thread it gains nothing (the step is compute-bound there: bench/README.md).
+CPU thread it gains nothing (the step is compute-bound there: bench/README.md). --stack-cost N
+times it instead: N interleaved steps of each run alone and of the seeds side by side, at fixed
+lengths, for each task, T and method given.
 
 Usage: python bench/rnn.py [--tasks copy repeat_copy] [--methods bptt dni dni_aux]
        [--truncations 0 2 3 4 5 8] [--seeds 0 1 2] [--max-runs K] [--table-only]
-       [--stack [--device cuda]] [--results DIR]
+       [--stack [--device cuda]] [--stack-cost N] [--results DIR]
        [rnn_tasks.py flags, e.g. --steps 30000 --hidden 256 --batch-size 256]
 Flags it does not know go to every rnn_tasks.py run; keep one --results folder per setting."""
 
@@ -92,6 +94,31 @@ def train_stacked(folders: list[Path], cell: tuple[str, str, int], seeds: list[i
     for group in by_step.values():
         summaries += train_group(group, group[0].device)
     return summaries
+
+
+COST_LENGTHS = (2, 10, 30)
+
+
+def stack_cost(tasks, truncations, methods, seeds, extra: list[str], steps: int) -> str:
+    """The markdown table of a step's time alone and of the seeds side by side, at the
+    lengths COST_LENGTHS."""
+    from experiment.rnn_group import step_seconds
+    from experiment.rnn_train import parse_args as parse_run_flags
+
+    lines = [f"| task | T | method | length | alone, ms | {len(seeds)} side by side, ms | "
+             "runs/s gain |", "|---|---|---|---|---|---|---|"]
+    for task in tasks:
+        for t in truncations:
+            for method in runs_at(t, methods):
+                runs = [parse_run_flags(["--task", task, "--method", method, "--truncation",
+                                         str(t), "--seed", str(seed), "--out", "unused",
+                                         *extra]) for seed in seeds]
+                for length in COST_LENGTHS:
+                    alone, stacked = step_seconds(runs, length, steps, runs[0].device)
+                    lines.append(f"| {task} | {t or 'full'} | {LABELS[method]} | {length} | "
+                                 f"{alone * 1e3:.1f} | {stacked * 1e3:.1f} | "
+                                 f"{len(seeds) * alone / stacked:.2f}x |")
+    return "\n".join(lines)
 
 
 def finished(folder: Path, steps: int) -> bool:
@@ -188,6 +215,8 @@ def main():
     parser.add_argument("--stack", action="store_true",
                         help="train each cell's seeds side by side in this process, on "
                              "--device (the GPU path); without it, one CPU process a run")
+    parser.add_argument("--stack-cost", type=nonnegative_int, default=0, metavar="N",
+                        help="train nothing; time N steps alone and side by side (0: off)")
     parser.add_argument("--figure", default=None, metavar="PNG",
                         help="also draw length reached against steps for the seed-0 runs")
     args, extra = parser.parse_known_args()
@@ -198,6 +227,11 @@ def main():
     steps = parse_run_flags(extra).steps  # a flag no rnn_tasks.py run takes stops here
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
+    if args.stack_cost:
+        torch.set_num_threads(1)
+        print(stack_cost(args.tasks, args.truncations, args.methods, args.seeds, extra,
+                         args.stack_cost))
+        return
     started = 0
     if args.stack and not args.table_only:
         torch.set_num_threads(1)

@@ -226,6 +226,47 @@ def clip_each_run(parameters: list[nn.Parameter], max_norm: float, runs: int) ->
         g.mul_(scale.view(runs, *([1] * (g.dim() - 1))))
 
 
+def step_seconds(runs: list, level: int, steps: int, device_name: str = "cpu"
+                 ) -> tuple[float, float]:
+    """(one run's step alone, the K runs' step side by side), medians in seconds of `steps`
+    interleaved repeats at a fixed curriculum length `level`; nothing is written."""
+    import statistics
+    import time
+
+    from experiment.rnn_train import _SequenceLoop
+
+    device = resolve_device(device_name)
+    first = runs[0]
+    task = make_task(first.task, bits=first.bits, max_repeats=first.max_repeats,
+                     max_length=first.max_length)
+    models = []
+    for args in runs:
+        torch.manual_seed(args.seed)
+        models.append(build_model(args, task.input_size, task.output_size).to(device))
+    alone = [_SequenceLoop(args, model, make_optimizer(model, args), task, Path(args.out),
+                           device, None, None) for args, model in zip(runs, models)]
+    stacked = stack_runs(models)
+    group = _GroupLoop([_Member(args, device, None) for args in runs], stacked,
+                       make_optimizer(stacked, first), task, device)
+    loops = [*[(loop, [loop.curriculum]) for loop in alone],
+             (group, [m.curriculum for m in group.members])]
+    times: list[list[float]] = [[] for _ in loops]
+    for repeat in range(steps + 2):                      # the first two warm up
+        for (loop, curricula), kept in zip(loops, times):
+            for curriculum in curricula:
+                curriculum.level = level
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            tick = time.perf_counter()
+            loop.train_step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if repeat >= 2:
+                kept.append(time.perf_counter() - tick)
+    return (statistics.median(t for kept in times[:-1] for t in kept),
+            statistics.median(times[-1]))
+
+
 def train_group(runs: list, device_name: str = "cpu",
                 on_step: Callable[[int], None] | None = None) -> list[dict]:
     """Train (or resume) the runs `runs` (rnn_tasks.py's parsed flags, one setting, each

@@ -108,3 +108,19 @@ def test_bench_stack_fills_the_table(tmp_path):
     summary = json.loads((tmp_path / "copy-dni-T2-s1" / "summary.json").read_text())
     assert summary["stacked_runs"] == 2 and summary["seed"] == 1
     assert "| copy | 2 | 0 (0-0) | 0 (0-0) | 2 |" in result.stdout
+
+
+def test_bench_stack_cost_times_both_ways():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "repeat_copy",
+         "--truncations", "2", "--methods", "dni_aux", "--seeds", "0", "1", "--stack-cost", "1",
+         "--batch-size", "2", "--hidden", "4"],
+        capture_output=True, text=True, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| repeat_copy |")]
+    assert [row.split(" | ")[3] for row in rows] == ["2", "10", "30"]
+    for row in rows:
+        alone, stacked, gain = row.strip(" |").split(" | ")[4:]
+        assert float(alone) > 0 and float(stacked) > 0
+        # runs a second: two runs alone against one side-by-side step (times shown rounded)
+        assert float(gain[:-1]) == pytest.approx(2 * float(alone) / float(stacked), rel=0.2)
