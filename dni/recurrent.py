@@ -250,10 +250,10 @@ class TruncatedBPTT(nn.Module):
             live = (at < lengths[None, :]).to(rows.dtype)
         return self._per_run((rows * live).sum(0)) / self._per_run(live.sum(0)).clamp(min=1)
 
-    def _count(self, chunks: list[torch.Tensor], like: torch.Tensor) -> torch.Tensor | int:
-        """How many chunks each run's mean is over (their number for one run without
-        lengths, shaped as `like`)."""
-        if like.dim() == 0:
+    def _count(self, chunks: list, like: torch.Tensor) -> torch.Tensor | int:
+        """How many chunks each run's mean is over: their number without lengths (None
+        entries), else the chunks each run had a live example in, (runs,)."""
+        if like.dim() == 0 or chunks[0] is None:
             return len(chunks)
         return torch.stack(chunks).sum(0).clamp(min=1)
 
@@ -340,13 +340,12 @@ class TruncatedBPTT(nn.Module):
         for t0 in range(0, length, self.truncation):
             t1 = min(t0 + self.truncation, length)
             live = None if lengths is None else (lengths > t0).to(inputs.dtype)
-            running = (torch.ones(self.runs, device=inputs.device) if live is None
-                       else (self._per_run(live) > 0).to(inputs.dtype))
+            running = None if live is None else (self._per_run(live) > 0).to(inputs.dtype)
             s = start.requires_grad_()
             y, end_state = self.core(inputs[t0:t1], unflatten_state(s, state))
             prediction = self.readout(y) if self.readout is not None else y
             loss_k = chunk_loss(prediction, t0, t1)
-            objective = loss_k.sum()
+            objective = loss_k.sum() if loss_k.dim() else loss_k
             end = flatten_state(end_state)
             next_synthetic, sent = None, None
             if self.synthesizer is not None and (t1 < length or continues):
@@ -367,7 +366,7 @@ class TruncatedBPTT(nn.Module):
                 aux_k = self._aux_loss(self.aux_head(y), future, t0, lengths)
                 aux_losses.append(aux_k.detach())
                 aux_chunks.append(running)
-                aux_term = self.aux_weight * aux_k.sum()
+                aux_term = self.aux_weight * (aux_k.sum() if aux_k.dim() else aux_k)
             if objective.requires_grad:                  # a chunk may score nothing
                 objective.backward(retain_graph=aux_term is not None)
             if synthetic is not None and synthetic.requires_grad:
@@ -386,7 +385,7 @@ class TruncatedBPTT(nn.Module):
         fit = aux = None
         if fits:
             fit = torch.stack(fits).sum(0)
-            fit.sum().backward()                         # through S's own recurrence too
+            (fit.sum() if fit.dim() else fit).backward()  # through S's own recurrence too
             fit = fit.detach() / self._count(fitted, fit)
         if aux_losses:
             aux = torch.stack(aux_losses).sum(0) / self._count(aux_chunks, aux_losses[0])
