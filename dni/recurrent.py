@@ -45,8 +45,8 @@ run, as `experiment.stacked_runs` builds). The batch mean, the centring and ever
 are then per run, so each run's gradients are those it would get alone; `chunk_loss` returns
 the K runs' batch-mean losses, (K,), and the report's losses are (K,). `lengths=` (one per
 example) lets the runs' sequences end at different steps in one padded batch: after an
-example's end no synthetic gradient enters it, S is not fitted on it and the aux loss skips
-it; `chunk_loss` must not score its padding.
+example's end no synthetic gradient enters it, S is not fitted on it, the aux loss skips it
+and centring leaves it out; `chunk_loss` must not score its padding.
 """
 
 from __future__ import annotations
@@ -191,29 +191,35 @@ class TruncatedBPTT(nn.Module):
         """Deprecated name of `discount`."""
         return self.discount
 
-    def synthetic_gradient(self, state: torch.Tensor, hidden=None):
+    def synthetic_gradient(self, state: torch.Tensor, hidden=None,
+                           live: torch.Tensor | None = None):
         """S(state.detach()): the per-example synthetic gradient (graph into S's parameters)
-        and the synthesizer's new hidden state (None unless it is recurrent)."""
+        and the synthesizer's new hidden state (None unless it is recurrent); `live` (1.0 /
+        0.0 per example): the examples whose sequence goes on, over which it is centred."""
         out = self.synthesizer(state.detach(), hidden)
-        return self._centred(out if isinstance(out, tuple) else (out, None))
+        return self._centred(out if isinstance(out, tuple) else (out, None), live)
 
-    def _sent_gradient(self, state: torch.Tensor, hidden=None):
+    def _sent_gradient(self, state: torch.Tensor, hidden=None, live=None):
         """The synthetic gradient sent into a chunk's end (detached; the target synthesizer's
         when there is one) and that synthesizer's new hidden state."""
         with torch.no_grad():
             out = self.target_synthesizer(state.detach(), hidden)
-        return self._centred(out if isinstance(out, tuple) else (out, None))
+        return self._centred(out if isinstance(out, tuple) else (out, None), live)
 
-    def _centred(self, out: tuple) -> tuple:
-        """(gradient, hidden) with the gradient minus its batch mean (each run's) when
-        `center`."""
+    def _centred(self, out: tuple, live: torch.Tensor | None = None) -> tuple:
+        """(gradient, hidden) with the gradient minus its batch mean (each run's, over its
+        `live` examples) when `center`."""
         gradient, hidden = out
-        if self.center and self.runs == 1:
-            gradient = gradient - gradient.mean(0, keepdim=True)
-        elif self.center:
-            by_run = gradient.view(self.runs, -1, *gradient.shape[1:])
-            gradient = (by_run - by_run.mean(1, keepdim=True)).view_as(gradient)
-        return gradient, hidden
+        if not self.center:
+            return gradient, hidden
+        if self.runs == 1 and live is None:
+            return gradient - gradient.mean(0, keepdim=True), hidden
+        by_run = gradient.view(self.runs, -1, *gradient.shape[1:])
+        if live is None:
+            return (by_run - by_run.mean(1, keepdim=True)).view_as(gradient), hidden
+        weight = live.view(self.runs, -1, *([1] * (gradient.dim() - 1)))
+        mean = (by_run * weight).sum(1, keepdim=True) / weight.sum(1, keepdim=True).clamp(min=1)
+        return (by_run - mean).view_as(gradient), hidden
 
     def _unit(self, batch: int) -> float:
         """The examples a batch-mean loss averages over: one run's share of the batch."""
@@ -324,6 +330,13 @@ class TruncatedBPTT(nn.Module):
         unit = self._unit(batch)
         if lengths is not None and continues:
             raise ValueError("lengths= ends sequences; continues=True says they go on")
+
+        def going_on(t: int) -> torch.Tensor | None:
+            """1.0 for the examples whose sequence has steps from t on (None: all)."""
+            return None if lengths is None else (lengths > t).to(inputs.dtype)
+
+        if lengths is not None:
+            lengths = lengths.to(inputs.device)
         if state is None:
             state = zero_state(self.core, batch, inputs.device, inputs.dtype)
         start = flatten_state(state).detach()
@@ -331,15 +344,15 @@ class TruncatedBPTT(nn.Module):
         if self.target_synthesizer is not None and self.training and torch.is_grad_enabled():
             self.update_target()
         if self.synthesizer is not None:
-            synthetic, synth_hidden = self.synthetic_gradient(start, None)  # S(s_0)
+            synthetic, synth_hidden = self.synthetic_gradient(start, None, going_on(0))  # S(s_0)
             if self.target_synthesizer is not None:
-                _, target_hidden = self._sent_gradient(start, None)
+                _, target_hidden = self._sent_gradient(start, None, going_on(0))
         outputs, fits, targets, aux_losses = [], [], [], []
         fitted, aux_chunks = [], []           # which runs each fit / aux loss counts for
         total = inputs.new_zeros(())
         for t0 in range(0, length, self.truncation):
             t1 = min(t0 + self.truncation, length)
-            live = None if lengths is None else (lengths > t0).to(inputs.dtype)
+            live, after = going_on(t0), going_on(t1)
             running = None if live is None else (self._per_run(live) > 0).to(inputs.dtype)
             s = start.requires_grad_()
             y, end_state = self.core(inputs[t0:t1], unflatten_state(s, state))
@@ -351,12 +364,13 @@ class TruncatedBPTT(nn.Module):
             if self.synthesizer is not None and (t1 < length or continues):
                 if t1 < length or self.target_synthesizer is None:
                     # S(e), to fit at the next chunk's start (unless it is the last here)
-                    next_synthetic, synth_hidden = self.synthetic_gradient(end, synth_hidden)
+                    next_synthetic, synth_hidden = self.synthetic_gradient(end, synth_hidden,
+                                                                           after)
                     sent = next_synthetic.detach()
                 if self.target_synthesizer is not None:
-                    sent, target_hidden = self._sent_gradient(end, target_hidden)
-                if lengths is not None:                   # 0 after an example's end
-                    sent = sent * (lengths > t1).to(sent.dtype)[:, None]
+                    sent, target_hidden = self._sent_gradient(end, target_hidden, after)
+                if after is not None:                     # 0 after an example's end
+                    sent = sent * after[:, None]
                 g_end = sent * (self.discount / unit)
                 objective = objective + (g_end * end).sum()   # <g_end, e>: the future
             aux_term = None

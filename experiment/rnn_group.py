@@ -4,7 +4,8 @@ state, data stream and curriculum, so each sequence batch holds the runs' sequen
 own lengths, padded to the longest. Each run's folder gets the records rnn_tasks.py writes
 (config.json, metrics.csv, summary.json, checkpoint.pt, the same format), so a run can be
 resumed by itself with `rnn_tasks.py --resume`, and a group by this module, from its runs'
-checkpoints at one step.
+checkpoints at one step. A run that diverges stops the group (one error line, every run's last
+checkpoint kept).
 
 Why: a 128-unit LSTM's step is mostly per-operation overhead, on a CPU and more so on a GPU;
 K runs in one batched product cost little more than one (bench/README.md, "Recurrent DNI:
@@ -278,7 +279,7 @@ def train_group(runs: list, device_name: str = "cpu",
         if differ:
             raise UserError(f"runs side by side must share their setting; --{differ[0]} "
                             "differs")
-    if first.core != "lstm" or first.synthesizer == "rnn":
+    if first.core != "lstm" or (first.method != "bptt" and first.synthesizer == "rnn"):
         raise UserError("runs side by side take an LSTM core and a linear or mlp synthesizer")
     device = resolve_device(device_name)
     task = make_task(first.task, bits=first.bits, max_repeats=first.max_repeats,
@@ -286,8 +287,6 @@ def train_group(runs: list, device_name: str = "cpu",
     members, models, optimizers = [], [], []
     for args in runs:
         checkpoint = load_checkpoint(Path(args.resume), device) if args.resume else None
-        prepare_out_dir(args.out, "rnn_tasks")
-        write_config(Path(args.out), "rnn_tasks.py", args, device)
         torch.manual_seed(args.seed)
         model = build_model(args, task.input_size, task.output_size).to(device)
         optimizer = make_optimizer(model, args)
@@ -302,6 +301,9 @@ def train_group(runs: list, device_name: str = "cpu",
     if len(steps) > 1:
         raise UserError(f"runs side by side must start at one step; their checkpoints are at "
                         f"steps {sorted(steps)}")
+    for args in runs:                    # only once every run is known to fit
+        prepare_out_dir(args.out, "rnn_tasks")
+        write_config(Path(args.out), "rnn_tasks.py", args, device)
     stacked = stack_runs(models)
     optimizer = make_optimizer(stacked, first)
     if members[0].state.step > 0:

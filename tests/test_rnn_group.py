@@ -81,8 +81,10 @@ def test_mixed_settings_and_steps_are_refused(tmp_path):
         train_group([run_args(tmp_path / "c", s, "--core", "gru") for s in (0, 1)])
     train(run_args(tmp_path / "d", 0, "--steps", "3"))
     train(run_args(tmp_path / "e", 1, "--steps", "5"))
+    config = (tmp_path / "d" / "config.json").read_text()
     with pytest.raises(UserError, match=r"at steps \[3, 5\]"):
         train_group([parse_args(["--resume", str(tmp_path / x), "--steps", "9"]) for x in "de"])
+    assert (tmp_path / "d" / "config.json").read_text() == config   # a refusal writes nothing
 
 
 def test_clip_each_run_clips_every_run_by_its_own_norm():

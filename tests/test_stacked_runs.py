@@ -2,6 +2,8 @@
 runs trained one at a time: every parameter's gradient, the synthesizers' targets and the
 reported losses, with the runs' sequences ending at different steps in one padded batch."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -165,3 +167,31 @@ def test_state_dicts_move_between_the_stack_and_its_runs():
 def test_layers_other_than_lstm_and_linear_are_refused():
     with pytest.raises(ValueError, match="GRU"):
         stack_runs([SequenceModel(I, O, hidden=H, core="gru") for _ in range(2)])
+
+
+@pytest.mark.parametrize("options", [dict(center=True), dict(center=True, target_decay=0.5),
+                                     dict(aux_weight=0.3)])
+def test_padding_of_ended_examples_changes_nothing_within_a_run(options):
+    """One run whose examples end at different steps: the ended examples' padding reaches no
+    gradient, not even through the centring of the synthetic gradient over the batch."""
+    torch.manual_seed(0)
+    model = SequenceModel(I, O, hidden=H, truncation=2, synthesizer="linear", discount=0.5,
+                          **options)
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.4)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(9, B, I, generator=g), torch.randn(9, B, O, generator=g)
+    lengths = torch.tensor([9, 4, 9, 5])
+    scored = (torch.arange(9)[:, None] < lengths[None, :]).float()[..., None]
+
+    def loss(out, t0, t1):
+        return ((out - y[t0:t1]).pow(2) * scored[t0:t1]).sum() / B
+
+    grads = []
+    for noise in (0.0, 3.0):
+        padded_x = torch.where(scored.bool(), x, torch.full_like(x, noise))
+        fresh = copy.deepcopy(model)        # a call moves the target synthesizer
+        fresh.trainer(padded_x, loss, lengths=lengths)
+        grads.append([p.grad for p in fresh.parameters() if p.grad is not None])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-6)
