@@ -345,7 +345,8 @@ class TruncatedBPTT(nn.Module):
             self.update_target()
         if self.synthesizer is not None:
             synthetic, synth_hidden = self.synthetic_gradient(start, None, going_on(0))  # S(s_0)
-            if self.target_synthesizer is not None:
+            if self.target_synthesizer is not None and synth_hidden is not None:
+                # a recurrent S_bar's state at s_0 (one without a state, as S, needs no call)
                 _, target_hidden = self._sent_gradient(start, None, going_on(0))
         outputs, fits, targets, aux_losses = [], [], [], []
         fitted, aux_chunks = [], []           # which runs each fit / aux loss counts for
