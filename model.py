@@ -47,7 +47,7 @@ class CNN(nn.Sequential):
 
 
 RNN_CORES = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
-SEQUENCE_SYNTHESIZERS = ("linear", "mlp", "rnn")
+SEQUENCE_SYNTHESIZERS = ("linear", "lowrank", "mlp", "rnn")
 
 
 class SequenceModel(nn.Module):
@@ -65,6 +65,8 @@ class SequenceModel(nn.Module):
         synth = None
         if synthesizer == "linear":
             synth = LinearSynthesizer(width)
+        elif synthesizer == "lowrank":   # linear through synth_hidden units: cheaper when fewer
+            synth = LinearSynthesizer(width, synth_hidden, num_layers=2)
         elif synthesizer == "mlp":
             synth = MLPSynthesizer(width, synth_hidden, num_layers=2, batch_norm=False)
         elif synthesizer == "rnn":

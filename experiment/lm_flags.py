@@ -22,7 +22,7 @@ MODELS = ("lstm", "gpt")
 METHODS = ("bptt", "dni", "dni_aux")     # the LSTM's
 GPT_METHODS = ("bp", "dni", "frozen")
 METHODS_OF = {"lstm": METHODS, "gpt": GPT_METHODS}
-SYNTHESIZERS = ("linear", "mlp", "rnn")   # model.SEQUENCE_SYNTHESIZERS, without torch
+SYNTHESIZERS = ("linear", "lowrank", "mlp", "rnn")   # model.SEQUENCE_SYNTHESIZERS, without torch
 GPT_SYNTHESIZERS = ("linear", "mlp", "sequence_conv", "loss_gradient")   # in dni.SYNTHESIZERS
 # each model's own flags and their defaults: the other model's are refused, so a flag given is
 # never silently ignored (their argparse default is None, resolved in parse_args)
@@ -71,7 +71,8 @@ def build_parser() -> Parser:
                    help="lstm: on the state [h, c]; gpt: per position (linear, mlp, "
                         "loss_gradient: cDNI only) or along the sequence (sequence_conv)")
     p.add_argument("--synth-hidden", type=positive_int, default=256,
-                   help="hidden units of the mlp, rnn or sequence_conv synthesizer")
+                   help="hidden units of the mlp, rnn or sequence_conv synthesizer; the rank "
+                        "of lowrank (lstm)")
     lstm = p.add_argument_group("lstm only")
     lstm.add_argument("--truncation", type=positive_int, default=None,
                       help="T: characters per window; one optimizer step per window "

@@ -65,7 +65,7 @@ def build_parser() -> Parser:
     p.add_argument("--synthesizer", choices=SEQUENCE_SYNTHESIZERS, default="linear",
                    help="synthesizer on the flattened state (LSTM: [h, c])")
     p.add_argument("--synth-hidden", type=positive_int, default=256,
-                   help="hidden units of the mlp / rnn synthesizer")
+                   help="hidden units of the mlp / rnn synthesizer; the rank of lowrank")
     p.add_argument("--discount", "--grad-scale", type=nonnegative_float, default=0.5,
                    help="lambda: the synthetic gradient of the future enters each chunk's end "
                         "(and so its own target) times this (--grad-scale: old name)")

@@ -28,3 +28,21 @@ def test_interfaces_after_every_hidden_block():
                        conditioned=True, hidden_size=4)
     assert model.block_names == ["0", "1"]
     assert model.context_size == 10
+
+
+def test_lowrank_sequence_synthesizer_is_linear_through_its_rank():
+    """`synthesizer="lowrank"`: S(x) = W2 (W1 x + b1) + b2 with W2 W1 of rank synth_hidden,
+    zero at the start as every synthesizer."""
+    from model import SequenceModel
+
+    torch.manual_seed(0)
+    model = SequenceModel(3, 2, hidden=8, synthesizer="lowrank", synth_hidden=3)
+    synth = model.trainer.synthesizer
+    x = torch.randn(5, 16)
+    assert torch.equal(synth(x)[0], torch.zeros(5, 16))
+    for p in synth.parameters():
+        torch.nn.init.normal_(p)
+    jacobian = torch.autograd.functional.jacobian(lambda v: synth(v[None])[0][0], x[0])
+    assert torch.linalg.matrix_rank(jacobian) == 3
+    assert torch.allclose(synth(2 * x)[0] - synth(x)[0], synth(x)[0] - synth(0 * x)[0],
+                          atol=1e-5)   # affine
