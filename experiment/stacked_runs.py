@@ -67,11 +67,12 @@ class StackedLSTM(nn.Module):
         recurrent = self.weight_hh_l0.transpose(1, 2)
         h, c = (s.view(k, batch, width) for s in state)
         outputs = []
-        for t in range(steps):
+        for t in range(steps):      # few operations a step: on a GPU each is a kernel launch
             gates = torch.baddbmm(inputs[:, t], h, recurrent)
-            i, f, g, o = gates.chunk(4, dim=2)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
+            i, f, _, o = torch.sigmoid(gates).chunk(4, dim=2)
+            g = torch.tanh(gates[..., 2 * width:3 * width])
+            c = torch.addcmul(f * c, i, g)
+            h = o * torch.tanh(c)
             outputs.append(h)
         y = torch.stack(outputs, 1).transpose(0, 1).reshape(steps, rows, width)
         return y, (h.reshape(1, rows, width), c.reshape(1, rows, width))
