@@ -17,7 +17,7 @@ CPU thread it gains nothing (the step is compute-bound there: bench/README.md). 
 times it instead: N interleaved steps of each run alone and of the seeds side by side, at fixed
 lengths, for each task, T and method given.
 
-Usage: python bench/rnn.py [--tasks copy repeat_copy] [--methods bptt dni dni_aux]
+Usage: python bench/rnn.py [--tasks copy repeat_copy mnist_rows] [--methods bptt dni dni_aux]
        [--truncations 0 2 3 4 5 8] [--seeds 0 1 2] [--max-runs K] [--table-only]
        [--stack [--device cuda]] [--stack-cost N] [--results DIR]
        [rnn_tasks.py flags, e.g. --steps 30000 --hidden 256 --batch-size 256]
@@ -140,15 +140,27 @@ def stalled(summary: dict) -> bool:
     return curriculum_stalled(summary["levels"], summary["steps"])  # runs before the key
 
 
-def cell(values: list[int], growing: bool = False) -> str:
-    """'median (min-max)' of the seeds' lengths, '-' when none finished; `growing` adds '*'
-    (a seed's curriculum had not stalled)."""
+def cell(values: list[float], growing: bool = False, digits: int | None = None) -> str:
+    """'median (min-max)' of the seeds' figures, '-' when none finished (`digits` after the
+    point; None: as short as exact); `growing` adds '*' (a seed's curriculum had not
+    stalled)."""
     if not values:
         return "-"
-    med = statistics.median(values)
-    text = f"{med:g}"
-    text = f"{text} ({min(values)}-{max(values)})" if len(values) > 1 else text
+
+    def shown(x):
+        return f"{x:g}" if digits is None else f"{x:.{digits}f}"
+
+    text = shown(statistics.median(values))
+    text = f"{text} ({shown(min(values))}-{shown(max(values))})" if len(values) > 1 else text
     return text + "*" if growing else text
+
+
+def figure_of(task: str, summary: dict) -> float:
+    """A run's figure in the table: test accuracy in % (mnist_rows), else the longest length
+    solved."""
+    if task == "mnist_rows":
+        return 100 * summary["test_accuracy"]
+    return summary["max_length_solved"]
 
 
 def budget(summaries: list[dict]) -> str:
@@ -181,27 +193,29 @@ def table(results: Path, tasks, methods, truncations, seeds) -> str:
                     if path.exists():
                         summary = json.loads(path.read_text())
                         finished.append(summary)
-                        values.append(summary["max_length_solved"])
+                        values.append(figure_of(task, summary))
                         # runs side by side shared their process's time
                         seconds.append(summary["train_seconds"]
                                        / summary.get("stacked_runs", 1))
                         growing = growing or not stalled(summary)
-                cells.append(cell(values, growing))
+                cells.append(cell(values, growing, 1 if task == "mnist_rows" else None))
                 counts.append(len(values))
             per_run = f"{statistics.mean(seconds):.0f}" if seconds else "-"
             lines.append(f"| {task} | {t or 'full'} | " + " | ".join(cells)
                          + f" | {min(counts)} | {per_run} |")
-    caption = (f"Longest length solved, median (range) over seeds {' '.join(map(str, seeds))}; "
-               f"{budget(finished)}; T full: untruncated BPTT. *: a seed's curriculum still "
-               "grew in the last quarter of its steps (not stalled).")
+    caption = (f"Longest length solved (mnist_rows: test accuracy, %), median (range) over "
+               f"seeds {' '.join(map(str, seeds))}; {budget(finished)}; T full: untruncated "
+               "BPTT. *: a seed's curriculum still grew in the last quarter of its steps (not "
+               "stalled).")
     return "\n".join([caption, "", *lines])
 
 
 def main():
     """Run what is missing (up to --max-runs), then print the table."""
     parser = Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tasks", nargs="+", choices=["copy", "repeat_copy"],
-                        default=["copy", "repeat_copy"], help="tasks")
+    parser.add_argument("--tasks", nargs="+", choices=["copy", "repeat_copy", "mnist_rows"],
+                        default=["copy", "repeat_copy"], help="tasks (mnist_rows: sequential "
+                        "MNIST, scored by test accuracy)")
     parser.add_argument("--methods", nargs="+", choices=list(LABELS),
                         default=list(LABELS), help="methods")
     parser.add_argument("--truncations", nargs="+", type=nonnegative_int,

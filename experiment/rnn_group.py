@@ -32,9 +32,11 @@ from experiment.rnn_train import (
     build_model,
     log_line,
     make_optimizer,
+    task_of,
+    test_accuracy,
     write_summary,
 )
-from experiment.sequence_tasks import Batch, Curriculum, make_task
+from experiment.sequence_tasks import Batch, Curriculum
 from experiment.stacked_runs import (
     run_optimizer_state,
     run_state_dict,
@@ -45,17 +47,17 @@ from experiment.train import first_nonfinite_gradient
 
 SHARED = ("task", "method", "truncation", "steps", "batch_size", "hidden", "core", "lr",
           "synth_lr", "synthesizer", "synth_hidden", "discount", "target_decay", "aux_weight",
-          "clip", "threshold", "window", "max_length", "bits", "max_repeats", "log_every",
-          "checkpoint_every")
+          "clip", "threshold", "window", "max_length", "bits", "max_repeats", "data_dir",
+          "log_every", "checkpoint_every")
 
 
 class _Member:
     """One run of the group: its flags, folder, data stream, curriculum and records."""
 
-    def __init__(self, args, device: torch.device, checkpoint: dict | None):
+    def __init__(self, args, device: torch.device, checkpoint: dict | None, max_level: int):
         self.args, self.out_dir = args, Path(args.out)
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
-        self.curriculum = Curriculum(args.threshold, args.window, max_level=args.max_length)
+        self.curriculum = Curriculum(args.threshold, args.window, max_level=max_level)
         self.state = RunState()
         self.kept_rows = None
         self.log: MetricsLog | None = None
@@ -238,8 +240,7 @@ def step_seconds(runs: list, level: int, steps: int, device_name: str = "cpu"
 
     device = resolve_device(device_name)
     first = runs[0]
-    task = make_task(first.task, bits=first.bits, max_repeats=first.max_repeats,
-                     max_length=first.max_length)
+    task = task_of(first)
     models = []
     for args in runs:
         torch.manual_seed(args.seed)
@@ -247,7 +248,8 @@ def step_seconds(runs: list, level: int, steps: int, device_name: str = "cpu"
     alone = [_SequenceLoop(args, model, make_optimizer(model, args), task, Path(args.out),
                            device, None, None) for args, model in zip(runs, models)]
     stacked = stack_runs(models)
-    group = _GroupLoop([_Member(args, device, None) for args in runs], stacked,
+    group = _GroupLoop([_Member(args, device, None, task.levels(args.max_length))
+                        for args in runs], stacked,
                        make_optimizer(stacked, first), task, device)
     loops = [*[(loop, [loop.curriculum]) for loop in alone],
              (group, [m.curriculum for m in group.members])]
@@ -282,8 +284,7 @@ def train_group(runs: list, device_name: str = "cpu",
     if first.core != "lstm" or (first.method != "bptt" and first.synthesizer == "rnn"):
         raise UserError("runs side by side take an LSTM core and a linear or mlp synthesizer")
     device = resolve_device(device_name)
-    task = make_task(first.task, bits=first.bits, max_repeats=first.max_repeats,
-                     max_length=first.max_length)
+    task = task_of(first)
     members, models, optimizers = [], [], []
     for args in runs:
         checkpoint = load_checkpoint(Path(args.resume), device) if args.resume else None
@@ -294,7 +295,7 @@ def train_group(runs: list, device_name: str = "cpu",
             flag_lrs = load_model_and_optimizer(checkpoint, model, optimizer)
             for group, lr in zip(optimizer.param_groups, flag_lrs):
                 group["lr"] = lr
-        members.append(_Member(args, device, checkpoint))
+        members.append(_Member(args, device, checkpoint, task.levels(args.max_length)))
         models.append(model)
         optimizers.append(optimizer)
     steps = {m.state.step for m in members}
@@ -312,5 +313,8 @@ def train_group(runs: list, device_name: str = "cpu",
             group["lr"] = flag["lr"]
     loop = _GroupLoop(members, stacked, optimizer, task, device, on_step)
     loop.run()
+    accuracies = test_accuracy(task, stacked, device, runs=len(members))
     return [write_summary(m.args, m.state, m.curriculum, m.out_dir, device,
-                          stacked_runs=len(members)) for m in members]
+                          stacked_runs=len(members),
+                          **({} if accuracies is None else {"test_accuracy": accuracies[k]}))
+            for k, m in enumerate(members)]

@@ -35,7 +35,8 @@ from experiment.records import (
     write_config,
     write_json,
 )
-from experiment.sequence_tasks import TASKS, Curriculum, make_task
+from dni.recurrent import zero_state
+from experiment.sequence_tasks import TASKS, Curriculum, SequenceTask, make_task
 from experiment.train import first_nonfinite_gradient
 from model import RNN_CORES, SEQUENCE_SYNTHESIZERS, SequenceModel
 
@@ -85,6 +86,8 @@ def build_parser() -> Parser:
     p.add_argument("--bits", type=positive_int, default=8, help="copy tasks: bits per vector")
     p.add_argument("--max-repeats", type=positive_int, default=2,
                    help="repeat_copy: repeats drawn from 1..this")
+    p.add_argument("--data-dir", default="data",
+                   help="mnist_rows: folder holding MNIST/raw (written from the package)")
     p.add_argument("--threads", type=nonnegative_int, default=0,
                    help="torch CPU threads (0: torch's default)")
     p.add_argument("--out", default=None,
@@ -159,7 +162,8 @@ class _SequenceLoop(StepPeriodLoop):
                          torch.Generator(device=device).manual_seed(args.seed), device,
                          RunState(), COLUMNS, checkpoint)
         self.args, self.task, self.on_step = args, task, on_step
-        self.curriculum = Curriculum(args.threshold, args.window, max_level=args.max_length)
+        self.curriculum = Curriculum(args.threshold, args.window,
+                                     max_level=task.levels(args.max_length))
         self.network = list(model.named_parameters())
         self.clipped = model.network_parameters()
         self.batch, self.period_steps = None, args.checkpoint_every
@@ -235,13 +239,43 @@ def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     out_dir = prepare_out_dir(args.out, "rnn_tasks")
     write_config(out_dir, "rnn_tasks.py", args, device)
     torch.manual_seed(args.seed)
-    task = make_task(args.task, bits=args.bits, max_repeats=args.max_repeats,
-                     max_length=args.max_length)
+    task = task_of(args)
     model = build_model(args, task.input_size, task.output_size).to(device)
     loop = _SequenceLoop(args, model, make_optimizer(model, args), task, out_dir, device,
                          checkpoint, on_step)
     loop.run()
-    return write_summary(args, loop.state, loop.curriculum, out_dir, device)
+    accuracy = test_accuracy(task, model, device)
+    extra = {} if accuracy is None else {"test_accuracy": accuracy[0]}
+    return write_summary(args, loop.state, loop.curriculum, out_dir, device, **extra)
+
+
+def task_of(args) -> SequenceTask:
+    """The task rnn_tasks.py's flags name."""
+    return make_task(args.task, bits=args.bits, max_repeats=args.max_repeats,
+                     max_length=args.max_length, data_dir=args.data_dir)
+
+
+@torch.no_grad()
+def test_accuracy(task: SequenceTask, model: nn.Module, device, runs: int = 1,
+                  batch_size: int = 1000) -> list[float] | None:
+    """Each run's accuracy on the task's test set, read whole from a zero state (None: the
+    task has no test set); `runs`: the model holds that many runs side by side."""
+    if not hasattr(task, "test_batches"):
+        return None
+    core, readout = model.trainer.core, model.trainer.readout
+    correct, total = torch.zeros(runs, device=device), 0
+    for batch in task.test_batches(batch_size, device):
+        n = batch.inputs.shape[1]
+        inputs = batch.inputs.repeat(1, runs, 1)
+        if isinstance(core, nn.RNNBase):
+            state = zero_state(core, runs * n, device)
+        else:                                   # stacked LSTMs
+            state = tuple(inputs.new_zeros(1, runs * n, core.hidden_size) for _ in range(2))
+        outputs, _ = core(inputs, state)
+        predicted = readout(outputs[-1]).argmax(-1).view(runs, n)
+        correct += (predicted == batch.targets[-1, :, 0].long()).sum(1)
+        total += n
+    return (correct / total).tolist()
 
 
 def future_gradient_cosine(trainer, inputs: torch.Tensor, chunk_loss,
@@ -315,7 +349,8 @@ def write_summary(args, state: RunState, curriculum: Curriculum, out_dir: Path,
         "aux_weight": args.aux_weight, "device": str(device), "argv": sys.argv, **extra,
     }
     write_json(out_dir / "summary.json", summary)
-    print(f"{args.task} {args.method} T={args.truncation}: longest length solved "
-          f"{curriculum.solved} in {state.step} steps ({state.train_seconds:.1f}s); "
-          f"run records in {out_dir}", flush=True)
+    scored = (f"test accuracy {100 * extra['test_accuracy']:.2f}%" if "test_accuracy" in extra
+              else f"longest length solved {curriculum.solved}")
+    print(f"{args.task} {args.method} T={args.truncation}: {scored} in {state.step} steps "
+          f"({state.train_seconds:.1f}s); run records in {out_dir}", flush=True)
     return summary

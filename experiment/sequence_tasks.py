@@ -17,6 +17,8 @@ sequence (bits for copy and repeat copy, wrong answers for add and argmax).
   the net outputs the digits' sum (one number, squared error; right when within 0.5). Level = N.
 - argmax: N one-hot digits from {0 .. digits-1}, then a query step; at the query the net names
   the position (0 .. max_length-1) of the first largest digit (cross-entropy). Level = N.
+- mnist_rows: sequential MNIST, a 28x28 digit read one row of 28 pixels a step, its class named
+  at the last step (cross-entropy); no curriculum (one level). Scored on the test set too.
 
 Curriculum (the paper's, after Graves et al.): start at level 1; the level grows by one when the
 mean errors per sequence over the last `window` batches fall below `threshold`.
@@ -30,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-TASKS = ("copy", "repeat_copy", "add", "argmax")
+TASKS = ("copy", "repeat_copy", "add", "argmax", "mnist_rows")
 
 
 @dataclass
@@ -75,6 +77,10 @@ class SequenceTask:
     def errors(self, prediction: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Mistakes per sequence, averaged over the batch (a 0-dim tensor)."""
         raise NotImplementedError
+
+    def levels(self, max_length: int) -> int:
+        """The curriculum's highest level, given --max-length."""
+        return max_length
 
 
 def random_bits(shape: tuple[int, ...], generator: torch.Generator, device) -> torch.Tensor:
@@ -197,7 +203,21 @@ class Add(SequenceTask):
         return wrong.float().mean()
 
 
-class Argmax(SequenceTask):
+class ClassifiedAtEnd(SequenceTask):
+    """A task whose target is one class, named at the last step."""
+
+    def step_loss(self, prediction, target):
+        """Cross-entropy over the classes, shaped as the target (..., 1)."""
+        return F.cross_entropy(prediction.flatten(0, -2), target.flatten().long(),
+                               reduction="none").view(target.shape)
+
+    def errors(self, prediction, batch):
+        """Fraction of sequences whose class is wrong."""
+        wrong = prediction[-1].argmax(-1) != batch.targets[-1, :, 0].long()
+        return wrong.float().mean()
+
+
+class Argmax(ClassifiedAtEnd):
     """Argmax: read N one-hot digits, then at the query step name the position of the first
     largest one."""
 
@@ -216,20 +236,48 @@ class Argmax(SequenceTask):
         return digit_query_batch(level, batch_size, self.digits, generator, device,
                                  answer=lambda values: values.argmax(0))
 
-    def step_loss(self, prediction, target):
-        """Cross-entropy over positions, shaped as the target (..., 1)."""
-        return F.cross_entropy(prediction.flatten(0, -2), target.flatten().long(),
-                               reduction="none").view(target.shape)
 
-    def errors(self, prediction, batch):
-        """Fraction of sequences whose position is wrong."""
-        wrong = prediction[-1].argmax(-1) != batch.targets[-1, :, 0].long()
-        return wrong.float().mean()
+
+class MnistRows(ClassifiedAtEnd):
+    """Sequential MNIST by rows: 28 steps of 28 pixels, the digit's class at the last step."""
+
+    name = "mnist_rows"
+    input_size = 28
+    output_size = 10
+
+    def __init__(self, images):
+        self.train_x, self.train_y = images.train_x.flatten(1, 2), images.train_y
+        self.test_x, self.test_y = images.test_x.flatten(1, 2), images.test_y
+
+    def sample(self, level, batch_size, generator, device):
+        """Training digits drawn uniformly (with replacement); the level is not used."""
+        index = torch.randint(len(self.train_x), (batch_size,), generator=generator,
+                              device=generator.device).to(self.train_x.device)
+        return self.rows(self.train_x[index], self.train_y[index], device, level)
+
+    def rows(self, images: torch.Tensor, labels: torch.Tensor, device, level: int = 1) -> Batch:
+        """Images (B, 28, 28) and labels as a batch: row t is step t."""
+        inputs = images.to(device).transpose(0, 1).contiguous()
+        targets = torch.zeros(28, len(labels), 1, device=device)
+        targets[-1, :, 0] = labels.to(device).float()
+        mask = torch.zeros(28, dtype=torch.bool, device=device)
+        mask[-1] = True
+        return Batch(inputs, targets, mask, level)
+
+    def test_batches(self, batch_size: int, device):
+        """The test set in order, as batches."""
+        for start in range(0, len(self.test_x), batch_size):
+            end = start + batch_size
+            yield self.rows(self.test_x[start:end], self.test_y[start:end], device)
+
+    def levels(self, max_length):
+        """One level: every sequence is 28 rows."""
+        return 1
 
 
 def make_task(name: str, *, bits: int = 8, max_repeats: int = 2, digits: int | None = None,
-              max_length: int = 64) -> SequenceTask:
-    """The task called `name` (one of TASKS)."""
+              max_length: int = 64, data_dir: str = "data") -> SequenceTask:
+    """The task called `name` (one of TASKS); mnist_rows reads MNIST from `data_dir`."""
     if name == "copy":
         return Copy(bits)
     if name == "repeat_copy":
@@ -238,6 +286,10 @@ def make_task(name: str, *, bits: int = 8, max_repeats: int = 2, digits: int | N
         return Add(digits or 3)
     if name == "argmax":
         return Argmax(digits or 10, max_length)
+    if name == "mnist_rows":
+        from experiment.data import load_mnist
+
+        return MnistRows(load_mnist(data_dir))
     raise ValueError(f"unknown task {name!r}; one of {', '.join(TASKS)}")
 
 

@@ -83,6 +83,7 @@ def test_table_renders_median_range_stalled_mark_and_budget(tmp_path):
 
 def test_cell_of_one_seed_and_of_none():
     assert cell([4]) == "4" and cell([]) == "-" and cell([2, 3], growing=True) == "2.5 (2-3)*"
+    assert cell([91.04, 88.2, 89.55], digits=1) == "89.5 (88.2-91.0)"   # mnist_rows, %
 
 
 def test_bench_runs_the_untruncated_row_then_extends_it_to_a_larger_budget(tmp_path):

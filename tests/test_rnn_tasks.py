@@ -172,3 +172,21 @@ def test_resume_of_a_run_older_than_the_target_synthesizer(tmp_path):
     assert args.target_decay == 0.0 and args.truncation == 2 and args.synth_lr is None
     assert parse_args(["--resume", str(tmp_path), "--target-decay", "0.5"]).target_decay == 0.5
     assert parse_args([]).target_decay == 0.9 and parse_args([]).synth_lr == 1e-3
+
+
+def test_mnist_rows_scores_the_test_set(tmp_path):
+    """The summary's test accuracy is the model's on the whole test set: with the readout
+    forced to one class it is that class's share of the test labels."""
+    from experiment.rnn_train import build_model, task_of, test_accuracy
+
+    summary = train(tiny_args(tmp_path, "--task", "mnist_rows", "--method", "dni",
+                              "--truncation", "7"))
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["max_length_solved"] <= 1
+    args = tiny_args(tmp_path / "b", "--task", "mnist_rows")
+    task = task_of(args)
+    model = build_model(args, task.input_size, task.output_size)
+    with torch.no_grad():
+        model.trainer.readout.weight.zero_()
+        model.trainer.readout.bias.copy_(torch.nn.functional.one_hot(torch.tensor(3), 10))
+    [accuracy] = test_accuracy(task, model, torch.device("cpu"))
+    assert accuracy == pytest.approx((task.test_y == 3).float().mean().item())

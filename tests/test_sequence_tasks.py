@@ -113,3 +113,15 @@ def test_curriculum_grows_when_errors_fall_below_threshold():
     assert c.record(0.0) and c.solved == 2
     capped = Curriculum(threshold=1.0, window=1, max_level=1)
     assert not capped.record(0.0) and capped.solved == 1 and capped.level == 1
+
+
+def test_mnist_rows_reads_a_training_digit_row_by_row():
+    task = make_task("mnist_rows")
+    b = draw(task, 1, batch=5)
+    index = torch.randint(len(task.train_x), (5,), generator=torch.Generator().manual_seed(0))
+    assert b.inputs.shape == (28, 5, 28) and b.targets.shape == (28, 5, 1)
+    assert b.mask.tolist() == [False] * 27 + [True] and task.levels(64) == 1
+    for k in range(5):
+        assert torch.equal(b.inputs[:, k], task.train_x[index[k]])     # row t at step t
+        assert b.targets[-1, k, 0] == task.train_y[index[k]]
+    assert sum(batch.inputs.shape[1] for batch in task.test_batches(3000, "cpu")) == 10000
