@@ -262,10 +262,11 @@ def main():
                     tick = time.perf_counter()
                     folders = [results / run_name(task, method, t, seed) for seed in seeds]
                     summaries = train_stacked(folders, (task, method, t), seeds, extra, steps)
-                    lengths = " ".join(str(s["max_length_solved"]) for s in summaries)
+                    figures = " ".join(f"{figure_of(task, s):g}" for s in summaries)
                     print(f"{task} {method} T={t} seeds {' '.join(map(str, seeds))}: "
-                          f"lengths {lengths} ({time.perf_counter() - tick:.0f}s, "
-                          "side by side)", flush=True)
+                          f"{'test accuracy' if task == 'mnist_rows' else 'lengths'} "
+                          f"{figures} ({time.perf_counter() - tick:.0f}s, side by side)",
+                          flush=True)
     elif not args.table_only:
         for seed in args.seeds:                  # seed by seed: every cell gets a first run
             for task in args.tasks:
@@ -279,9 +280,12 @@ def main():
                         started += 1
                         tick = time.perf_counter()
                         summary = train_one(folder, task, method, t, seed, extra, steps)
-                        print(f"{folder.name}: length {summary['max_length_solved']} "
-                              f"({'stalled' if stalled(summary) else 'still growing'}, "
-                              f"{time.perf_counter() - tick:.0f}s)", flush=True)
+                        scored = (f"test accuracy {figure_of(task, summary):.2f}%"
+                                  if task == "mnist_rows" else
+                                  f"length {summary['max_length_solved']} ("
+                                  f"{'stalled' if stalled(summary) else 'still growing'})")
+                        print(f"{folder.name}: {scored}, {time.perf_counter() - tick:.0f}s",
+                              flush=True)
     print(table(results, args.tasks, args.methods, args.truncations, args.seeds))
     if args.figure:
         from experiment.figures import draw_length_curves
