@@ -260,3 +260,14 @@ def test_bench_times_each_method_against_bptt(run_script):
     dni = [cell.split() for cell in table[2].split("|")[2:4]]
     for (ms, ratio), base in zip(dni, bptt):
         assert float(ratio.strip("()x")) == pytest.approx(float(ms) / base, rel=0.05)
+
+
+def test_each_model_has_its_own_synthesizer_rate_and_a_resumed_run_keeps_its_own(tmp_path):
+    from experiment.lm_flags import parse_args
+
+    assert parse_args(["--method", "dni"]).synth_lr == 3e-4
+    assert parse_args(["--model", "gpt", "--method", "dni"]).synth_lr == 1e-3
+    assert parse_args(["--method", "dni", "--synth-lr", "1e-2"]).synth_lr == 1e-2
+    saved = parse_args(["--method", "dni", "--synth-lr", "1e-3", "--out", str(tmp_path)])
+    (tmp_path / "config.json").write_text(json.dumps({"script": "lm.py", "args": vars(saved)}))
+    assert parse_args(["--resume", str(tmp_path)]).synth_lr == 1e-3   # the old default stays
