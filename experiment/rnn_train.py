@@ -42,6 +42,10 @@ from model import RNN_CORES, SEQUENCE_SYNTHESIZERS, SequenceModel
 
 METHODS = ("bptt", "dni", "dni_aux")
 UNTRUNCATED = 2**31 - 1   # --truncation 0's chunk: longer than any sequence, so one chunk
+# defaults that depend on the task: sequential MNIST (a label at the end only) needs the
+# synthesizer to send itself and learn slowly (bench/README.md, "The recurrent settings")
+TASK_DEFAULTS = {"synth_lr": (1e-3, {"mnist_rows": 1e-4}),
+                 "target_decay": (0.9, {"mnist_rows": 0.0})}
 COLUMNS = ["level", "max_length_solved", "errors_per_seq", "sg_loss", "aux_loss", "sg_cos"]
 
 
@@ -61,8 +65,8 @@ def build_parser() -> Parser:
     p.add_argument("--hidden", type=positive_int, default=128, help="units of the RNN core")
     p.add_argument("--core", choices=sorted(RNN_CORES), default="lstm", help="the RNN core")
     p.add_argument("--lr", type=learning_rate, default=3e-3, help="Adam learning rate (core)")
-    p.add_argument("--synth-lr", type=learning_rate, default=1e-3,
-                   help="Adam learning rate of the synthesizer")
+    p.add_argument("--synth-lr", type=learning_rate, default=None,
+                   help="Adam learning rate of the synthesizer (default: 1e-3; mnist_rows 1e-4)")
     p.add_argument("--synthesizer", choices=SEQUENCE_SYNTHESIZERS, default="linear",
                    help="synthesizer on the flattened state (LSTM: [h, c])")
     p.add_argument("--synth-hidden", type=positive_int, default=256,
@@ -70,9 +74,9 @@ def build_parser() -> Parser:
     p.add_argument("--discount", "--grad-scale", type=nonnegative_float, default=0.5,
                    help="lambda: the synthetic gradient of the future enters each chunk's end "
                         "(and so its own target) times this (--grad-scale: old name)")
-    p.add_argument("--target-decay", type=nonnegative_float, default=0.9,
-                   help="moving-average decay of the synthesizer copy that sends the "
-                        "synthetic gradient (0: off, the synthesizer sends)")
+    p.add_argument("--target-decay", type=nonnegative_float, default=None,
+                   help="decay of the synthesizer's slow copy that sends the gradient (0: off, "
+                        "S sends; default: 0.9; mnist_rows 0)")
     p.add_argument("--aux-weight", type=nonnegative_float, default=0.1,
                    help="weight of the DNI+Aux auxiliary loss (dni_aux only)")
     p.add_argument("--clip", type=nonnegative_float, default=0.0,
@@ -108,6 +112,10 @@ def parse_args(argv: list[str] | None = None):
                                fixed=("task", "method", "truncation", "batch_size", "hidden",
                                       "core", "synthesizer", "synth_hidden", "bits",
                                       "max_repeats", "seed"))
+    for dest, (default, by_task) in TASK_DEFAULTS.items():
+        # a resumed run keeps what it saved (a synth_lr of None there: the core's rate)
+        if getattr(args, dest) is None and not args.resume:
+            setattr(args, dest, by_task.get(args.task, default))
     if args.target_decay >= 1:
         parser.error("argument --target-decay: must be below 1")
     if args.truncation == 0 and args.method != "bptt":

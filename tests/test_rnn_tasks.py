@@ -190,3 +190,11 @@ def test_mnist_rows_scores_the_test_set(tmp_path):
         model.trainer.readout.bias.copy_(torch.nn.functional.one_hot(torch.tensor(3), 10))
     [accuracy] = test_accuracy(task, model, torch.device("cpu"))
     assert accuracy == pytest.approx((task.test_y == 3).float().mean().item())
+
+
+def test_sequential_mnist_has_its_own_synthesizer_defaults():
+    copy, mnist = parse_args(["--task", "copy"]), parse_args(["--task", "mnist_rows"])
+    assert (copy.synth_lr, copy.target_decay) == (1e-3, 0.9)
+    assert (mnist.synth_lr, mnist.target_decay) == (1e-4, 0.0)
+    given = parse_args(["--task", "mnist_rows", "--synth-lr", "1e-2", "--target-decay", "0.5"])
+    assert (given.synth_lr, given.target_decay) == (1e-2, 0.5)
