@@ -130,3 +130,17 @@ def test_bench_stack_cost_times_both_ways():
         assert float(alone) > 0 and float(stacked) > 0
         # runs a second: two runs alone against one side-by-side step (times shown rounded)
         assert float(gain[:-1]) == pytest.approx(2 * float(alone) / float(stacked), rel=0.2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_runs_side_by_side_on_a_gpu_train_as_on_the_cpu(tmp_path):
+    """The GPU path of the recurrent table: the same group on CUDA and on the CPU."""
+    extra = ["--method", "dni_aux", "--truncation", "2"]
+    on_cpu = train_group([run_args(tmp_path / f"cpu{s}", s, *extra) for s in (0, 1)])
+    on_gpu = train_group([run_args(tmp_path / f"gpu{s}", s, *extra, "--device", "cuda")
+                          for s in (0, 1)], "cuda")
+    for s, want, got in zip((0, 1), on_cpu, on_gpu):
+        assert got["levels"] == want["levels"] and got["device"].startswith("cuda")
+        gpu, cpu = weights(tmp_path / f"gpu{s}"), weights(tmp_path / f"cpu{s}")
+        for name, value in cpu.items():
+            assert torch.allclose(gpu[name].cpu(), value, atol=1e-3), name
