@@ -43,7 +43,8 @@ side by side): the batch holds K runs' examples, run-major (run k owns columns k
 and the core, readout, synthesizers and aux head must keep the runs apart (one set of weights a
 run, as `experiment.stacked_runs` builds). The batch mean, the centring and every regression
 are then per run, so each run's gradients are those it would get alone; `chunk_loss` returns
-the K runs' batch-mean losses, (K,), and the report's losses are (K,). `lengths=` (one per
+the K runs' batch-mean losses, (K,), and the report's losses are (K,), as they are for one
+run given `lengths`. `lengths=` (one per
 example) lets the runs' sequences end at different steps in one padded batch: after an
 example's end no synthetic gradient enters it, S is not fitted on it, the aux loss skips it
 and centring leaves it out; `chunk_loss` must not score its padding.
@@ -405,7 +406,5 @@ class TruncatedBPTT(nn.Module):
         if aux_losses:
             aux = torch.stack(aux_losses).sum(0) / self._count(aux_chunks, aux_losses[0])
         final = tuple(x.detach() for x in state_tensors(state))
-        if self.runs == 1 and lengths is not None:
-            fit, aux = (None if x is None else x.sum() for x in (fit, aux))
         return SequenceReport(torch.cat(outputs), total, fit, aux, targets,
                               final if isinstance(state, (tuple, list)) else final[0])

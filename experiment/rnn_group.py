@@ -238,6 +238,7 @@ def step_seconds(runs: list, level: int, steps: int, device_name: str = "cpu"
 
     from experiment.rnn_train import _SequenceLoop
 
+    check_group(runs)
     device = resolve_device(device_name)
     first = runs[0]
     task = task_of(first)
@@ -270,11 +271,8 @@ def step_seconds(runs: list, level: int, steps: int, device_name: str = "cpu"
             statistics.median(times[-1]))
 
 
-def train_group(runs: list, device_name: str = "cpu",
-                on_step: Callable[[int], None] | None = None) -> list[dict]:
-    """Train (or resume) the runs `runs` (rnn_tasks.py's parsed flags, one setting, each
-    with its own --seed and --out) side by side in one process; return their summaries.
-    `on_step(step)` is called after every step (tests)."""
+def check_group(runs: list) -> None:
+    """Refuse runs that cannot share one stacked model (one line, a UserError)."""
     first = runs[0]
     for args in runs[1:]:
         differ = [name for name in SHARED if getattr(args, name) != getattr(first, name)]
@@ -282,7 +280,17 @@ def train_group(runs: list, device_name: str = "cpu",
             raise UserError(f"runs side by side must share their setting; --{differ[0]} "
                             "differs")
     if first.core != "lstm" or (first.method != "bptt" and first.synthesizer == "rnn"):
-        raise UserError("runs side by side take an LSTM core and a linear or mlp synthesizer")
+        raise UserError("runs side by side take an LSTM core and a linear, lowrank or mlp "
+                        "synthesizer")
+
+
+def train_group(runs: list, device_name: str = "cpu",
+                on_step: Callable[[int], None] | None = None) -> list[dict]:
+    """Train (or resume) the runs `runs` (rnn_tasks.py's parsed flags, one setting, each
+    with its own --seed and --out) side by side in one process; return their summaries.
+    `on_step(step)` is called after every step (tests)."""
+    check_group(runs)
+    first = runs[0]
     device = resolve_device(device_name)
     task = task_of(first)
     members, models, optimizers = [], [], []

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from dni.recurrent import zero_state
 from experiment.cli import (
     Parser,
     add_run_arguments,
@@ -35,7 +36,6 @@ from experiment.records import (
     write_config,
     write_json,
 )
-from dni.recurrent import zero_state
 from experiment.sequence_tasks import TASKS, Curriculum, SequenceTask, make_task
 from experiment.train import first_nonfinite_gradient
 from model import RNN_CORES, SEQUENCE_SYNTHESIZERS, SequenceModel
@@ -264,7 +264,7 @@ def task_of(args) -> SequenceTask:
 
 
 @torch.no_grad()
-def test_accuracy(task: SequenceTask, model: nn.Module, device, runs: int = 1,
+def test_accuracy(task: SequenceTask, model: nn.Module, device: torch.device, runs: int = 1,
                   batch_size: int = 1000) -> list[float] | None:
     """Each run's accuracy on the task's test set, read whole from a zero state (None: the
     task has no test set); `runs`: the model holds that many runs side by side."""

@@ -26,11 +26,15 @@ mean errors per sequence over the last `window` batches fall below `threshold`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from experiment.data import ImageSplits
 
 TASKS = ("copy", "repeat_copy", "add", "argmax", "mnist_rows")
 
@@ -245,17 +249,19 @@ class MnistRows(ClassifiedAtEnd):
     input_size = 28
     output_size = 10
 
-    def __init__(self, images):
+    def __init__(self, images: ImageSplits):
         self.train_x, self.train_y = images.train_x.flatten(1, 2), images.train_y
         self.test_x, self.test_y = images.test_x.flatten(1, 2), images.test_y
 
-    def sample(self, level, batch_size, generator, device):
+    def sample(self, level: int, batch_size: int, generator: torch.Generator,
+               device: torch.device) -> Batch:
         """Training digits drawn uniformly (with replacement); the level is not used."""
         index = torch.randint(len(self.train_x), (batch_size,), generator=generator,
                               device=generator.device).to(self.train_x.device)
         return self.rows(self.train_x[index], self.train_y[index], device, level)
 
-    def rows(self, images: torch.Tensor, labels: torch.Tensor, device, level: int = 1) -> Batch:
+    def rows(self, images: torch.Tensor, labels: torch.Tensor, device: torch.device | str,
+             level: int = 1) -> Batch:
         """Images (B, 28, 28) and labels as a batch: row t is step t."""
         inputs = images.to(device).transpose(0, 1).contiguous()
         targets = torch.zeros(28, len(labels), 1, device=device)
@@ -264,13 +270,13 @@ class MnistRows(ClassifiedAtEnd):
         mask[-1] = True
         return Batch(inputs, targets, mask, level)
 
-    def test_batches(self, batch_size: int, device):
+    def test_batches(self, batch_size: int, device: torch.device | str) -> Iterator[Batch]:
         """The test set in order, as batches."""
         for start in range(0, len(self.test_x), batch_size):
             end = start + batch_size
             yield self.rows(self.test_x[start:end], self.test_y[start:end], device)
 
-    def levels(self, max_length):
+    def levels(self, max_length: int) -> int:
         """One level: every sequence is 28 rows."""
         return 1
 

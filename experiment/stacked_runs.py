@@ -56,7 +56,8 @@ class StackedLSTM(nn.Module):
         for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
             setattr(self, name, _stacked([getattr(lstm, name) for lstm in lstms]))
 
-    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]):
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """(outputs (T, K*B, H), (h, c)) after the chunk x (T, K*B, I) from `state`."""
         steps, rows, k = x.shape[0], x.shape[1], self.runs
         batch, width = rows // k, self.hidden_size

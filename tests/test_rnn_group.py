@@ -144,3 +144,21 @@ def test_runs_side_by_side_on_a_gpu_train_as_on_the_cpu(tmp_path):
         gpu, cpu = weights(tmp_path / f"gpu{s}"), weights(tmp_path / f"cpu{s}")
         for name, value in cpu.items():
             assert torch.allclose(gpu[name].cpu(), value, atol=1e-3), name
+
+
+def test_a_group_of_one_run_is_the_run_alone(tmp_path):
+    extra = ["--method", "dni_aux", "--truncation", "2"]
+    alone = train(run_args(tmp_path / "alone", 0, *extra))
+    [group] = train_group([run_args(tmp_path / "group", 0, *extra)])
+    assert group["levels"] == alone["levels"] and group["stacked_runs"] == 1
+
+
+@pytest.mark.parametrize("flags", [["--core", "gru"], ["--synthesizer", "rnn"]])
+def test_bench_stack_cost_refuses_what_cannot_stack_in_one_line(flags):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
+         "2", "--methods", "dni", "--seeds", "0", "1", "--stack-cost", "1", "--hidden", "4",
+         *flags], capture_output=True, text=True, cwd=ROOT, check=False)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), \
+        result.stderr

@@ -66,11 +66,11 @@ def stacked_loss(ys):
 
 
 @pytest.mark.parametrize("options", [
-    dict(truncation=3, synthesizer=None),
-    dict(truncation=2, synthesizer="linear", discount=0.5),
-    dict(truncation=3, synthesizer="linear", discount=0.5, target_decay=0.9, center=True),
-    dict(truncation=2, synthesizer="mlp", discount=0.5, aux_weight=0.3),
-    dict(truncation=4, synthesizer="linear", discount=1.0, aux_weight=0.5, target_decay=0.5),
+    {"truncation": 3, "synthesizer": None},
+    {"truncation": 2, "synthesizer": "linear", "discount": 0.5},
+    {"truncation": 3, "synthesizer": "linear", "discount": 0.5, "target_decay": 0.9, "center": True},
+    {"truncation": 2, "synthesizer": "mlp", "discount": 0.5, "aux_weight": 0.3},
+    {"truncation": 4, "synthesizer": "linear", "discount": 1.0, "aux_weight": 0.5, "target_decay": 0.5},
 ])
 def test_stacked_runs_get_the_gradients_each_run_gets_alone(options):
     singles, xs_ys = models(**options), sequences()
@@ -169,8 +169,8 @@ def test_layers_other_than_lstm_and_linear_are_refused():
         stack_runs([SequenceModel(I, O, hidden=H, core="gru") for _ in range(2)])
 
 
-@pytest.mark.parametrize("options", [dict(center=True), dict(center=True, target_decay=0.5),
-                                     dict(aux_weight=0.3)])
+@pytest.mark.parametrize("options", [{"center": True}, {"center": True, "target_decay": 0.5},
+                                     {"aux_weight": 0.3}])
 def test_padding_of_ended_examples_changes_nothing_within_a_run(options):
     """One run whose examples end at different steps: the ended examples' padding reaches no
     gradient, not even through the centring of the synthetic gradient over the batch."""
