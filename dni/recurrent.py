@@ -47,7 +47,9 @@ the K runs' batch-mean losses, (K,), and the report's losses are (K,), as they a
 run given `lengths`. `lengths=` (one per
 example) lets the runs' sequences end at different steps in one padded batch: after an
 example's end no synthetic gradient enters it, S is not fitted on it, the aux loss skips it
-and centring leaves it out; `chunk_loss` must not score its padding.
+and centring leaves it out; `chunk_loss` must not score its padding. (S's fit still divides by
+the run's B examples, the aux loss by its live steps: where a run's examples end together, as
+in experiment/rnn_group.py, each equals the run's own.)
 """
 
 from __future__ import annotations
