@@ -7,9 +7,9 @@ resumed by itself with `rnn_tasks.py --resume`, and a group by this module, from
 checkpoints at one step. A run that diverges stops the group (one error line, every run's last
 checkpoint kept).
 
-Why: a 128-unit LSTM's step is mostly per-operation overhead, on a CPU and more so on a GPU;
-K runs in one batched product cost little more than one (bench/README.md, "Recurrent DNI:
-several runs in one process").
+Why: on a GPU a 128-unit LSTM's step is mostly kernel-launch overhead, and K runs in one
+batched product cost little more than one. On a CPU the step is compute-bound and this gains
+nothing (measured: bench/README.md, "The recurrent settings").
 """
 
 from __future__ import annotations
