@@ -98,9 +98,13 @@ def unflatten_state(vector: torch.Tensor, like: State) -> State:
 
 
 def zero_state(core: nn.Module, batch: int, device=None, dtype=None) -> State:
-    """The zero initial state of an nn.LSTM / nn.GRU / nn.RNN for `batch` examples."""
+    """The zero initial state of an nn.LSTM / nn.GRU / nn.RNN for `batch` examples, or of a
+    custom core that defines `zero_state(batch, device, dtype)`."""
+    if hasattr(core, "zero_state"):
+        return core.zero_state(batch, device, dtype)
     if not isinstance(core, nn.RNNBase):
-        raise TypeError("pass the initial state of a custom core (state=...)")
+        raise TypeError("pass the initial state of a custom core (state=...), or give it a "
+                        "zero_state(batch, device, dtype) method")
     if core.batch_first:
         raise ValueError("the core must take (time, batch, features): batch_first=False")
     layers = core.num_layers * (2 if core.bidirectional else 1)

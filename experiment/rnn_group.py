@@ -136,9 +136,7 @@ class _GroupLoop(StepPeriodLoop):
         args = self.args
         batch, lengths, batches = self.padded_batch()
         self.optimizer.zero_grad(set_to_none=True)
-        zeros = batch.inputs.new_zeros(1, batch.inputs.shape[1], args.hidden)
-        report = self.model.trainer(batch.inputs, self.run_losses(batch),
-                                    state=(zeros, zeros.clone()), lengths=lengths)
+        report = self.model.trainer(batch.inputs, self.run_losses(batch), lengths=lengths)
         bad = None
         if not torch.isfinite(report.loss).all():
             bad = "loss"
@@ -189,9 +187,7 @@ class _GroupLoop(StepPeriodLoop):
     def run_cosines(self, batch: Batch, lengths: torch.Tensor) -> list[float | None]:
         """Each run's synthetic-gradient cosine to the true future gradient, averaged over
         the chunk edges inside its sequence (as rnn_tasks.py logs it)."""
-        zeros = batch.inputs.new_zeros(1, batch.inputs.shape[1], self.args.hidden)
-        pairs = self.model.trainer.future_gradients(batch.inputs, self.run_losses(batch),
-                                                    state=(zeros, zeros.clone()))
+        pairs = self.model.trainer.future_gradients(batch.inputs, self.run_losses(batch))
         out = []
         b = self.args.batch_size
         for k in range(len(self.members)):

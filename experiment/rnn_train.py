@@ -275,11 +275,7 @@ def test_accuracy(task: SequenceTask, model: nn.Module, device: torch.device, ru
     for batch in task.test_batches(batch_size, device):
         n = batch.inputs.shape[1]
         inputs = batch.inputs.repeat(1, runs, 1)
-        if isinstance(core, nn.RNNBase):
-            state = zero_state(core, runs * n, device)
-        else:                                   # stacked LSTMs
-            state = tuple(inputs.new_zeros(1, runs * n, core.hidden_size) for _ in range(2))
-        outputs, _ = core(inputs, state)
+        outputs, _ = core(inputs, zero_state(core, runs * n, device))
         predicted = readout(outputs[-1]).argmax(-1).view(runs, n)
         correct += (predicted == batch.targets[-1, :, 0].long()).sum(1)
         total += n

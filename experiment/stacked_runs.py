@@ -56,6 +56,13 @@ class StackedLSTM(nn.Module):
         for name in ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"):
             setattr(self, name, _stacked([getattr(lstm, name) for lstm in lstms]))
 
+    def zero_state(self, batch: int, device=None, dtype=None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, c) of zeros for `batch` rows (all runs' examples), as nn.LSTM's."""
+        like = self.weight_hh_l0
+        return tuple(torch.zeros(1, batch, self.hidden_size, device=device or like.device,
+                                 dtype=dtype or like.dtype) for _ in range(2))
+
     def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """(outputs (T, K*B, H), (h, c)) after the chunk x (T, K*B, I) from `state`."""

@@ -391,6 +391,16 @@ def test_custom_core_needs_an_initial_state():
     report = dni(x, chunk_loss(y), state=torch.zeros(B, H))
     assert report.outputs.shape == (L, B, O) and report.state.shape == (B, H)
 
+    class CellWithZeroState(Cell):
+        def zero_state(self, batch, device=None, dtype=None):
+            return torch.zeros(batch, H, device=device, dtype=dtype)
+
+    core = CellWithZeroState()
+    core.load_state_dict(dni.core.state_dict())
+    dni.core = core
+    again = dni(x, chunk_loss(y))                       # the core gives its own zero state
+    assert torch.equal(again.outputs, report.outputs)
+
 
 def test_bad_options():
     core = nn.LSTM(I, H)

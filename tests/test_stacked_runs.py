@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from dni.recurrent import zero_state
 from experiment.stacked_runs import (
     StackedLinear,
     StackedLSTM,
@@ -133,7 +134,9 @@ def test_stacked_layers_match_their_single_layers():
     lstms, linears = [nn.LSTM(I, H) for _ in range(3)], [nn.Linear(H, O) for _ in range(3)]
     x = torch.randn(6, 3 * B, I)
     h0, c0 = torch.randn(1, 3 * B, H), torch.randn(1, 3 * B, H)
-    y, (h, c) = StackedLSTM(lstms)(x, (h0, c0))
+    stacked = StackedLSTM(lstms)
+    assert all(torch.equal(z, torch.zeros(1, 3 * B, H)) for z in zero_state(stacked, 3 * B))
+    y, (h, c) = stacked(x, (h0, c0))
     out = StackedLinear(linears)(y)
     for k in range(3):
         part = slice(k * B, (k + 1) * B)
