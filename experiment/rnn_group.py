@@ -19,7 +19,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from experiment.cli import prepare_out_dir, resolve_device
@@ -30,8 +29,10 @@ from experiment.rnn_train import (
     COLUMNS,
     RunState,
     build_model,
+    first_nonfinite,
     log_line,
     make_optimizer,
+    mean_cosine,
     task_of,
     test_accuracy,
     write_summary,
@@ -43,7 +44,6 @@ from experiment.stacked_runs import (
     stack_optimizer_states,
     stack_runs,
 )
-from experiment.train import first_nonfinite_gradient
 
 SHARED = ("task", "method", "truncation", "steps", "batch_size", "hidden", "core", "lr",
           "synth_lr", "synthesizer", "synth_hidden", "discount", "target_decay", "aux_weight",
@@ -137,14 +137,7 @@ class _GroupLoop(StepPeriodLoop):
         batch, lengths, batches = self.padded_batch()
         self.optimizer.zero_grad(set_to_none=True)
         report = self.model.trainer(batch.inputs, self.run_losses(batch), lengths=lengths)
-        bad = None
-        if not torch.isfinite(report.loss).all():
-            bad = "loss"
-        elif report.synthesizer_loss is not None and \
-                not torch.isfinite(report.synthesizer_loss).all():
-            bad = "synthetic-gradient loss"
-        else:
-            bad = first_nonfinite_gradient(self.network)
+        bad = first_nonfinite(report, self.network)
         if bad:
             raise self.diverged(bad, "lower --lr or --discount")
         if args.clip > 0:
@@ -192,11 +185,9 @@ class _GroupLoop(StepPeriodLoop):
         b = self.args.batch_size
         for k in range(len(self.members)):
             end = int(lengths[k * b])
-            inside = [(g[k * b:(k + 1) * b], t[k * b:(k + 1) * b])
-                      for i, (g, t) in enumerate(pairs)
-                      if (i + 1) * self.model.trainer.truncation < end]
-            out.append(sum(F.cosine_similarity(g.flatten(), t.flatten(), dim=0).item()
-                           for g, t in inside) / len(inside) if inside else None)
+            out.append(mean_cosine([(g[k * b:(k + 1) * b], t[k * b:(k + 1) * b])
+                                    for i, (g, t) in enumerate(pairs)
+                                    if (i + 1) * self.model.trainer.truncation < end]))
         return out
 
     def save(self) -> Path:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from dni.recurrent import zero_state
+from dni.recurrent import SequenceReport, zero_state
 from experiment.cli import (
     Parser,
     add_run_arguments,
@@ -203,13 +203,7 @@ class _SequenceLoop(StepPeriodLoop):
         batch = self.task.sample(curriculum.level, args.batch_size, self.generator, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         report = self.model.trainer(batch.inputs, self.task.loss_of(batch))
-        bad = None
-        if not torch.isfinite(report.loss):
-            bad = "loss"
-        elif report.synthesizer_loss is not None and not torch.isfinite(report.synthesizer_loss):
-            bad = "synthetic-gradient loss"
-        else:
-            bad = first_nonfinite_gradient(self.network)
+        bad = first_nonfinite(report, self.network)
         if bad:
             raise self.diverged(bad, "lower --lr or --discount")
         if args.clip > 0:
@@ -282,16 +276,31 @@ def test_accuracy(task: SequenceTask, model: nn.Module, device: torch.device, ru
     return (correct / total).tolist()
 
 
+def first_nonfinite(report: SequenceReport, network: list) -> str | None:
+    """What a sequence step left non-finite (the loss, any run's; the synthetic-gradient loss;
+    else the first named gradient of `network`), None when all is finite."""
+    if not torch.isfinite(report.loss).all():
+        return "loss"
+    if report.synthesizer_loss is not None and not torch.isfinite(report.synthesizer_loss).all():
+        return "synthetic-gradient loss"
+    return first_nonfinite_gradient(network)
+
+
+def mean_cosine(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
+    """The mean over (synthetic, true) pairs of their cosine, each pair as one vector (None
+    without a pair)."""
+    if not pairs:
+        return None
+    return sum(F.cosine_similarity(g.flatten(), t.flatten(), dim=0).item()
+               for g, t in pairs) / len(pairs)
+
+
 def future_gradient_cosine(trainer, inputs: torch.Tensor, chunk_loss,
                            state=None) -> float | None:
     """Cosine between the synthetic and the true (discounted) gradient of the future, the
     batch as one vector, averaged over the chunk edges of this batch (None without an edge);
     `state`: the state the batch starts from (None: zeros)."""
-    pairs = trainer.future_gradients(inputs, chunk_loss, state=state)
-    if not pairs:
-        return None
-    return sum(F.cosine_similarity(g.flatten(), t.flatten(), dim=0).item()
-               for g, t in pairs) / len(pairs)
+    return mean_cosine(trainer.future_gradients(inputs, chunk_loss, state=state))
 
 
 def print_step_line(line: str, row: dict, train_seconds: float) -> None:
