@@ -286,6 +286,65 @@ def draw_length_curves(run_dirs: list[str | Path], out_path: str | Path) -> Path
     return save_figure(fig, Path(out_path))
 
 
+def load_edge_cosines(run_dir: str | Path) -> dict[tuple[bool, int], list[tuple[int, float]]]:
+    """A probe run's edge_cosine.csv (bench/probes/rnn_edge_cosine.py) as {(longer, edge):
+    [(step, cosine), ...]}, `longer` for the length after the curriculum's; a row repeated by
+    a resume keeps its last value. A missing or damaged file is a UserError naming it."""
+    path = Path(run_dir) / "edge_cosine.csv"
+    try:
+        rows = list(csv.DictReader(io.StringIO(path.read_text())))
+        points: dict[tuple[bool, int], dict[int, float]] = {}
+        for row in rows:
+            step, level, length = int(row["step"]), int(row["level"]), int(row["length"])
+            key = (length > level, int(row["edge"]))
+            points.setdefault(key, {})[step] = float(row["cosine"])
+    except OSError as error:
+        raise UserError(f"{path}: cannot read ({error.strerror or error})") from None
+    except (KeyError, TypeError, ValueError):
+        raise UserError(f"{path}: not a probe's edge_cosine.csv (damaged or cut off)") from None
+    return {key: sorted(by_step.items()) for key, by_step in sorted(points.items())}
+
+
+def _rolling_mean(values: list[float], width: int) -> list[float]:
+    """The mean of each value and up to width - 1 before it."""
+    return [sum(values[max(0, i - width + 1):i + 1]) / (i + 1 - max(0, i - width + 1))
+            for i in range(len(values))]
+
+
+def draw_edge_cosines(run_dirs: list[str | Path], out_path: str | Path, smooth: int = 5
+                      ) -> Path:
+    """The synthetic gradient's cosine to the true one per chunk edge against step, a row of
+    two panels per probe run (at the curriculum's length, and one longer), a rolling mean of
+    `smooth` measurements; return the figure's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook")
+    palette = sns.color_palette("tab10")
+    runs = [(load_edge_cosines(d), _rnn_label(Path(d))) for d in run_dirs]
+    fig, axes = plt.subplots(len(runs), 2, figsize=(11, 3.2 * len(runs)), squeeze=False,
+                             sharey=True)
+    for (curves, label), row in zip(runs, axes):
+        for longer, ax in zip((False, True), row):
+            edges = sorted(edge for (lng, edge) in curves if lng == longer)
+            for edge in edges:
+                steps, cosines = zip(*curves[(longer, edge)])
+                ax.plot(steps, _rolling_mean(list(cosines), smooth), lw=1.2,
+                        color=palette[(edge - 1) % 10], label=f"edge {edge}")
+            ax.axhline(0, color="grey", lw=0.8)
+            where = "one longer than the curriculum's" if longer else "the curriculum's length"
+            ax.set(title=f"{label}: {where}", xlabel="training step", ylabel="cosine")
+            ax.title.set_fontsize("small")
+            if edges:
+                ax.legend(fontsize="x-small", ncol=2)
+            else:
+                _note(ax, ["no chunk edge at this length"], False)
+    return save_figure(fig, Path(out_path))
+
+
 def draw_bpc_curves(panels: dict[str, list[tuple[str, str | Path]]], out_path: str | Path
                     ) -> Path:
     """Validation bits per character against training step of lm.py runs, one panel per key

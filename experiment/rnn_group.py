@@ -223,7 +223,7 @@ def step_seconds(runs: list, level: int, steps: int, device_name: str = "cpu"
     import statistics
     import time
 
-    from experiment.rnn_train import _SequenceLoop
+    from experiment.rnn_train import SequenceLoop
 
     check_group(runs)
     device = resolve_device(device_name)
@@ -233,8 +233,8 @@ def step_seconds(runs: list, level: int, steps: int, device_name: str = "cpu"
     for args in runs:
         torch.manual_seed(args.seed)
         models.append(build_model(args, task.input_size, task.output_size).to(device))
-    alone = [_SequenceLoop(args, model, make_optimizer(model, args), task, Path(args.out),
-                           device, None, None) for args, model in zip(runs, models)]
+    alone = [SequenceLoop(args, model, make_optimizer(model, args), task, Path(args.out),
+                          device, None, None) for args, model in zip(runs, models)]
     stacked = stack_runs(models)
     group = _GroupLoop([_Member(args, device, None, task.levels(args.max_length))
                         for args in runs], stacked,

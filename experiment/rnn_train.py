@@ -159,7 +159,7 @@ class RunState:
     levels: list = field(default_factory=list)     # [step, level] each time the level grew
 
 
-class _SequenceLoop(StepPeriodLoop):
+class SequenceLoop(StepPeriodLoop):
     """rnn_tasks.py's step: a batch of sequences at the curriculum's length through truncated
     BPTT (and its synthesizer); periods of --checkpoint-every steps; a printed line every
     --log-every steps."""
@@ -232,8 +232,8 @@ class _SequenceLoop(StepPeriodLoop):
             self.on_step(state.step)
 
 
-def train(args, on_step: Callable[[int], None] | None = None) -> dict:
-    """Run (or resume) one training run; write its records; return summary.json's dict."""
+def make_loop(args, on_step: Callable[[int], None] | None = None) -> SequenceLoop:
+    """The loop of one run (a new one, or --resume's), its folder and config.json written."""
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -243,12 +243,24 @@ def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     torch.manual_seed(args.seed)
     task = task_of(args)
     model = build_model(args, task.input_size, task.output_size).to(device)
-    loop = _SequenceLoop(args, model, make_optimizer(model, args), task, out_dir, device,
-                         checkpoint, on_step)
+    return SequenceLoop(args, model, make_optimizer(model, args), task, out_dir, device,
+                        checkpoint, on_step)
+
+
+def train(args, on_step: Callable[[int], None] | None = None) -> dict:
+    """Run (or resume) one training run; write its records; return summary.json's dict."""
+    loop = make_loop(args, on_step)
     loop.run()
-    accuracy = test_accuracy(task, model, device)
+    return finish(loop)
+
+
+def finish(loop: SequenceLoop) -> dict:
+    """Write a run's summary.json (test accuracy too, where the task has a test set) after its
+    loop has run; return its dict."""
+    accuracy = test_accuracy(loop.task, loop.model, loop.device)
     extra = {} if accuracy is None else {"test_accuracy": accuracy[0]}
-    return write_summary(args, loop.state, loop.curriculum, out_dir, device, **extra)
+    return write_summary(loop.args, loop.state, loop.curriculum, loop.out_dir, loop.device,
+                         **extra)
 
 
 def task_of(args) -> SequenceTask:
