@@ -58,25 +58,28 @@ class SequenceModel(nn.Module):
     def __init__(self, input_size: int, output_size: int, *, hidden: int = 128,
                  core: str = "lstm", truncation: int = 3, synthesizer: str | None = "linear",
                  synth_hidden: int = 256, discount: float = 1.0, aux_weight: float = 0.0,
-                 target_decay: float = 0.0, center: bool = False):
+                 target_decay: float = 0.0, center: bool = False, sees_inputs: bool = False):
         super().__init__()
         rnn = RNN_CORES[core](input_size, hidden)
         width = state_size(rnn)
         synth = None
+        context = truncation * input_size if sees_inputs else 0   # the chunk's inputs
         if synthesizer == "linear":
-            synth = LinearSynthesizer(width)
+            synth = LinearSynthesizer(width, context_size=context)
         elif synthesizer == "lowrank":   # linear through synth_hidden units: cheaper when fewer
-            synth = LinearSynthesizer(width, synth_hidden, num_layers=2)
+            synth = LinearSynthesizer(width, synth_hidden, context_size=context, num_layers=2)
         elif synthesizer == "mlp":
-            synth = MLPSynthesizer(width, synth_hidden, num_layers=2, batch_norm=False)
+            synth = MLPSynthesizer(width, synth_hidden, context_size=context, num_layers=2,
+                                   batch_norm=False)
         elif synthesizer == "rnn":
-            synth = RNNSynthesizer(width, synth_hidden)
+            synth = RNNSynthesizer(width, synth_hidden, context_size=context)
         elif synthesizer is not None:
             raise ValueError(f"synthesizer must be one of {SEQUENCE_SYNTHESIZERS} or None")
         self.trainer = TruncatedBPTT(
             rnn, truncation, synthesizer=synth, readout=nn.Linear(hidden, output_size),
             discount=discount, aux_weight=aux_weight, aux_input_size=hidden,
-            target_decay=target_decay if synth is not None else 0.0, center=center)
+            target_decay=target_decay if synth is not None else 0.0, center=center,
+            sees_inputs=sees_inputs and synth is not None)
 
     def network_parameters(self) -> list[nn.Parameter]:
         """Core, readout and aux head: everything trained but the synthesizer (the target

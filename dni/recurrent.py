@@ -60,6 +60,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from dni.interface import synthesizer_loss
@@ -135,6 +136,14 @@ class _ScaleGradient(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def _call(synthesizer: nn.Module, state: torch.Tensor, hidden, context) -> tuple:
+    """(gradient, hidden) of a synthesizer that may return a bare tensor; `context` is passed
+    only when given, so a synthesizer without one need not take it."""
+    out = (synthesizer(state, hidden) if context is None
+           else synthesizer(state, hidden, context=context))
+    return out if isinstance(out, tuple) else (out, None)
+
+
 @dataclass
 class SequenceReport:
     """What one call of `TruncatedBPTT` did to one batch of sequences."""
@@ -153,14 +162,17 @@ class TruncatedBPTT(nn.Module):
 
     Without a synthesizer it is plain truncated BPTT. `core` maps (input (T, B, I), state) to
     (output (T, B, H), state): nn.LSTM, nn.GRU, nn.RNN or any such module. `readout` (optional)
-    maps the core's output to what `chunk_loss(y, t0, t1)` scores.
+    maps the core's output to what `chunk_loss(y, t0, t1)` scores. `sees_inputs=True`: S also
+    gets, as its context, the inputs of the chunk that ends at the edge, (B, T * I) per example
+    (zeros at the sequence's start), so its synthesizer needs `context_size=truncation * I`.
     """
 
     def __init__(self, core: nn.Module, truncation: int, synthesizer: nn.Module | None = None,
                  readout: nn.Module | None = None, discount: float = 1.0,
                  aux_weight: float = 0.0, aux_input_size: int | None = None,
                  batch_mean: bool = True, target_decay: float = 0.0,
-                 center: bool = False, grad_scale: float | None = None, runs: int = 1):
+                 center: bool = False, grad_scale: float | None = None, runs: int = 1,
+                 sees_inputs: bool = False):
         super().__init__()
         if grad_scale is not None:
             warnings.warn("TruncatedBPTT(grad_scale=) is now discount=", DeprecationWarning,
@@ -176,6 +188,9 @@ class TruncatedBPTT(nn.Module):
             raise ValueError("aux_weight > 0 needs a synthesizer (and must not be negative)")
         if not 0.0 <= target_decay < 1.0 or (target_decay > 0 and synthesizer is None):
             raise ValueError("target_decay must be in [0, 1) and needs a synthesizer")
+        if sees_inputs and synthesizer is None:
+            raise ValueError("sees_inputs=True needs a synthesizer")
+        self.sees_inputs = sees_inputs
         self.core, self.readout, self.synthesizer = core, readout, synthesizer
         self.truncation, self.discount = truncation, discount
         self.aux_weight, self.batch_mean = aux_weight, batch_mean
@@ -199,19 +214,29 @@ class TruncatedBPTT(nn.Module):
         return self.discount
 
     def synthetic_gradient(self, state: torch.Tensor, hidden=None,
-                           live: torch.Tensor | None = None):
+                           live: torch.Tensor | None = None,
+                           context: torch.Tensor | None = None):
         """S(state.detach()): the per-example synthetic gradient (graph into S's parameters)
         and the synthesizer's new hidden state (None unless it is recurrent); `live` (1.0 /
-        0.0 per example): the examples whose sequence goes on, over which it is centred."""
-        out = self.synthesizer(state.detach(), hidden)
-        return self._centred(out if isinstance(out, tuple) else (out, None), live)
+        0.0 per example): the examples whose sequence goes on, over which it is centred;
+        `context`: what S also sees (`sees_inputs`)."""
+        return self._centred(_call(self.synthesizer, state.detach(), hidden, context), live)
 
-    def _sent_gradient(self, state: torch.Tensor, hidden=None, live=None):
+    def _sent_gradient(self, state: torch.Tensor, hidden=None, live=None, context=None):
         """The synthetic gradient sent into a chunk's end (detached; the target synthesizer's
         when there is one) and that synthesizer's new hidden state."""
         with torch.no_grad():
-            out = self.target_synthesizer(state.detach(), hidden)
-        return self._centred(out if isinstance(out, tuple) else (out, None), live)
+            out = _call(self.target_synthesizer, state.detach(), hidden, context)
+        return self._centred(out, live)
+
+    def _context(self, inputs: torch.Tensor, t1: int) -> torch.Tensor | None:
+        """What S sees at the edge before step t1: the inputs of the chunk ending there,
+        (B, T * I), zeros before the sequence (None unless `sees_inputs`)."""
+        if not self.sees_inputs:
+            return None
+        chunk = inputs[max(0, t1 - self.truncation):t1].transpose(0, 1).flatten(1)
+        width = self.truncation * inputs.shape[2]
+        return chunk if chunk.shape[1] == width else F.pad(chunk, (width - chunk.shape[1], 0))
 
     def _centred(self, out: tuple, live: torch.Tensor | None = None) -> tuple:
         """(gradient, hidden) with the gradient minus its batch mean (each run's, over its
@@ -313,9 +338,10 @@ class TruncatedBPTT(nn.Module):
                     if edges and total.requires_grad else [None] * len(edges))
         pairs = []
         with torch.no_grad():
-            _, hidden = self.synthetic_gradient(start, None)  # S(s_0), as in training
-            for edge, grad in zip(edges, true):
-                synthetic, hidden = self.synthetic_gradient(edge, hidden)
+            _, hidden = self.synthetic_gradient(start, None, None, self._context(inputs, 0))
+            for k, (edge, grad) in enumerate(zip(edges, true), start=1):
+                synthetic, hidden = self.synthetic_gradient(
+                    edge, hidden, None, self._context(inputs, k * self.truncation))
                 pairs.append((synthetic / unit,
                               torch.zeros_like(edge) if grad is None else grad))
         return pairs
@@ -337,6 +363,9 @@ class TruncatedBPTT(nn.Module):
         unit = self._unit(batch)
         if lengths is not None and continues:
             raise ValueError("lengths= ends sequences; continues=True says they go on")
+        if self.sees_inputs and continues:
+            raise ValueError("sees_inputs=True: S's context at a window's start would be the "
+                             "last window's inputs; use it on whole sequences")
 
         def going_on(t: int) -> torch.Tensor | None:
             """1.0 for the examples whose sequence has steps from t on (None: all)."""
@@ -351,10 +380,12 @@ class TruncatedBPTT(nn.Module):
         if self.target_synthesizer is not None and self.training and torch.is_grad_enabled():
             self.update_target()
         if self.synthesizer is not None:
-            synthetic, synth_hidden = self.synthetic_gradient(start, None, going_on(0))  # S(s_0)
+            synthetic, synth_hidden = self.synthetic_gradient(            # S(s_0)
+                start, None, going_on(0), self._context(inputs, 0))
             if self.target_synthesizer is not None and synth_hidden is not None:
                 # a recurrent S_bar's state at s_0 (one without a state, as S, needs no call)
-                _, target_hidden = self._sent_gradient(start, None, going_on(0))
+                _, target_hidden = self._sent_gradient(start, None, going_on(0),
+                                                       self._context(inputs, 0))
         outputs, fits, targets, aux_losses = [], [], [], []
         fitted, aux_chunks = [], []           # which runs each fit / aux loss counts for
         total = inputs.new_zeros(())
@@ -370,13 +401,15 @@ class TruncatedBPTT(nn.Module):
             end = flatten_state(end_state)
             next_synthetic, sent = None, None
             if self.synthesizer is not None and (t1 < length or continues):
+                context = self._context(inputs, t1)
                 if t1 < length or self.target_synthesizer is None:
                     # S(e), to fit at the next chunk's start (unless it is the last here)
-                    next_synthetic, synth_hidden = self.synthetic_gradient(end, synth_hidden,
-                                                                           after)
+                    next_synthetic, synth_hidden = self.synthetic_gradient(
+                        end, synth_hidden, after, context)
                     sent = next_synthetic.detach()
                 if self.target_synthesizer is not None:
-                    sent, target_hidden = self._sent_gradient(end, target_hidden, after)
+                    sent, target_hidden = self._sent_gradient(end, target_hidden, after,
+                                                              context)
                 if after is not None:                     # 0 after an example's end
                     sent = sent * after[:, None]
                 g_end = sent * (self.discount / unit)

@@ -149,6 +149,71 @@ def test_synthesizer_target_is_autograd_gradient_at_chunk_start(kind, discount):
     assert torch.allclose(report.synthesizer_loss, fit.detach() / len(starts), atol=1e-6)
 
 
+@pytest.mark.parametrize("target_decay", [0.0, 0.5])
+def test_synthesizer_that_sees_inputs_gets_the_chunk_before_each_edge(target_decay):
+    """sees_inputs: S(e_k, x[t_k - T:t_k]) is sent into chunk k's end and fitted to d at the
+    next start (S(s_0, zeros) at the first); the network's gradient and S's are autograd's,
+    and future_gradients' synthetic side is the same S."""
+    T = 3
+    x, y = sequence(4)
+    torch.manual_seed(1)
+    core, readout = nn.LSTM(I, H), nn.Linear(H, O)
+    S = LinearSynthesizer(state_size(core), context_size=T * I)
+    nn.init.normal_(S.net[0].weight, std=0.3)
+    nn.init.normal_(S.net[0].bias, std=0.3)
+    dni = TruncatedBPTT(core, T, synthesizer=S, readout=readout, discount=0.5,
+                        sees_inputs=True, target_decay=target_decay)
+    dni.zero_grad()
+    report = dni(x, chunk_loss(y))
+    got_net = [p.grad.clone() for p in [*core.parameters(), *readout.parameters()]]
+    got_synth = [p.grad.clone() for p in S.parameters()]
+    sender = dni.target_synthesizer if target_decay else S     # the moved copy, if any
+
+    def context(t1):
+        chunk = x[max(0, t1 - T):t1].transpose(0, 1).reshape(B, -1)
+        return torch.cat([torch.zeros(B, T * I - chunk.shape[1]), chunk], 1)
+
+    like = zero_state(core, B)
+    s, fit, targets = flatten_state(like), 0.0, []
+    net = [*core.parameters(), *readout.parameters()]
+    want_net = [torch.zeros_like(p) for p in net]
+    starts = list(range(0, L, T))
+    for t0 in starts:
+        t1 = min(t0 + T, L)
+        s = s.detach().requires_grad_()
+        out, end_state = core(x[t0:t1], unflatten_state(s, like))
+        e = flatten_state(end_state)
+        objective = chunk_loss(y)(readout(out), t0, t1)
+        if t1 < L:
+            sent = sender(e.detach(), None, context=context(t1))[0].detach()
+            objective = objective + (0.5 * sent / B * e).sum()
+        grads = torch.autograd.grad(objective, [s, *net])
+        targets.append(B * grads[0])
+        want_net = [w + g for w, g in zip(want_net, grads[1:])]
+        fit = fit + (S(s.detach(), None, context=context(t0))[0] - B * grads[0]).pow(2).sum() / B
+        s = e
+    for got, want in zip(report.targets, targets):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(got_net, want_net):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(got_synth, torch.autograd.grad(fit, list(S.parameters()))):
+        torch.testing.assert_close(got, want)
+    pairs = dni.future_gradients(x, chunk_loss(y))
+    with torch.no_grad():
+        s, ends = flatten_state(like), []
+        for t0 in starts[:-1]:
+            _, state = core(x[t0:t0 + T], unflatten_state(s, like))
+            s = flatten_state(state)
+            ends.append((t0 + T, s))
+    assert len(pairs) == len(ends) == 2
+    for (synthetic, _), (t1, e) in zip(pairs, ends):
+        torch.testing.assert_close(synthetic, S(e, None, context=context(t1))[0] / B)
+    with pytest.raises(ValueError, match="sees_inputs"):
+        dni(x, chunk_loss(y), continues=True)
+    with pytest.raises(ValueError, match="sees_inputs"):
+        TruncatedBPTT(core, T, sees_inputs=True)
+
+
 @pytest.mark.parametrize("recurrent", [False, True])
 @pytest.mark.parametrize("aux_weight", [0.0, 0.3])
 def test_target_synthesizer_sends_the_gradient_and_follows_by_moving_average(recurrent,

@@ -73,6 +73,7 @@ BAD = {
     "unknown flag": ["--bogus"],
     "target decay one": ["--target-decay", "1"],
     "target decay negative": ["--target-decay", "-0.5"],
+    "inputs to no synthesizer": ["--method", "bptt", "--synth-sees-inputs"],
 }
 
 
@@ -198,3 +199,25 @@ def test_sequential_mnist_has_its_own_synthesizer_defaults():
     assert (mnist.synth_lr, mnist.target_decay) == (1e-4, 0.0)
     given = parse_args(["--task", "mnist_rows", "--synth-lr", "1e-2", "--target-decay", "0.5"])
     assert (given.synth_lr, given.target_decay) == (1e-2, 0.5)
+
+
+def test_synthesizer_that_sees_inputs_is_built_and_kept_on_resume(tmp_path):
+    """--synth-sees-inputs gives S the chunk's inputs (T * I wide); a run saved before the flag
+    resumes without it, and a resume may not switch it."""
+    from experiment.rnn_train import build_model
+
+    args = parse_args(["--method", "dni", "--truncation", "3", "--synth-sees-inputs"])
+    model = build_model(args, 10, 9)
+    assert model.trainer.sees_inputs
+    assert model.trainer.synthesizer.net[0].in_features == 2 * 128 + 3 * 10
+    assert not build_model(parse_args(["--truncation", "3"]), 10, 9).trainer.sees_inputs
+    train(tiny_args(tmp_path, "--method", "dni", "--truncation", "2", "--synth-sees-inputs"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["args"]["synth_sees_inputs"] is True
+    del config["args"]["synth_sees_inputs"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert parse_args(["--resume", str(tmp_path)]).synth_sees_inputs is False
+    config["args"]["synth_sees_inputs"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", str(tmp_path), "--synth-sees-inputs"])
