@@ -1,5 +1,6 @@
 """The longest sequence solved by truncated BPTT, DNI and DNI+Aux on copy and repeat copy at
-several truncations T, over seeds (median and range), as a markdown table.
+several truncations T, over seeds (median and range), as a markdown table; DNI and DNI+Aux
+also with a synthesizer that sees the chunk's inputs (`_inputs`).
 
 T = 0 is untruncated BPTT (the whole sequence in one chunk), the ceiling; only BPTT runs there.
 The caption states the budget (steps, LSTM size, batch); a cell marked * has a seed whose
@@ -17,7 +18,8 @@ CPU thread it gains nothing (the step is compute-bound there: bench/README.md). 
 times it instead: N interleaved steps of each run alone and of the seeds side by side, at fixed
 lengths, for each task, T and method given.
 
-Usage: python bench/rnn.py [--tasks copy repeat_copy mnist_rows] [--methods bptt dni dni_aux]
+Usage: python bench/rnn.py [--tasks copy repeat_copy mnist_rows] [--methods bptt dni dni_aux
+       dni_inputs dni_aux_inputs]
        [--truncations 0 2 3 4 5 8] [--seeds 0 1 2] [--max-runs K] [--table-only]
        [--stack [--device cuda]] [--stack-cost N] [--results DIR]
        [rnn_tasks.py flags, e.g. --steps 30000 --hidden 256 --batch-size 256]
@@ -40,7 +42,12 @@ from experiment.cli import Parser, nonnegative_int, run
 from experiment.errors import UserError
 from experiment.rnn_train import curriculum_stalled
 
-LABELS = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux"}
+LABELS = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux",
+          "dni_inputs": "DNI, S sees inputs", "dni_aux_inputs": "DNI+Aux, S sees inputs"}
+# a bench method: rnn_tasks.py's --method and the flags that make the variant
+METHOD_FLAGS = {"bptt": ("bptt", []), "dni": ("dni", []), "dni_aux": ("dni_aux", []),
+                "dni_inputs": ("dni", ["--synth-sees-inputs"]),
+                "dni_aux_inputs": ("dni_aux", ["--synth-sees-inputs"])}
 
 
 def run_name(task: str, method: str, truncation: int, seed: int) -> str:
@@ -70,8 +77,14 @@ def run_flags(folder: Path, task: str, method: str, truncation: int, seed: int,
     to `steps`), or a new run with `extra`."""
     if (folder / "checkpoint.pt").exists():
         return ["--resume", str(folder), "--steps", str(steps)]
-    return ["--task", task, "--method", method, "--truncation", str(truncation),
+    return [*method_flags(method), "--task", task, "--truncation", str(truncation),
             "--seed", str(seed), "--out", str(folder), *extra]
+
+
+def method_flags(method: str) -> list[str]:
+    """rnn_tasks.py's flags for a bench method (a variant: --method and its flags)."""
+    name, flags = METHOD_FLAGS[method]
+    return ["--method", name, *flags]
 
 
 def train_stacked(folders: list[Path], cell: tuple[str, str, int], seeds: list[int],
@@ -111,7 +124,7 @@ def stack_cost(tasks: list[str], truncations: list[int], methods: list[str], see
     for task in tasks:
         for t in truncations:
             for method in runs_at(t, methods):
-                runs = [parse_run_flags(["--task", task, "--method", method, "--truncation",
+                runs = [parse_run_flags([*method_flags(method), "--task", task, "--truncation",
                                          str(t), "--seed", str(seed), "--out", "unused",
                                          *extra]) for seed in seeds]
                 for length in (28,) if task == "mnist_rows" else COST_LENGTHS:
@@ -217,12 +230,13 @@ def table(results: Path, tasks, methods, truncations, seeds) -> str:
 
 def main():
     """Run what is missing (up to --max-runs), then print the table."""
-    parser = Parser(description=__doc__.splitlines()[0])
+    parser = Parser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--tasks", nargs="+", choices=["copy", "repeat_copy", "mnist_rows"],
                         default=["copy", "repeat_copy"], help="tasks (mnist_rows: sequential "
                         "MNIST, scored by test accuracy)")
     parser.add_argument("--methods", nargs="+", choices=list(LABELS),
-                        default=list(LABELS), help="methods")
+                        default=list(LABELS), help="methods (_inputs: rnn_tasks.py "
+                        "--synth-sees-inputs, S also sees the chunk's inputs)")
     parser.add_argument("--truncations", nargs="+", type=nonnegative_int,
                         default=[0, 2, 3, 4, 5, 8], help="truncations T (0: untruncated, BPTT only)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds")

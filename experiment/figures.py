@@ -252,7 +252,9 @@ def _rnn_label(run_dir: Path) -> str:
     if not isinstance(args, dict) or "task" not in args:
         return run_dir.name
     method = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux"}.get(args.get("method"), "?")
-    return f"{args.get('task')} {method} T={args.get('truncation')} seed {args.get('seed')}"
+    variant = ", S sees inputs" if args.get("synth_sees_inputs") else ""
+    return (f"{args.get('task')} {method}{variant} T={args.get('truncation')} "
+            f"seed {args.get('seed')}")
 
 
 def draw_length_curves(run_dirs: list[str | Path], out_path: str | Path) -> Path:

@@ -102,9 +102,28 @@ def test_bench_runs_the_untruncated_row_then_extends_it_to_a_larger_budget(tmp_p
     first = bench(4)
     folder = tmp_path / run_name("copy", "bptt", 0, 0)
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]     # BPTT alone untruncated
-    assert "| copy | full | 0 |  |  | 1 |" in first and "4 steps a run" in first
+    assert "| copy | full | 0 |  |  |  |  | 1 |" in first and "4 steps a run" in first
     bench(6)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["truncation"] == 0
     rows = (folder / "metrics.csv").read_text().splitlines()
     assert [row.split(",")[1] for row in rows[1:]] == ["4", "6"]   # one run, continued
+
+
+def test_a_variant_method_runs_rnn_tasks_with_its_flag_in_its_own_folders(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
+         "2", "--seeds", "0", "--methods", "dni", "dni_inputs", "--results", str(tmp_path),
+         "--steps", "3", "--batch-size", "2", "--hidden", "4"],
+        capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    configs = {name: json.loads((tmp_path / run_name("copy", name, 2, 0) / "config.json")
+                                .read_text())["args"] for name in ("dni", "dni_inputs")}
+    assert configs["dni_inputs"]["synth_sees_inputs"] is True
+    assert configs["dni"]["synth_sees_inputs"] is False
+    assert configs["dni_inputs"]["method"] == configs["dni"]["method"] == "dni"
+    assert "| task | T | DNI | DNI, S sees inputs | seeds | s/run |" in out
