@@ -58,12 +58,12 @@ class SequenceModel(nn.Module):
     def __init__(self, input_size: int, output_size: int, *, hidden: int = 128,
                  core: str = "lstm", truncation: int = 3, synthesizer: str | None = "linear",
                  synth_hidden: int = 256, discount: float = 1.0, aux_weight: float = 0.0,
-                 target_decay: float = 0.0, center: bool = False, sees_inputs: bool = False):
+                 target_decay: float = 0.0, center: bool = False, input_window: int = 0):
         super().__init__()
         rnn = RNN_CORES[core](input_size, hidden)
         width = state_size(rnn)
         synth = None
-        context = truncation * input_size if sees_inputs else 0   # the chunk's inputs
+        context = input_window * input_size               # the last inputs S sees
         if synthesizer == "linear":
             synth = LinearSynthesizer(width, context_size=context)
         elif synthesizer == "lowrank":   # linear through synth_hidden units: cheaper when fewer
@@ -79,7 +79,7 @@ class SequenceModel(nn.Module):
             rnn, truncation, synthesizer=synth, readout=nn.Linear(hidden, output_size),
             discount=discount, aux_weight=aux_weight, aux_input_size=hidden,
             target_decay=target_decay if synth is not None else 0.0, center=center,
-            sees_inputs=sees_inputs and synth is not None)
+            input_window=input_window if synth is not None else 0)
 
     def network_parameters(self) -> list[nn.Parameter]:
         """Core, readout and aux head: everything trained but the synthesizer (the target

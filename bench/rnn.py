@@ -1,6 +1,6 @@
 """The longest sequence solved by truncated BPTT, DNI and DNI+Aux on copy and repeat copy at
 several truncations T, over seeds (median and range), as a markdown table; DNI and DNI+Aux
-also with a synthesizer that sees the chunk's inputs (`_inputs`).
+also with a synthesizer that sees the last inputs (`_inputs`).
 
 T = 0 is untruncated BPTT (the whole sequence in one chunk), the ceiling; only BPTT runs there.
 The caption states the budget (steps, LSTM size, batch); a cell marked * has a seed whose
@@ -42,12 +42,14 @@ from experiment.cli import Parser, nonnegative_int, run
 from experiment.errors import UserError
 from experiment.rnn_train import curriculum_stalled
 
+INPUT_WINDOW = 8   # the inputs the _inputs variants' S sees (bench/README.md: 8 beat T)
 LABELS = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux",
-          "dni_inputs": "DNI, S sees inputs", "dni_aux_inputs": "DNI+Aux, S sees inputs"}
+          "dni_inputs": f"DNI, S sees {INPUT_WINDOW} inputs",
+          "dni_aux_inputs": f"DNI+Aux, S sees {INPUT_WINDOW} inputs"}
 # a bench method: rnn_tasks.py's --method and the flags that make the variant
 METHOD_FLAGS = {"bptt": ("bptt", []), "dni": ("dni", []), "dni_aux": ("dni_aux", []),
-                "dni_inputs": ("dni", ["--synth-sees-inputs"]),
-                "dni_aux_inputs": ("dni_aux", ["--synth-sees-inputs"])}
+                "dni_inputs": ("dni", ["--synth-input-window", str(INPUT_WINDOW)]),
+                "dni_aux_inputs": ("dni_aux", ["--synth-input-window", str(INPUT_WINDOW)])}
 
 
 def run_name(task: str, method: str, truncation: int, seed: int) -> str:
@@ -235,8 +237,8 @@ def main():
                         default=["copy", "repeat_copy"], help="tasks (mnist_rows: sequential "
                         "MNIST, scored by test accuracy)")
     parser.add_argument("--methods", nargs="+", choices=list(LABELS),
-                        default=list(LABELS), help="methods (_inputs: rnn_tasks.py "
-                        "--synth-sees-inputs, S also sees the chunk's inputs)")
+                        default=list(LABELS), help="methods (_inputs: S also sees the last "
+                        f"{INPUT_WINDOW} inputs, rnn_tasks.py --synth-input-window)")
     parser.add_argument("--truncations", nargs="+", type=nonnegative_int,
                         default=[0, 2, 3, 4, 5, 8], help="truncations T (0: untruncated, BPTT only)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds")

@@ -162,9 +162,9 @@ class TruncatedBPTT(nn.Module):
 
     Without a synthesizer it is plain truncated BPTT. `core` maps (input (T, B, I), state) to
     (output (T, B, H), state): nn.LSTM, nn.GRU, nn.RNN or any such module. `readout` (optional)
-    maps the core's output to what `chunk_loss(y, t0, t1)` scores. `sees_inputs=True`: S also
-    gets, as its context, the inputs of the chunk that ends at the edge, (B, T * I) per example
-    (zeros at the sequence's start), so its synthesizer needs `context_size=truncation * I`.
+    maps the core's output to what `chunk_loss(y, t0, t1)` scores. `input_window=k`: S also
+    gets, as its context, the last k inputs before the edge, (B, k * I) per example (zeros
+    before the sequence's start), so its synthesizer needs `context_size=k * I`.
     """
 
     def __init__(self, core: nn.Module, truncation: int, synthesizer: nn.Module | None = None,
@@ -172,7 +172,7 @@ class TruncatedBPTT(nn.Module):
                  aux_weight: float = 0.0, aux_input_size: int | None = None,
                  batch_mean: bool = True, target_decay: float = 0.0,
                  center: bool = False, grad_scale: float | None = None, runs: int = 1,
-                 sees_inputs: bool = False):
+                 input_window: int = 0):
         super().__init__()
         if grad_scale is not None:
             warnings.warn("TruncatedBPTT(grad_scale=) is now discount=", DeprecationWarning,
@@ -188,9 +188,9 @@ class TruncatedBPTT(nn.Module):
             raise ValueError("aux_weight > 0 needs a synthesizer (and must not be negative)")
         if not 0.0 <= target_decay < 1.0 or (target_decay > 0 and synthesizer is None):
             raise ValueError("target_decay must be in [0, 1) and needs a synthesizer")
-        if sees_inputs and synthesizer is None:
-            raise ValueError("sees_inputs=True needs a synthesizer")
-        self.sees_inputs = sees_inputs
+        if input_window < 0 or (input_window > 0 and synthesizer is None):
+            raise ValueError("input_window must be 0 or positive, and > 0 needs a synthesizer")
+        self.input_window = input_window
         self.core, self.readout, self.synthesizer = core, readout, synthesizer
         self.truncation, self.discount = truncation, discount
         self.aux_weight, self.batch_mean = aux_weight, batch_mean
@@ -219,7 +219,7 @@ class TruncatedBPTT(nn.Module):
         """S(state.detach()): the per-example synthetic gradient (graph into S's parameters)
         and the synthesizer's new hidden state (None unless it is recurrent); `live` (1.0 /
         0.0 per example): the examples whose sequence goes on, over which it is centred;
-        `context`: what S also sees (`sees_inputs`)."""
+        `context`: what S also sees (`input_window`)."""
         return self._centred(_call(self.synthesizer, state.detach(), hidden, context), live)
 
     def _sent_gradient(self, state: torch.Tensor, hidden=None, live=None, context=None):
@@ -230,13 +230,13 @@ class TruncatedBPTT(nn.Module):
         return self._centred(out, live)
 
     def _context(self, inputs: torch.Tensor, t1: int) -> torch.Tensor | None:
-        """What S sees at the edge before step t1: the inputs of the chunk ending there,
-        (B, T * I), zeros before the sequence (None unless `sees_inputs`)."""
-        if not self.sees_inputs:
+        """What S sees at the edge before step t1: the `input_window` inputs before it,
+        (B, window * I), zeros before the sequence (None without a window)."""
+        if not self.input_window:
             return None
-        chunk = inputs[max(0, t1 - self.truncation):t1].transpose(0, 1).flatten(1)
-        width = self.truncation * inputs.shape[2]
-        return chunk if chunk.shape[1] == width else F.pad(chunk, (width - chunk.shape[1], 0))
+        seen = inputs[max(0, t1 - self.input_window):t1].transpose(0, 1).flatten(1)
+        width = self.input_window * inputs.shape[2]
+        return seen if seen.shape[1] == width else F.pad(seen, (width - seen.shape[1], 0))
 
     def _centred(self, out: tuple, live: torch.Tensor | None = None) -> tuple:
         """(gradient, hidden) with the gradient minus its batch mean (each run's, over its
@@ -363,8 +363,8 @@ class TruncatedBPTT(nn.Module):
         unit = self._unit(batch)
         if lengths is not None and continues:
             raise ValueError("lengths= ends sequences; continues=True says they go on")
-        if self.sees_inputs and continues:
-            raise ValueError("sees_inputs=True: S's context at a window's start would be the "
+        if self.input_window and continues:
+            raise ValueError("input_window: S's context at a window's start would hold the "
                              "last window's inputs; use it on whole sequences")
 
         def going_on(t: int) -> torch.Tensor | None:

@@ -252,7 +252,8 @@ def _rnn_label(run_dir: Path) -> str:
     if not isinstance(args, dict) or "task" not in args:
         return run_dir.name
     method = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux"}.get(args.get("method"), "?")
-    variant = ", S sees inputs" if args.get("synth_sees_inputs") else ""
+    window = args.get("synth_input_window")
+    variant = f", S sees {window} inputs" if window else ""
     return (f"{args.get('task')} {method}{variant} T={args.get('truncation')} "
             f"seed {args.get('seed')}")
 

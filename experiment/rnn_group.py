@@ -46,7 +46,7 @@ from experiment.stacked_runs import (
 )
 
 SHARED = ("task", "method", "truncation", "steps", "batch_size", "hidden", "core", "lr",
-          "synth_lr", "synthesizer", "synth_sees_inputs", "synth_hidden", "discount",
+          "synth_lr", "synthesizer", "synth_input_window", "synth_hidden", "discount",
           "target_decay", "aux_weight",
           "clip", "threshold", "window", "max_length", "bits", "max_repeats", "data_dir",
           "log_every", "checkpoint_every")

@@ -69,9 +69,9 @@ def build_parser() -> Parser:
                    help="Adam learning rate of the synthesizer (default: 1e-3; mnist_rows 1e-4)")
     p.add_argument("--synthesizer", choices=SEQUENCE_SYNTHESIZERS, default="linear",
                    help="synthesizer on the flattened state (LSTM: [h, c])")
-    p.add_argument("--synth-sees-inputs", action="store_true",
-                   help="the synthesizer also sees the inputs of the chunk that ends at the "
-                        "edge (a synthesizer of [state, inputs])")
+    p.add_argument("--synth-input-window", type=nonnegative_int, default=0, metavar="K",
+                   help="the synthesizer also sees the last K inputs before each chunk edge "
+                        "(0: the state alone, as in the paper)")
     p.add_argument("--synth-hidden", type=positive_int, default=256,
                    help="hidden units of the mlp / rnn synthesizer; the rank of lowrank")
     p.add_argument("--discount", "--grad-scale", type=nonnegative_float, default=0.5,
@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None = None):
     args = parse_training_args(parser, argv, absent={"target_decay": 0.0}, script="rnn_tasks.py",
                                renamed={"grad_scale": "discount"},
                                fixed=("task", "method", "truncation", "batch_size", "hidden",
-                                      "core", "synthesizer", "synth_sees_inputs",
+                                      "core", "synthesizer", "synth_input_window",
                                       "synth_hidden", "bits",
                                       "max_repeats", "seed"))
     for dest, (default, by_task) in TASK_DEFAULTS.items():
@@ -122,8 +122,9 @@ def parse_args(argv: list[str] | None = None):
             setattr(args, dest, by_task.get(args.task, default))
     if args.target_decay >= 1:
         parser.error("argument --target-decay: must be below 1")
-    if args.synth_sees_inputs and args.method == "bptt":
-        parser.error("argument --synth-sees-inputs: bptt has no synthesizer; use dni or dni_aux")
+    if args.synth_input_window and args.method == "bptt":
+        parser.error("argument --synth-input-window: bptt has no synthesizer; use dni or "
+                     "dni_aux")
     if args.truncation == 0 and args.method != "bptt":
         parser.error("argument --truncation: 0 (untruncated) has no chunk edge for a synthetic "
                      "gradient; use it with --method bptt")
@@ -140,7 +141,7 @@ def build_model(args, input_size: int, output_size: int) -> SequenceModel:
         synthesizer=None if args.method == "bptt" else args.synthesizer,
         synth_hidden=args.synth_hidden, discount=args.discount,
         aux_weight=args.aux_weight if args.method == "dni_aux" else 0.0,
-        target_decay=args.target_decay, sees_inputs=args.synth_sees_inputs)
+        target_decay=args.target_decay, input_window=args.synth_input_window)
 
 
 def make_optimizer(model: SequenceModel, args) -> torch.optim.Optimizer:

@@ -150,19 +150,19 @@ def test_synthesizer_target_is_autograd_gradient_at_chunk_start(kind, discount):
 
 
 @pytest.mark.parametrize("target_decay", [0.0, 0.5])
-def test_synthesizer_that_sees_inputs_gets_the_chunk_before_each_edge(target_decay):
-    """sees_inputs: S(e_k, x[t_k - T:t_k]) is sent into chunk k's end and fitted to d at the
-    next start (S(s_0, zeros) at the first); the network's gradient and S's are autograd's,
-    and future_gradients' synthetic side is the same S."""
-    T = 3
+def test_synthesizer_with_an_input_window_sees_the_inputs_before_each_edge(target_decay):
+    """input_window W: S(e_k, x[t_k - W:t_k]) (zeros before the start) is sent into chunk k's
+    end and fitted to d at the next start (S(s_0, zeros) at the first); the network's gradient
+    and S's are autograd's, and future_gradients' synthetic side is the same S."""
+    T, W = 3, 4
     x, y = sequence(4)
     torch.manual_seed(1)
     core, readout = nn.LSTM(I, H), nn.Linear(H, O)
-    S = LinearSynthesizer(state_size(core), context_size=T * I)
+    S = LinearSynthesizer(state_size(core), context_size=W * I)
     nn.init.normal_(S.net[0].weight, std=0.3)
     nn.init.normal_(S.net[0].bias, std=0.3)
     dni = TruncatedBPTT(core, T, synthesizer=S, readout=readout, discount=0.5,
-                        sees_inputs=True, target_decay=target_decay)
+                        input_window=W, target_decay=target_decay)
     dni.zero_grad()
     report = dni(x, chunk_loss(y))
     got_net = [p.grad.clone() for p in [*core.parameters(), *readout.parameters()]]
@@ -170,8 +170,8 @@ def test_synthesizer_that_sees_inputs_gets_the_chunk_before_each_edge(target_dec
     sender = dni.target_synthesizer if target_decay else S     # the moved copy, if any
 
     def context(t1):
-        chunk = x[max(0, t1 - T):t1].transpose(0, 1).reshape(B, -1)
-        return torch.cat([torch.zeros(B, T * I - chunk.shape[1]), chunk], 1)
+        seen = x[max(0, t1 - W):t1].transpose(0, 1).reshape(B, -1)
+        return torch.cat([torch.zeros(B, W * I - seen.shape[1]), seen], 1)
 
     like = zero_state(core, B)
     s, fit, targets = flatten_state(like), 0.0, []
@@ -208,10 +208,10 @@ def test_synthesizer_that_sees_inputs_gets_the_chunk_before_each_edge(target_dec
     assert len(pairs) == len(ends) == 2
     for (synthetic, _), (t1, e) in zip(pairs, ends):
         torch.testing.assert_close(synthetic, S(e, None, context=context(t1))[0] / B)
-    with pytest.raises(ValueError, match="sees_inputs"):
+    with pytest.raises(ValueError, match="input_window"):
         dni(x, chunk_loss(y), continues=True)
-    with pytest.raises(ValueError, match="sees_inputs"):
-        TruncatedBPTT(core, T, sees_inputs=True)
+    with pytest.raises(ValueError, match="input_window"):
+        TruncatedBPTT(core, T, input_window=2)
 
 
 @pytest.mark.parametrize("recurrent", [False, True])

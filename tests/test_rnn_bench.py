@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from bench.rnn import cell, run_name, table
+from bench.rnn import INPUT_WINDOW, cell, run_name, table
 from experiment.rnn_train import build_model, curriculum_stalled, parse_args
 from experiment.sequence_tasks import make_task
 
@@ -123,7 +123,7 @@ def test_a_variant_method_runs_rnn_tasks_with_its_flag_in_its_own_folders(tmp_pa
         capture_output=True, text=True, check=True, cwd=ROOT).stdout
     configs = {name: json.loads((tmp_path / run_name("copy", name, 2, 0) / "config.json")
                                 .read_text())["args"] for name in ("dni", "dni_inputs")}
-    assert configs["dni_inputs"]["synth_sees_inputs"] is True
-    assert configs["dni"]["synth_sees_inputs"] is False
+    assert configs["dni_inputs"]["synth_input_window"] == INPUT_WINDOW > 0
+    assert configs["dni"]["synth_input_window"] == 0
     assert configs["dni_inputs"]["method"] == configs["dni"]["method"] == "dni"
-    assert "| task | T | DNI | DNI, S sees inputs | seeds | s/run |" in out
+    assert f"| task | T | DNI | DNI, S sees {INPUT_WINDOW} inputs | seeds | s/run |" in out

@@ -36,7 +36,7 @@ def weights(folder):
     ["--method", "dni_aux", "--truncation", "2", "--target-decay", "0.5"],
     ["--method", "bptt", "--truncation", "0", "--task", "repeat_copy"],
     ["--method", "dni", "--truncation", "3", "--synthesizer", "mlp", "--clip", "0.5",
-     "--synth-sees-inputs"],
+     "--synth-input-window", "5"],
     ["--method", "dni", "--truncation", "7", "--task", "mnist_rows"],
 ])
 def test_runs_side_by_side_train_as_they_train_alone(tmp_path, extra):

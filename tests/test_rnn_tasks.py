@@ -73,7 +73,8 @@ BAD = {
     "unknown flag": ["--bogus"],
     "target decay one": ["--target-decay", "1"],
     "target decay negative": ["--target-decay", "-0.5"],
-    "inputs to no synthesizer": ["--method", "bptt", "--synth-sees-inputs"],
+    "inputs to no synthesizer": ["--method", "bptt", "--synth-input-window", "4"],
+    "input window negative": ["--method", "dni", "--synth-input-window", "-1"],
 }
 
 
@@ -201,23 +202,22 @@ def test_sequential_mnist_has_its_own_synthesizer_defaults():
     assert (given.synth_lr, given.target_decay) == (1e-2, 0.5)
 
 
-def test_synthesizer_that_sees_inputs_is_built_and_kept_on_resume(tmp_path):
-    """--synth-sees-inputs gives S the chunk's inputs (T * I wide); a run saved before the flag
-    resumes without it, and a resume may not switch it."""
+def test_synthesizer_input_window_is_built_and_kept_on_resume(tmp_path):
+    """--synth-input-window K gives S the last K inputs (K * I wide); a run saved before the
+    flag resumes without a window, and a resume may not change it."""
     from experiment.rnn_train import build_model
 
-    args = parse_args(["--method", "dni", "--truncation", "3", "--synth-sees-inputs"])
+    args = parse_args(["--method", "dni", "--truncation", "3", "--synth-input-window", "5"])
     model = build_model(args, 10, 9)
-    assert model.trainer.sees_inputs
-    assert model.trainer.synthesizer.net[0].in_features == 2 * 128 + 3 * 10
-    assert not build_model(parse_args(["--truncation", "3"]), 10, 9).trainer.sees_inputs
-    train(tiny_args(tmp_path, "--method", "dni", "--truncation", "2", "--synth-sees-inputs"))
+    assert model.trainer.input_window == 5
+    assert model.trainer.synthesizer.net[0].in_features == 2 * 128 + 5 * 10
+    assert build_model(parse_args(["--truncation", "3"]), 10, 9).trainer.input_window == 0
+    train(tiny_args(tmp_path, "--method", "dni", "--truncation", "2", "--synth-input-window", "3"))
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["args"]["synth_sees_inputs"] is True
-    del config["args"]["synth_sees_inputs"]
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    assert parse_args(["--resume", str(tmp_path)]).synth_sees_inputs is False
-    config["args"]["synth_sees_inputs"] = False
-    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert config["args"]["synth_input_window"] == 3
+    assert parse_args(["--resume", str(tmp_path)]).synth_input_window == 3
     with pytest.raises(SystemExit):
-        parse_args(["--resume", str(tmp_path), "--synth-sees-inputs"])
+        parse_args(["--resume", str(tmp_path), "--synth-input-window", "4"])
+    del config["args"]["synth_input_window"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert parse_args(["--resume", str(tmp_path)]).synth_input_window == 0

@@ -73,7 +73,7 @@ def stacked_loss(ys):
     {"truncation": 2, "synthesizer": "mlp", "discount": 0.5, "aux_weight": 0.3},
     {"truncation": 4, "synthesizer": "linear", "discount": 1.0, "aux_weight": 0.5, "target_decay": 0.5},
     {"truncation": 3, "synthesizer": "linear", "discount": 0.5, "target_decay": 0.5,
-     "sees_inputs": True},
+     "input_window": 4},
 ])
 def test_stacked_runs_get_the_gradients_each_run_gets_alone(options):
     singles, xs_ys = models(**options), sequences()
