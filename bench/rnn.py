@@ -42,7 +42,7 @@ from experiment.cli import Parser, nonnegative_int, run
 from experiment.errors import UserError
 from experiment.rnn_train import curriculum_stalled
 
-INPUT_WINDOW = 8   # the inputs the _inputs variants' S sees (bench/README.md: 8 beat T)
+INPUT_WINDOW = 16  # the inputs the _inputs variants' S sees (bench/README.md: more beat fewer)
 LABELS = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux",
           "dni_inputs": f"DNI, S sees {INPUT_WINDOW} inputs",
           "dni_aux_inputs": f"DNI+Aux, S sees {INPUT_WINDOW} inputs"}
