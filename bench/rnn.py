@@ -78,9 +78,25 @@ def run_flags(folder: Path, task: str, method: str, truncation: int, seed: int,
     """rnn_tasks.py's flags for one run: a resume of its checkpoint (its other flags as saved,
     to `steps`), or a new run with `extra`."""
     if (folder / "checkpoint.pt").exists():
+        check_variant(folder, method)
         return ["--resume", str(folder), "--steps", str(steps)]
     return [*method_flags(method), "--task", task, "--truncation", str(truncation),
             "--seed", str(seed), "--out", str(folder), *extra]
+
+
+def check_variant(folder: Path, method: str) -> None:
+    """Refuse a run folder whose synthesizer input window is not the bench method's (a run of
+    another setting under the same name)."""
+    try:
+        saved = json.loads((folder / "config.json").read_text())["args"]
+    except (OSError, ValueError, KeyError):
+        return                                   # no record yet: nothing to contradict
+    flags = METHOD_FLAGS[method][1]
+    want = int(flags[flags.index("--synth-input-window") + 1]) if flags else 0
+    if saved.get("synth_input_window", 0) != want:
+        raise UserError(f"{folder}: made with --synth-input-window "
+                        f"{saved.get('synth_input_window', 0)}, not {method}'s {want}; keep one "
+                        f"--results folder per setting")
 
 
 def method_flags(method: str) -> list[str]:
@@ -207,6 +223,7 @@ def table(results: Path, tasks, methods, truncations, seeds) -> str:
                 for seed in seeds:
                     path = results / run_name(task, method, t, seed) / "summary.json"
                     if path.exists():
+                        check_variant(path.parent, method)
                         summary = json.loads(path.read_text())
                         finished.append(summary)
                         values.append(figure_of(task, summary))

@@ -234,7 +234,7 @@ class TruncatedBPTT(nn.Module):
         (B, window * I), zeros before the sequence (None without a window)."""
         if not self.input_window:
             return None
-        seen = inputs[max(0, t1 - self.input_window):t1].transpose(0, 1).flatten(1)
+        seen = inputs[max(0, t1 - self.input_window):t1].detach().transpose(0, 1).flatten(1)
         width = self.input_window * inputs.shape[2]
         return seen if seen.shape[1] == width else F.pad(seen, (width - seen.shape[1], 0))
 

@@ -205,11 +205,13 @@ def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None 
         parser.set_defaults(**(absent or {}))
         parser.set_defaults(**{k: v for k, v in saved.items() if k in actions and k != "resume"})
         args = parser.parse_args(argv)
-        for dest in fixed:
-            if dest in saved and getattr(args, dest, None) != saved[dest]:
+        for dest in (d for d in fixed if d in actions):   # fixed names a family's flags
+            # a run saved before a flag existed ran with its `absent` value
+            was = saved[dest] if dest in saved else (absent or {}).get(dest, getattr(args, dest))
+            if getattr(args, dest, None) != was:
                 flag = actions[dest].option_strings[0]
                 parser.error(f"--resume {args.resume}: {flag} {_shown(getattr(args, dest))} "
-                             f"contradicts the run's {_shown(saved[dest])}; a resumed run keeps "
+                             f"contradicts the run's {_shown(was)}; a resumed run keeps "
                              f"it (start a new run to change it)")
         args.out = args.resume
     return args

@@ -110,7 +110,8 @@ def build_parser() -> Parser:
 def parse_args(argv: list[str] | None = None):
     """Parse and check the flags (with --resume, the run's saved flags are the defaults)."""
     parser = build_parser()
-    args = parse_training_args(parser, argv, absent={"target_decay": 0.0}, script="rnn_tasks.py",
+    args = parse_training_args(parser, argv, absent={"target_decay": 0.0, "synth_input_window": 0},
+                               script="rnn_tasks.py",
                                renamed={"grad_scale": "discount"},
                                fixed=("task", "method", "truncation", "batch_size", "hidden",
                                       "core", "synthesizer", "synth_input_window",
@@ -246,12 +247,13 @@ def make_loop(args, on_step: Callable[[int], None] | None = None) -> SequenceLoo
         torch.set_num_threads(args.threads)
     checkpoint = load_checkpoint(Path(args.resume), device) if args.resume else None
     out_dir = prepare_out_dir(args.out, "rnn_tasks")
-    write_config(out_dir, "rnn_tasks.py", args, device)
     torch.manual_seed(args.seed)
     task = task_of(args)
     model = build_model(args, task.input_size, task.output_size).to(device)
-    return SequenceLoop(args, model, make_optimizer(model, args), task, out_dir, device,
+    loop = SequenceLoop(args, model, make_optimizer(model, args), task, out_dir, device,
                         checkpoint, on_step)
+    write_config(out_dir, "rnn_tasks.py", args, device)   # once the checkpoint has loaded
+    return loop
 
 
 def train(args, on_step: Callable[[int], None] | None = None) -> dict:

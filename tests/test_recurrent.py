@@ -149,65 +149,85 @@ def test_synthesizer_target_is_autograd_gradient_at_chunk_start(kind, discount):
     assert torch.allclose(report.synthesizer_loss, fit.detach() / len(starts), atol=1e-6)
 
 
+@pytest.mark.parametrize("recurrent", [False, True])
 @pytest.mark.parametrize("target_decay", [0.0, 0.5])
-def test_synthesizer_with_an_input_window_sees_the_inputs_before_each_edge(target_decay):
-    """input_window W: S(e_k, x[t_k - W:t_k]) (zeros before the start) is sent into chunk k's
-    end and fitted to d at the next start (S(s_0, zeros) at the first); the network's gradient
-    and S's are autograd's, and future_gradients' synthetic side is the same S."""
+def test_synthesizer_with_an_input_window_sees_the_inputs_before_each_edge(target_decay,
+                                                                            recurrent):
+    """input_window W: S(e_k, x[t_k - W:t_k]) (zeros before the start) is fitted at the next
+    start, and S's (or, with a target, S_bar's) is sent into chunk k's end (S(s_0, zeros) at the
+    first; a recurrent S and S_bar carry their own states); the network's gradient and S's are
+    autograd's; future_gradients' synthetic side is the same S; the inputs get no gradient
+    from S's fit."""
     T, W = 3, 4
     x, y = sequence(4)
     torch.manual_seed(1)
     core, readout = nn.LSTM(I, H), nn.Linear(H, O)
-    S = LinearSynthesizer(state_size(core), context_size=W * I)
-    nn.init.normal_(S.net[0].weight, std=0.3)
-    nn.init.normal_(S.net[0].bias, std=0.3)
+    S = (RNNSynthesizer(state_size(core), 5, context_size=W * I) if recurrent
+         else LinearSynthesizer(state_size(core), context_size=W * I))
+    for p in S.parameters():
+        nn.init.normal_(p, std=0.3)
     dni = TruncatedBPTT(core, T, synthesizer=S, readout=readout, discount=0.5,
                         input_window=W, target_decay=target_decay)
+    if target_decay:                            # S_bar unlike S, so that sending with S fails
+        for p in dni.target_synthesizer.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    x_leaf = x.clone().requires_grad_()
     dni.zero_grad()
-    report = dni(x, chunk_loss(y))
+    report = dni(x_leaf, chunk_loss(y))
     got_net = [p.grad.clone() for p in [*core.parameters(), *readout.parameters()]]
     got_synth = [p.grad.clone() for p in S.parameters()]
-    sender = dni.target_synthesizer if target_decay else S     # the moved copy, if any
+    sender = dni.target_synthesizer if target_decay else S     # as moved at the call's start
 
     def context(t1):
         seen = x[max(0, t1 - W):t1].transpose(0, 1).reshape(B, -1)
         return torch.cat([torch.zeros(B, W * I - seen.shape[1]), seen], 1)
 
     like = zero_state(core, B)
-    s, fit, targets = flatten_state(like), 0.0, []
+    s = flatten_state(like)
     net = [*core.parameters(), *readout.parameters()]
     want_net = [torch.zeros_like(p) for p in net]
-    starts = list(range(0, L, T))
-    for t0 in starts:
+    x_ref, want_x = x.clone().requires_grad_(), torch.zeros_like(x)
+    synthetic, hidden = S(s, None, context=context(0))
+    sent_hidden = sender(s, None, context=context(0))[1] if target_decay else None
+    fit, targets = 0.0, []
+    for t0 in range(0, L, T):
         t1 = min(t0 + T, L)
         s = s.detach().requires_grad_()
-        out, end_state = core(x[t0:t1], unflatten_state(s, like))
+        out, end_state = core(x_ref[t0:t1], unflatten_state(s, like))
         e = flatten_state(end_state)
         objective = chunk_loss(y)(readout(out), t0, t1)
+        next_synthetic = None
         if t1 < L:
-            sent = sender(e.detach(), None, context=context(t1))[0].detach()
+            next_synthetic, hidden = S(e.detach(), hidden, context=context(t1))
+            sent = next_synthetic.detach()
+            if target_decay:
+                with torch.no_grad():
+                    sent, sent_hidden = sender(e.detach(), sent_hidden, context=context(t1))
             objective = objective + (0.5 * sent / B * e).sum()
-        grads = torch.autograd.grad(objective, [s, *net])
+        grads = torch.autograd.grad(objective, [s, x_ref, *net])
         targets.append(B * grads[0])
-        want_net = [w + g for w, g in zip(want_net, grads[1:])]
-        fit = fit + (S(s.detach(), None, context=context(t0))[0] - B * grads[0]).pow(2).sum() / B
-        s = e
-    for got, want in zip(report.targets, targets):
+        want_x += grads[1]
+        want_net = [w + g for w, g in zip(want_net, grads[2:])]
+        fit = fit + (synthetic - B * grads[0]).pow(2).sum() / B
+        synthetic, s = next_synthetic, e
+    for got, want in zip(report.targets, targets, strict=True):
         torch.testing.assert_close(got, want)
     for got, want in zip(got_net, want_net):
         torch.testing.assert_close(got, want)
     for got, want in zip(got_synth, torch.autograd.grad(fit, list(S.parameters()))):
         torch.testing.assert_close(got, want)
-    pairs = dni.future_gradients(x, chunk_loss(y))
-    with torch.no_grad():
-        s, ends = flatten_state(like), []
-        for t0 in starts[:-1]:
-            _, state = core(x[t0:t0 + T], unflatten_state(s, like))
-            s = flatten_state(state)
-            ends.append((t0 + T, s))
-    assert len(pairs) == len(ends) == 2
-    for (synthetic, _), (t1, e) in zip(pairs, ends):
-        torch.testing.assert_close(synthetic, S(e, None, context=context(t1))[0] / B)
+    torch.testing.assert_close(x_leaf.grad, want_x)   # the network's alone: S's fit adds none
+    if not recurrent:
+        pairs = dni.future_gradients(x, chunk_loss(y))
+        with torch.no_grad():
+            s, ends = flatten_state(like), []
+            for t0 in range(0, L - T, T):
+                _, state = core(x[t0:t0 + T], unflatten_state(s, like))
+                s = flatten_state(state)
+                ends.append((t0 + T, s))
+        assert len(pairs) == len(ends) == 2
+        for (synthetic, _), (t1, e) in zip(pairs, ends):
+            torch.testing.assert_close(synthetic, S(e, None, context=context(t1))[0] / B)
     with pytest.raises(ValueError, match="input_window"):
         dni(x, chunk_loss(y), continues=True)
     with pytest.raises(ValueError, match="input_window"):

@@ -3,6 +3,7 @@ is full BPTT, the stalled check on a run's curriculum, and the table over seeds.
 
 import json
 
+import pytest
 import torch
 
 from bench.rnn import INPUT_WINDOW, cell, run_name, table
@@ -127,3 +128,21 @@ def test_a_variant_method_runs_rnn_tasks_with_its_flag_in_its_own_folders(tmp_pa
     assert configs["dni"]["synth_input_window"] == 0
     assert configs["dni_inputs"]["method"] == configs["dni"]["method"] == "dni"
     assert f"| task | T | DNI | DNI, S sees {INPUT_WINDOW} inputs | seeds | s/run |" in out
+
+
+def test_a_folder_of_another_input_window_is_refused(tmp_path):
+    from bench.rnn import check_variant
+    from experiment.errors import UserError
+
+    folder = tmp_path / run_name("copy", "dni_inputs", 2, 0)
+    folder.mkdir()
+    check_variant(folder, "dni_inputs")                      # nothing recorded yet
+    (folder / "config.json").write_text(json.dumps({"args": {"synth_input_window": 8}}))
+    with pytest.raises(UserError, match=f"--synth-input-window 8, not dni_inputs.s {INPUT_WINDOW}"):
+        check_variant(folder, "dni_inputs")
+    (folder / "config.json").write_text(json.dumps({"args": {"synth_input_window": INPUT_WINDOW}}))
+    check_variant(folder, "dni_inputs")
+    with pytest.raises(UserError):
+        check_variant(folder, "dni")
+    (folder / "config.json").write_text(json.dumps({"args": {"method": "dni"}}))   # older run
+    check_variant(folder, "dni")

@@ -218,6 +218,8 @@ def test_synthesizer_input_window_is_built_and_kept_on_resume(tmp_path):
     assert parse_args(["--resume", str(tmp_path)]).synth_input_window == 3
     with pytest.raises(SystemExit):
         parse_args(["--resume", str(tmp_path), "--synth-input-window", "4"])
-    del config["args"]["synth_input_window"]
+    del config["args"]["synth_input_window"]          # a run saved before the flag existed
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert parse_args(["--resume", str(tmp_path)]).synth_input_window == 0
+    with pytest.raises(SystemExit):                   # it ran without a window: kept so
+        parse_args(["--resume", str(tmp_path), "--synth-input-window", "3"])
