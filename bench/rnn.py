@@ -38,18 +38,26 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from experiment.cli import Parser, nonnegative_int, run
+from experiment.cli import Parser, nonnegative_int, positive_int, run
 from experiment.errors import UserError
 from experiment.rnn_train import curriculum_stalled
 
 INPUT_WINDOW = 16  # the inputs the _inputs variants' S sees (bench/README.md: more beat fewer)
 LABELS = {"bptt": "BPTT", "dni": "DNI", "dni_aux": "DNI+Aux",
-          "dni_inputs": f"DNI, S sees {INPUT_WINDOW} inputs",
-          "dni_aux_inputs": f"DNI+Aux, S sees {INPUT_WINDOW} inputs"}
-# a bench method: rnn_tasks.py's --method and the flags that make the variant
-METHOD_FLAGS = {"bptt": ("bptt", []), "dni": ("dni", []), "dni_aux": ("dni_aux", []),
-                "dni_inputs": ("dni", ["--synth-input-window", str(INPUT_WINDOW)]),
-                "dni_aux_inputs": ("dni_aux", ["--synth-input-window", str(INPUT_WINDOW)])}
+          "dni_inputs": "DNI, S sees {} inputs", "dni_aux_inputs": "DNI+Aux, S sees {} inputs"}
+# a bench method: rnn_tasks.py's --method, and whether S also sees the last --input-window inputs
+METHODS = {"bptt": ("bptt", False), "dni": ("dni", False), "dni_aux": ("dni_aux", False),
+           "dni_inputs": ("dni", True), "dni_aux_inputs": ("dni_aux", True)}
+
+
+def label(method: str, window: int = INPUT_WINDOW) -> str:
+    """A bench method's column heading."""
+    return LABELS[method].format(window)
+
+
+def window_of(method: str, window: int = INPUT_WINDOW) -> int:
+    """The inputs a bench method's S sees (0: the state alone)."""
+    return window if METHODS[method][1] else 0
 
 
 def run_name(task: str, method: str, truncation: int, seed: int) -> str:
@@ -58,12 +66,12 @@ def run_name(task: str, method: str, truncation: int, seed: int) -> str:
 
 
 def train_one(folder: Path, task: str, method: str, truncation: int, seed: int,
-              extra: list[str], steps: int) -> dict:
+              extra: list[str], steps: int, window: int = INPUT_WINDOW) -> dict:
     """Run (or resume, or extend to `steps`) one rnn_tasks.py run on one thread; return its
     summary."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "PYTHONUNBUFFERED": "1"}
-    argv = run_flags(folder, task, method, truncation, seed, extra, steps)
+    argv = run_flags(folder, task, method, truncation, seed, extra, steps, window)
     cmd = [sys.executable, str(ROOT / "rnn_tasks.py"), *argv, "--threads", "1",
            "--device", "cpu", "--log-every", "100"]
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
@@ -74,39 +82,38 @@ def train_one(folder: Path, task: str, method: str, truncation: int, seed: int,
 
 
 def run_flags(folder: Path, task: str, method: str, truncation: int, seed: int,
-              extra: list[str], steps: int) -> list[str]:
+              extra: list[str], steps: int, window: int = INPUT_WINDOW) -> list[str]:
     """rnn_tasks.py's flags for one run: a resume of its checkpoint (its other flags as saved,
     to `steps`), or a new run with `extra`."""
     if (folder / "checkpoint.pt").exists():
-        check_variant(folder, method)
+        check_variant(folder, method, window)
         return ["--resume", str(folder), "--steps", str(steps)]
-    return [*method_flags(method), "--task", task, "--truncation", str(truncation),
+    return [*method_flags(method, window), "--task", task, "--truncation", str(truncation),
             "--seed", str(seed), "--out", str(folder), *extra]
 
 
-def check_variant(folder: Path, method: str) -> None:
+def check_variant(folder: Path, method: str, window: int = INPUT_WINDOW) -> None:
     """Refuse a run folder whose synthesizer input window is not the bench method's (a run of
     another setting under the same name)."""
     try:
         saved = json.loads((folder / "config.json").read_text())["args"]
     except (OSError, ValueError, KeyError):
         return                                   # no record yet: nothing to contradict
-    flags = METHOD_FLAGS[method][1]
-    want = int(flags[flags.index("--synth-input-window") + 1]) if flags else 0
+    want = window_of(method, window)
     if saved.get("synth_input_window", 0) != want:
         raise UserError(f"{folder}: made with --synth-input-window "
                         f"{saved.get('synth_input_window', 0)}, not {method}'s {want}; keep one "
                         f"--results folder per setting")
 
 
-def method_flags(method: str) -> list[str]:
-    """rnn_tasks.py's flags for a bench method (a variant: --method and its flags)."""
-    name, flags = METHOD_FLAGS[method]
-    return ["--method", name, *flags]
+def method_flags(method: str, window: int = INPUT_WINDOW) -> list[str]:
+    """rnn_tasks.py's flags for a bench method (a variant: --method and its window)."""
+    seen = window_of(method, window)
+    return ["--method", METHODS[method][0], *(["--synth-input-window", str(seen)] if seen else [])]
 
 
 def train_stacked(folders: list[Path], cell: tuple[str, str, int], seeds: list[int],
-                  extra: list[str], steps: int) -> list[dict]:
+                  extra: list[str], steps: int, window: int = INPUT_WINDOW) -> list[dict]:
     """Train the cell's runs in `folders` side by side in this process, in groups of runs
     whose checkpoints are at one step; return their summaries."""
     from experiment.records import load_checkpoint
@@ -116,7 +123,7 @@ def train_stacked(folders: list[Path], cell: tuple[str, str, int], seeds: list[i
     task, method, truncation = cell
     by_step: dict[int, list] = {}
     for folder, seed in zip(folders, seeds):
-        argv = run_flags(folder, task, method, truncation, seed, extra, steps)
+        argv = run_flags(folder, task, method, truncation, seed, extra, steps, window)
         args = parse_run_flags([*argv, "--log-every", "100"])
         at = (load_checkpoint(folder, torch.device("cpu"))["state"]["step"]
               if args.resume else 0)
@@ -131,7 +138,7 @@ COST_LENGTHS = (2, 10, 30)
 
 
 def stack_cost(tasks: list[str], truncations: list[int], methods: list[str], seeds: list[int],
-               extra: list[str], steps: int) -> str:
+               extra: list[str], steps: int, window: int = INPUT_WINDOW) -> str:
     """The markdown table of a step's time alone and of the seeds side by side, at the
     lengths COST_LENGTHS (mnist_rows: its 28 rows)."""
     from experiment.rnn_group import step_seconds
@@ -142,12 +149,12 @@ def stack_cost(tasks: list[str], truncations: list[int], methods: list[str], see
     for task in tasks:
         for t in truncations:
             for method in runs_at(t, methods):
-                runs = [parse_run_flags([*method_flags(method), "--task", task, "--truncation",
+                runs = [parse_run_flags([*method_flags(method, window), "--task", task, "--truncation",
                                          str(t), "--seed", str(seed), "--out", "unused",
                                          *extra]) for seed in seeds]
                 for length in (28,) if task == "mnist_rows" else COST_LENGTHS:
                     alone, stacked = step_seconds(runs, length, steps, runs[0].device)
-                    lines.append(f"| {task} | {t or 'full'} | {LABELS[method]} | {length} | "
+                    lines.append(f"| {task} | {t or 'full'} | {label(method, window)} | {length} | "
                                  f"{alone * 1e3:.1f} | {stacked * 1e3:.1f} | "
                                  f"{len(seeds) * alone / stacked:.2f}x |")
     return "\n".join(lines)
@@ -205,9 +212,10 @@ def budget(summaries: list[dict]) -> str:
             f"batch {seen('batch_size')}" if summaries else "no run finished yet")
 
 
-def table(results: Path, tasks, methods, truncations, seeds) -> str:
+def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT_WINDOW) -> str:
     """The markdown table of the finished runs, under a caption with their budget."""
-    head = "| task | T | " + " | ".join(LABELS[m] for m in methods) + " | seeds | s/run |"
+    head = ("| task | T | " + " | ".join(label(m, window) for m in methods)
+            + " | seeds | s/run |")
     lines = [head, "|" + "---|" * (len(methods) + 4)]
     finished = []
     for task in tasks:
@@ -223,7 +231,7 @@ def table(results: Path, tasks, methods, truncations, seeds) -> str:
                 for seed in seeds:
                     path = results / run_name(task, method, t, seed) / "summary.json"
                     if path.exists():
-                        check_variant(path.parent, method)
+                        check_variant(path.parent, method, window)
                         summary = json.loads(path.read_text())
                         finished.append(summary)
                         values.append(figure_of(task, summary))
@@ -255,7 +263,10 @@ def main():
                         "MNIST, scored by test accuracy)")
     parser.add_argument("--methods", nargs="+", choices=list(LABELS),
                         default=list(LABELS), help="methods (_inputs: S also sees the last "
-                        f"{INPUT_WINDOW} inputs, rnn_tasks.py --synth-input-window)")
+                        "--input-window inputs)")
+    parser.add_argument("--input-window", type=positive_int, default=INPUT_WINDOW, metavar="K",
+                        help="inputs the _inputs methods' S sees (rnn_tasks.py "
+                             "--synth-input-window)")
     parser.add_argument("--truncations", nargs="+", type=nonnegative_int,
                         default=[0, 2, 3, 4, 5, 8], help="truncations T (0: untruncated, BPTT only)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds")
@@ -283,7 +294,7 @@ def main():
     if args.stack_cost:
         torch.set_num_threads(1)
         print(stack_cost(args.tasks, args.truncations, args.methods, args.seeds, extra,
-                         args.stack_cost))
+                         args.stack_cost, args.input_window))
         return
     started = 0
     if args.stack and not args.table_only:
@@ -300,7 +311,8 @@ def main():
                     started += len(seeds)
                     tick = time.perf_counter()
                     folders = [results / run_name(task, method, t, seed) for seed in seeds]
-                    summaries = train_stacked(folders, (task, method, t), seeds, extra, steps)
+                    summaries = train_stacked(folders, (task, method, t), seeds, extra, steps,
+                                              args.input_window)
                     figures = " ".join(f"{figure_of(task, s):g}" for s in summaries)
                     print(f"{task} {method} T={t} seeds {' '.join(map(str, seeds))}: "
                           f"{'test accuracy' if task == 'mnist_rows' else 'lengths'} "
@@ -318,14 +330,16 @@ def main():
                             continue
                         started += 1
                         tick = time.perf_counter()
-                        summary = train_one(folder, task, method, t, seed, extra, steps)
+                        summary = train_one(folder, task, method, t, seed, extra, steps,
+                                            args.input_window)
                         scored = (f"test accuracy {figure_of(task, summary):.2f}%"
                                   if task == "mnist_rows" else
                                   f"length {summary['max_length_solved']} ("
                                   f"{'stalled' if stalled(summary) else 'still growing'})")
                         print(f"{folder.name}: {scored}, {time.perf_counter() - tick:.0f}s",
                               flush=True)
-    print(table(results, args.tasks, args.methods, args.truncations, args.seeds))
+    print(table(results, args.tasks, args.methods, args.truncations, args.seeds,
+                args.input_window))
     if args.figure:
         from experiment.figures import draw_length_curves
 

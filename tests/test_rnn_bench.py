@@ -120,14 +120,14 @@ def test_a_variant_method_runs_rnn_tasks_with_its_flag_in_its_own_folders(tmp_pa
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
          "2", "--seeds", "0", "--methods", "dni", "dni_inputs", "--results", str(tmp_path),
-         "--steps", "3", "--batch-size", "2", "--hidden", "4"],
+         "--steps", "3", "--batch-size", "2", "--hidden", "4", "--input-window", "3"],
         capture_output=True, text=True, check=True, cwd=ROOT).stdout
     configs = {name: json.loads((tmp_path / run_name("copy", name, 2, 0) / "config.json")
                                 .read_text())["args"] for name in ("dni", "dni_inputs")}
-    assert configs["dni_inputs"]["synth_input_window"] == INPUT_WINDOW > 0
+    assert configs["dni_inputs"]["synth_input_window"] == 3
     assert configs["dni"]["synth_input_window"] == 0
     assert configs["dni_inputs"]["method"] == configs["dni"]["method"] == "dni"
-    assert f"| task | T | DNI | DNI, S sees {INPUT_WINDOW} inputs | seeds | s/run |" in out
+    assert "| task | T | DNI | DNI, S sees 3 inputs | seeds | s/run |" in out
 
 
 def test_a_folder_of_another_input_window_is_refused(tmp_path):
