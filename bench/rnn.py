@@ -262,8 +262,8 @@ def main():
                         default=["copy", "repeat_copy"], help="tasks (mnist_rows: sequential "
                         "MNIST, scored by test accuracy)")
     parser.add_argument("--methods", nargs="+", choices=list(LABELS),
-                        default=list(LABELS), help="methods (_inputs: S also sees the last "
-                        "--input-window inputs)")
+                        default=["bptt", "dni", "dni_aux"], help="methods, the paper's by "
+                        "default (_inputs: S also sees the last --input-window inputs)")
     parser.add_argument("--input-window", type=positive_int, default=INPUT_WINDOW, metavar="K",
                         help="inputs the _inputs methods' S sees (rnn_tasks.py "
                              "--synth-input-window)")

@@ -103,7 +103,7 @@ def test_bench_runs_the_untruncated_row_then_extends_it_to_a_larger_budget(tmp_p
     first = bench(4)
     folder = tmp_path / run_name("copy", "bptt", 0, 0)
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]     # BPTT alone untruncated
-    assert "| copy | full | 0 |  |  |  |  | 1 |" in first and "4 steps a run" in first
+    assert "| copy | full | 0 |  |  | 1 |" in first and "4 steps a run" in first
     bench(6)
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["truncation"] == 0
