@@ -19,7 +19,7 @@ times it instead: N interleaved steps of each run alone and of the seeds side by
 lengths, for each task, T and method given.
 
 Usage: python bench/rnn.py [--tasks copy repeat_copy mnist_rows] [--methods bptt dni dni_aux
-       dni_inputs dni_aux_inputs]
+       dni_inputs dni_aux_inputs] [--input-window K]
        [--truncations 0 2 3 4 5 8] [--seeds 0 1 2] [--max-runs K] [--table-only]
        [--stack [--device cuda]] [--stack-cost N] [--results DIR]
        [rnn_tasks.py flags, e.g. --steps 30000 --hidden 256 --batch-size 256]
@@ -296,6 +296,12 @@ def main():
         print(stack_cost(args.tasks, args.truncations, args.methods, args.seeds, extra,
                          args.stack_cost, args.input_window))
         return
+    for task in args.tasks:              # a folder of another setting stops all before any runs
+        for t in args.truncations:
+            for method in runs_at(t, args.methods):
+                for seed in args.seeds:
+                    check_variant(results / run_name(task, method, t, seed), method,
+                                  args.input_window)
     started = 0
     if args.stack and not args.table_only:
         torch.set_num_threads(1)

@@ -146,3 +146,22 @@ def test_a_folder_of_another_input_window_is_refused(tmp_path):
         check_variant(folder, "dni")
     (folder / "config.json").write_text(json.dumps({"args": {"method": "dni"}}))   # older run
     check_variant(folder, "dni")
+
+
+def test_a_finished_run_of_another_window_stops_the_bench_before_anything_trains(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def bench(window, *seeds):
+        return subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
+             "2", "--seeds", *seeds, "--methods", "dni_inputs", "--results", str(tmp_path),
+             "--steps", "2", "--batch-size", "2", "--hidden", "4", "--input-window", window],
+            capture_output=True, text=True, check=False, cwd=ROOT)
+
+    assert bench("3", "0").returncode == 0
+    refused = bench("5", "0", "1")
+    assert refused.returncode == 2 and "--synth-input-window 3, not" in refused.stderr
+    assert not (tmp_path / run_name("copy", "dni_inputs", 2, 1)).exists()   # nothing trained
