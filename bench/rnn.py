@@ -86,7 +86,6 @@ def run_flags(folder: Path, task: str, method: str, truncation: int, seed: int,
     """rnn_tasks.py's flags for one run: a resume of its checkpoint (its other flags as saved,
     to `steps`), or a new run with `extra`."""
     if (folder / "checkpoint.pt").exists():
-        check_variant(folder, method, window)
         return ["--resume", str(folder), "--steps", str(steps)]
     return [*method_flags(method, window), "--task", task, "--truncation", str(truncation),
             "--seed", str(seed), "--out", str(folder), *extra]
@@ -231,7 +230,6 @@ def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT
                 for seed in seeds:
                     path = results / run_name(task, method, t, seed) / "summary.json"
                     if path.exists():
-                        check_variant(path.parent, method, window)
                         summary = json.loads(path.read_text())
                         finished.append(summary)
                         values.append(figure_of(task, summary))
@@ -296,7 +294,8 @@ def main():
         print(stack_cost(args.tasks, args.truncations, args.methods, args.seeds, extra,
                          args.stack_cost, args.input_window))
         return
-    for task in args.tasks:              # a folder of another setting stops all before any runs
+    # the one check of the folders' settings: one of another window stops all before any runs
+    for task in args.tasks:
         for t in args.truncations:
             for method in runs_at(t, args.methods):
                 for seed in args.seeds:

@@ -380,12 +380,12 @@ class TruncatedBPTT(nn.Module):
         if self.target_synthesizer is not None and self.training and torch.is_grad_enabled():
             self.update_target()
         if self.synthesizer is not None:
-            synthetic, synth_hidden = self.synthetic_gradient(            # S(s_0)
-                start, None, going_on(0), self._context(inputs, 0))
+            first = self._context(inputs, 0)
+            synthetic, synth_hidden = self.synthetic_gradient(start, None, going_on(0),
+                                                              first)             # S(s_0)
             if self.target_synthesizer is not None and synth_hidden is not None:
                 # a recurrent S_bar's state at s_0 (one without a state, as S, needs no call)
-                _, target_hidden = self._sent_gradient(start, None, going_on(0),
-                                                       self._context(inputs, 0))
+                _, target_hidden = self._sent_gradient(start, None, going_on(0), first)
         outputs, fits, targets, aux_losses = [], [], [], []
         fitted, aux_chunks = [], []           # which runs each fit / aux loss counts for
         total = inputs.new_zeros(())
