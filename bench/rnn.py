@@ -9,7 +9,9 @@ curriculum was still growing in the last quarter of its steps (not stalled: the 
 Each run is `rnn_tasks.py` in its own folder under --results; a folder with summary.json of
 --steps steps is finished and skipped, one with a checkpoint is resumed, or extended to a larger
 --steps (its other flags as saved). Subsets by flags, so the table can be filled a few runs at a
-time (--max-runs). Every run uses one CPU thread.
+time (--max-runs). Every run uses one CPU thread. A run that diverges gets diverged.json (its
+error and the length it had solved), counts as finished, and the bench goes on; the table marks
+its cell with a dagger. Any other failure, or a signal, stops the bench.
 
 --stack trains each cell's unfinished seeds side by side in one process, as one stacked model
 (experiment/rnn_group.py), on --device (the GPU path: the whole table is one command); the runs'
@@ -25,6 +27,7 @@ Usage: python bench/rnn.py [--tasks copy repeat_copy mnist_rows] [--methods bptt
        [rnn_tasks.py flags, e.g. --steps 30000 --hidden 256 --batch-size 256]
 Flags it does not know go to every rnn_tasks.py run; keep one --results folder per setting."""
 
+import csv
 import json
 import os
 import statistics
@@ -39,7 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from experiment.cli import Parser, nonnegative_int, positive_int, run
-from experiment.errors import UserError
+from experiment.errors import USER_ERROR_EXIT, UserError
 from experiment.rnn_train import curriculum_stalled
 
 INPUT_WINDOW = 16  # the inputs the _inputs variants' S sees (bench/README.md: more beat fewer)
@@ -77,8 +80,34 @@ def train_one(folder: Path, task: str, method: str, truncation: int, seed: int,
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         last = (result.stderr.strip().splitlines() or [""])[-1].removeprefix("error: ")
+        if result.returncode == USER_ERROR_EXIT and last.startswith("training diverged"):
+            return record_divergence(folder, last)
         raise UserError(f"run {folder.name} failed (exit {result.returncode}): {last}")
     return json.loads((folder / "summary.json").read_text())
+
+
+def record_divergence(folder: Path, error: str) -> dict:
+    """Write `folder`/diverged.json for a run that diverged: its error line and the longest
+    length it had solved by its last logged step (the bench goes on; the table marks it)."""
+    solved, step = 0, 0
+    if (folder / "metrics.csv").exists():       # none when it diverged before its first row
+        with open(folder / "metrics.csv", newline="") as f:
+            for row in csv.DictReader(f):
+                if row["kind"] == "step" and row["max_length_solved"]:
+                    solved, step = int(float(row["max_length_solved"])), int(row["step"])
+    record = {"diverged": True, "error": error, "max_length_solved": solved,
+              "last_logged_step": step}
+    (folder / "diverged.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def run_record(folder: Path) -> dict | None:
+    """A run's diverged.json (newer than any summary of a shorter budget it extended), else
+    its summary.json, else None (not finished)."""
+    for name in ("diverged.json", "summary.json"):
+        if (folder / name).exists():
+            return json.loads((folder / name).read_text())
+    return None
 
 
 def run_flags(folder: Path, task: str, method: str, truncation: int, seed: int,
@@ -161,9 +190,10 @@ def stack_cost(tasks: list[str], truncations: list[int], methods: list[str], see
 
 def finished(folder: Path, steps: int) -> bool:
     """Whether the run in `folder` has finished at least `steps` steps (a shorter finished
-    run is extended from its checkpoint: a longer budget where a curriculum had not stalled)."""
-    path = folder / "summary.json"
-    return path.exists() and json.loads(path.read_text())["steps"] >= steps
+    run is extended from its checkpoint: a longer budget where a curriculum had not stalled),
+    or diverged (final: a resume repeats the same steps)."""
+    record = run_record(folder)
+    return record is not None and (record.get("diverged", False) or record["steps"] >= steps)
 
 
 def runs_at(truncation: int, methods) -> list[str]:
@@ -178,19 +208,21 @@ def stalled(summary: dict) -> bool:
     return curriculum_stalled(summary["levels"], summary["steps"])  # runs before the key
 
 
-def cell(values: list[float], growing: bool = False, digits: int | None = None) -> str:
+def cell(values: list[float], growing: bool = False, digits: int | None = None,
+         diverged: bool = False) -> str:
     """'median (min-max)' of the seeds' figures, '-' when none finished (`digits` after the
     point; None: as short as exact); `growing` adds '*' (a seed's curriculum had not
-    stalled)."""
+    stalled), `diverged` a dagger (a seed diverged)."""
+    mark = "\u2020" if diverged else ""
     if not values:
-        return "-"
+        return "-" + mark
 
     def shown(x):
         return f"{x:g}" if digits is None else f"{x:.{digits}f}"
 
     text = shown(statistics.median(values))
     text = f"{text} ({shown(min(values))}-{shown(max(values))})" if len(values) > 1 else text
-    return text + "*" if growing else text
+    return text + ("*" if growing else "") + mark
 
 
 def figure_of(task: str, summary: dict) -> float:
@@ -216,7 +248,7 @@ def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT
     head = ("| task | T | " + " | ".join(label(m, window) for m in methods)
             + " | seeds | s/run |")
     lines = [head, "|" + "---|" * (len(methods) + 4)]
-    finished = []
+    finished, any_diverged = [], False
     for task in tasks:
         for t in truncations:
             if not runs_at(t, methods):
@@ -226,18 +258,23 @@ def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT
                 if method not in runs_at(t, methods):
                     cells.append("")
                     continue
-                values, growing = [], False
+                values, growing, diverged = [], False, False
                 for seed in seeds:
-                    path = results / run_name(task, method, t, seed) / "summary.json"
-                    if path.exists():
-                        summary = json.loads(path.read_text())
+                    summary = run_record(results / run_name(task, method, t, seed))
+                    if summary is not None and summary.get("diverged", False):
+                        diverged = True
+                        if task != "mnist_rows":   # the length it had solved still counts
+                            values.append(summary["max_length_solved"])
+                    elif summary is not None:
                         finished.append(summary)
                         values.append(figure_of(task, summary))
                         # runs side by side shared their process's time
                         seconds.append(summary["train_seconds"]
                                        / summary.get("stacked_runs", 1))
                         growing = growing or not stalled(summary)
-                cells.append(cell(values, growing, 1 if task == "mnist_rows" else None))
+                cells.append(cell(values, growing, 1 if task == "mnist_rows" else None,
+                                  diverged))
+                any_diverged = any_diverged or diverged
                 counts.append(len(values))
             per_run = f"{statistics.mean(seconds):.0f}" if seconds else "-"
             lines.append(f"| {task} | {t or 'full'} | " + " | ".join(cells)
@@ -248,14 +285,18 @@ def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT
         if "mnist_rows" in tasks else "")
     stars = (" *: a seed's curriculum still grew in the last quarter of its steps (not "
              "stalled)." if curricula else "")
+    daggers = (" \u2020: a seed diverged (its diverged.json; a copy-task seed counts with the "
+               "length solved before)." if any_diverged else "")
     caption = (f"{measure}, median (range) over seeds {' '.join(map(str, seeds))}; "
-               f"{budget(finished)}; T full: untruncated BPTT.{stars}")
+               f"{budget(finished)}; T full: untruncated BPTT.{stars}{daggers}")
     return "\n".join([caption, "", *lines])
 
 
 def main():
     """Run what is missing (up to --max-runs), then print the table."""
-    parser = Parser(description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser = Parser(description=" ".join(__doc__.split("\n\n")[0].split()),
+                    epilog="Flags it does not know go to every rnn_tasks.py run (e.g. --steps "
+                           "60000 --hidden 256 --batch-size 256); see rnn_tasks.py --help.")
     parser.add_argument("--tasks", nargs="+", choices=["copy", "repeat_copy", "mnist_rows"],
                         default=["copy", "repeat_copy"], help="tasks (mnist_rows: sequential "
                         "MNIST, scored by test accuracy)")
@@ -337,7 +378,8 @@ def main():
                         tick = time.perf_counter()
                         summary = train_one(folder, task, method, t, seed, extra, steps,
                                             args.input_window)
-                        scored = (f"test accuracy {figure_of(task, summary):.2f}%"
+                        scored = (f"diverged ({summary['error']})" if summary.get("diverged")
+                                  else f"test accuracy {figure_of(task, summary):.2f}%"
                                   if task == "mnist_rows" else
                                   f"length {summary['max_length_solved']} ("
                                   f"{'stalled' if stalled(summary) else 'still growing'})")

@@ -165,3 +165,43 @@ def test_a_finished_run_of_another_window_stops_the_bench_before_anything_trains
     refused = bench("5", "0", "1")
     assert refused.returncode == 2 and "--synth-input-window 3, not" in refused.stderr
     assert not (tmp_path / run_name("copy", "dni_inputs", 2, 1)).exists()   # nothing trained
+
+
+def test_a_diverged_run_is_recorded_with_its_length_and_marked_in_the_table(tmp_path):
+    from bench.rnn import record_divergence
+
+    folder = tmp_path / run_name("copy", "dni", 3, 1)
+    folder.mkdir()
+    (folder / "metrics.csv").write_text(
+        "kind,step,level,max_length_solved\nstep,100,3,2\nstep,200,4,3\n")
+    record = record_divergence(folder, "training diverged: non-finite loss at step 250")
+    assert record["max_length_solved"] == 3 and record["last_logged_step"] == 200
+    for seed, length in ((0, 5), (2, 4)):
+        write_summary(tmp_path / run_name("copy", "dni", 3, seed), length, [[10, length + 1]])
+    caption, _, _, _, row = table(tmp_path, ["copy"], ["dni"], [3], [0, 1, 2]).splitlines()
+    assert row == "| copy | 3 | 4 (3-5)\u2020 | 3 | 60 |"      # its length counts, marked
+    assert "\u2020: a seed diverged" in caption and "30,000 steps a run" in caption
+
+
+def test_the_bench_goes_on_past_a_diverged_run_and_does_not_retry_it(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    def bench():
+        return subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
+             "2", "--seeds", "0", "1", "--methods", "dni", "--results", str(tmp_path),
+             "--steps", "3", "--batch-size", "2", "--hidden", "4", "--lr", "1e30",
+             "--synth-lr", "1e30"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+
+    first = bench()
+    for seed in (0, 1):                              # the second seed ran after the first diverged
+        record = json.loads((tmp_path / run_name("copy", "dni", 2, seed) / "diverged.json")
+                            .read_text())
+        assert record["diverged"] and record["error"].startswith("training diverged")
+        assert f"copy-dni-T2-s{seed}: diverged (training diverged" in first
+    assert "| copy | 2 | 0 (0-0)\u2020 | 2 |" in first
+    again = bench()
+    assert ": diverged (" not in again and "| copy | 2 | 0 (0-0)\u2020 | 2 |" in again
