@@ -10,8 +10,9 @@ Each run is `rnn_tasks.py` in its own folder under --results; a folder with summ
 --steps steps is finished and skipped, one with a checkpoint is resumed, or extended to a larger
 --steps (its other flags as saved). Subsets by flags, so the table can be filled a few runs at a
 time (--max-runs). Every run uses one CPU thread. A run that diverges gets diverged.json (its
-error and the length it had solved), counts as finished, and the bench goes on; the table marks
-its cell with a dagger. Any other failure, or a signal, stops the bench.
+error and the length it had solved), counts as finished, and the bench goes on (side by side:
+the other seeds resume from their checkpoints); the table marks its cell with a dagger. Any
+other failure, or a signal, stops the bench.
 
 --stack trains each cell's unfinished seeds side by side in one process, as one stacked model
 (experiment/rnn_group.py), on --device (the GPU path: the whole table is one command); the runs'
@@ -143,9 +144,10 @@ def method_flags(method: str, window: int = INPUT_WINDOW) -> list[str]:
 def train_stacked(folders: list[Path], cell: tuple[str, str, int], seeds: list[int],
                   extra: list[str], steps: int, window: int = INPUT_WINDOW) -> list[dict]:
     """Train the cell's runs in `folders` side by side in this process, in groups of runs
-    whose checkpoints are at one step; return their summaries."""
+    whose checkpoints are at one step; return their records (summary, or diverged.json for a
+    run that diverged: the others go on from their checkpoints)."""
     from experiment.records import load_checkpoint
-    from experiment.rnn_group import train_group
+    from experiment.rnn_group import RunsDiverged, train_group
     from experiment.rnn_train import parse_args as parse_run_flags
 
     task, method, truncation = cell
@@ -155,11 +157,19 @@ def train_stacked(folders: list[Path], cell: tuple[str, str, int], seeds: list[i
         args = parse_run_flags([*argv, "--log-every", "100"])
         at = (load_checkpoint(folder, torch.device("cpu"))["state"]["step"]
               if args.resume else 0)
-        by_step.setdefault(at, []).append(args)
-    summaries = []
+        by_step.setdefault(at, []).append((folder, seed, args))
     for group in by_step.values():
-        summaries += train_group(group, group[0].device)
-    return summaries
+        try:
+            train_group([args for _, _, args in group], group[0][2].device)
+        except RunsDiverged as exc:
+            for out, error in exc.errors.items():
+                record_divergence(out, error)
+                print(f"{out.name}: diverged ({error})", flush=True)
+            rest = [(folder, seed) for folder, seed, _ in group if folder not in exc.errors]
+            if rest:
+                train_stacked([f for f, _ in rest], cell, [s for _, s in rest], extra, steps,
+                              window)
+    return [run_record(folder) for folder in folders]
 
 
 COST_LENGTHS = (2, 10, 30)
@@ -359,7 +369,8 @@ def main():
                     folders = [results / run_name(task, method, t, seed) for seed in seeds]
                     summaries = train_stacked(folders, (task, method, t), seeds, extra, steps,
                                               args.input_window)
-                    figures = " ".join(f"{figure_of(task, s):g}" for s in summaries)
+                    figures = " ".join("diverged" if s.get("diverged") else
+                                       f"{figure_of(task, s):g}" for s in summaries)
                     print(f"{task} {method} T={t} seeds {' '.join(map(str, seeds))}: "
                           f"{'test accuracy' if task == 'mnist_rows' else 'lengths'} "
                           f"{figures} ({time.perf_counter() - tick:.0f}s, side by side)",

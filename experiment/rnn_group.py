@@ -4,8 +4,9 @@ state, data stream and curriculum, so each sequence batch holds the runs' sequen
 own lengths, padded to the longest. Each run's folder gets the records rnn_tasks.py writes
 (config.json, metrics.csv, summary.json, checkpoint.pt, the same format), so a run can be
 resumed by itself with `rnn_tasks.py --resume`, and a group by this module, from its runs'
-checkpoints at one step. A run that diverges stops the group (one error line, every run's last
-checkpoint kept).
+checkpoints at one step. A run that diverges stops the group with RunsDiverged, which names the
+runs that went non-finite (every run's last checkpoint kept, so bench/rnn.py records those and
+resumes the others).
 
 Why: on a GPU a 128-unit LSTM's step is mostly kernel-launch overhead, and K runs in one
 batched product cost little more than one. On a CPU the step is compute-bound and this gains
@@ -50,6 +51,15 @@ SHARED = ("task", "method", "truncation", "steps", "batch_size", "hidden", "core
           "target_decay", "aux_weight",
           "clip", "threshold", "window", "max_length", "bits", "max_repeats", "data_dir",
           "log_every", "checkpoint_every")
+
+
+class RunsDiverged(UserError):
+    """Runs of a group went non-finite at a step: `errors` maps each one's folder to its error
+    line, as rnn_tasks.py would print it alone."""
+
+    def __init__(self, errors: dict[Path, str]):
+        self.errors = errors
+        super().__init__("; ".join(f"{out.name}: {error}" for out, error in errors.items()))
 
 
 class _Member:
@@ -140,7 +150,7 @@ class _GroupLoop(StepPeriodLoop):
         report = self.model.trainer(batch.inputs, self.run_losses(batch), lengths=lengths)
         bad = first_nonfinite(report, self.network)
         if bad:
-            raise self.diverged(bad, "lower --lr or --discount")
+            raise self.runs_diverged(report) or self.diverged(bad, "lower --lr or --discount")
         if args.clip > 0:
             clip_each_run(self.clipped, args.clip, len(self.members))
         self.optimizer.step()
@@ -163,6 +173,21 @@ class _GroupLoop(StepPeriodLoop):
             if m.curriculum.record(errors_k):
                 m.state.levels.append([self.state.step + 1, m.curriculum.level])
         self.last = (batch, lengths)
+
+    def runs_diverged(self, report) -> RunsDiverged | None:
+        """The runs whose loss, synthetic-gradient loss or gradient (their slice of a stacked
+        parameter) is non-finite; None if no run's is."""
+        grads = [(name, p.grad) for name, p in self.network if p.grad is not None]
+        errors = {}
+        for k, m in enumerate(self.members):
+            what = ("loss" if not torch.isfinite(report.loss[k])
+                    else "synthetic-gradient loss" if report.synthesizer_loss is not None
+                    and not torch.isfinite(report.synthesizer_loss[k])
+                    else next((name for name, g in grads if not torch.isfinite(g[k]).all()),
+                              None))
+            if what is not None:
+                errors[m.out_dir] = str(self.diverged(what, "lower --lr or --discount"))
+        return RunsDiverged(errors) if errors else None
 
     def after_step(self) -> None:
         args, step = self.args, self.state.step

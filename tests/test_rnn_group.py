@@ -1,7 +1,8 @@
 """rnn_tasks.py runs side by side in one process (experiment/rnn_group.py): each run trains
 as it trains alone (curriculum, weights), with sequences of different lengths in one batch;
 SIGTERM then resume is exact; a run of a group resumes alone from its checkpoint; mixed
-settings are refused; bench/rnn.py --stack fills the same table."""
+settings are refused; bench/rnn.py --stack fills the same table; a run that diverges side by
+side is recorded and the others resume."""
 
 import json
 import os
@@ -163,3 +164,33 @@ def test_bench_stack_cost_refuses_what_cannot_stack_in_one_line(flags):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), \
         result.stderr
+
+
+def test_a_run_that_diverges_side_by_side_is_recorded_and_the_others_go_on(tmp_path,
+                                                                           monkeypatch):
+    from bench.rnn import run_name, train_stacked
+    from experiment.rnn_group import _GroupLoop
+
+    extra = [*GROWING, "--checkpoint-every", "5"]
+    cell = ("copy", "dni", 2)
+    reference = train_group([run_args(tmp_path / f"ref{s}", s, "--method", "dni",
+                                      "--truncation", "2") for s in SEEDS])
+    after_step = _GroupLoop.after_step
+
+    def poison_seed_1_once(loop):                 # after step 7: the checkpoint is at step 5
+        after_step(loop)
+        if loop.state.step == 7 and len(loop.members) == 3:
+            with torch.no_grad():
+                next(loop.model.parameters())[1].fill_(float("nan"))
+
+    monkeypatch.setattr(_GroupLoop, "after_step", poison_seed_1_once)
+    folders = [tmp_path / run_name(*cell[:2], cell[2], s) for s in SEEDS]
+    records = train_stacked(folders, cell, list(SEEDS), extra, 16)
+    assert records[1]["diverged"] and "at step 7" in records[1]["error"]
+    assert (folders[1] / "diverged.json").exists() and not (folders[1] / "summary.json").exists()
+    for s in (0, 2):                                # resumed from step 5 as a group of two
+        assert records[s]["stacked_runs"] == 2
+        for key in ("levels", "max_length_solved", "steps"):
+            assert records[s][key] == reference[s][key], (s, key)
+        for name, value in weights(tmp_path / f"ref{s}").items():
+            assert torch.allclose(weights(folders[s])[name], value, atol=1e-5), (s, name)
