@@ -155,6 +155,8 @@ def train_stacked(folders: list[Path], cell: tuple[str, str, int], seeds: list[i
     for folder, seed in zip(folders, seeds):
         argv = run_flags(folder, task, method, truncation, seed, extra, steps, window)
         args = parse_run_flags([*argv, "--log-every", "100"])
+        if not Path(args.data_dir).is_absolute():   # as a run alone reads it: from ROOT
+            args.data_dir = str(ROOT / args.data_dir)
         at = (load_checkpoint(folder, torch.device("cpu"))["state"]["step"]
               if args.resume else 0)
         by_step.setdefault(at, []).append((folder, seed, args))

@@ -194,3 +194,18 @@ def test_a_run_that_diverges_side_by_side_is_recorded_and_the_others_go_on(tmp_p
             assert records[s][key] == reference[s][key], (s, key)
         for name, value in weights(tmp_path / f"ref{s}").items():
             assert torch.allclose(weights(folders[s])[name], value, atol=1e-5), (s, name)
+
+
+def test_bench_stack_reads_a_relative_data_dir_from_the_repository_as_runs_alone_do(
+        mnist_root, tmp_path, monkeypatch):
+    from bench.rnn import run_name, train_stacked
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    folders = [tmp_path / run_name("mnist_rows", "bptt", 7, s) for s in (0, 1)]
+    records = train_stacked(folders, ("mnist_rows", "bptt", 7), [0, 1],
+                            [*GROWING, "--data-dir", "data"], 16)
+    assert all(r["steps"] == 16 and "test_accuracy" in r for r in records)
+    saved = json.loads((folders[0] / "config.json").read_text())["args"]["data_dir"]
+    assert saved == str(mnist_root) and list(elsewhere.iterdir()) == []
