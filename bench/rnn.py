@@ -11,8 +11,10 @@ Each run is `rnn_tasks.py` in its own folder under --results; a folder with summ
 --steps (its other flags as saved). Subsets by flags, so the table can be filled a few runs at a
 time (--max-runs). Every run uses one CPU thread. A run that diverges gets diverged.json (its
 error and the length it had solved), counts as finished, and the bench goes on (side by side:
-the other seeds resume from their checkpoints); the table marks its cell with a dagger. Any
-other failure, or a signal, stops the bench.
+the other seeds resume from their checkpoints, or restart if they have none yet); the table
+marks its cell with a dagger. To retry one with other flags, resume it by hand
+(`rnn_tasks.py --resume FOLDER --lr ...`): its newer summary.json then counts. Any other
+failure, or a signal, stops the bench.
 
 --stack trains each cell's unfinished seeds side by side in one process, as one stacked model
 (experiment/rnn_group.py), on --device (the GPU path: the whole table is one command); the runs'
@@ -103,12 +105,12 @@ def record_divergence(folder: Path, error: str) -> dict:
 
 
 def run_record(folder: Path) -> dict | None:
-    """A run's diverged.json (newer than any summary of a shorter budget it extended), else
-    its summary.json, else None (not finished)."""
-    for name in ("diverged.json", "summary.json"):
-        if (folder / name).exists():
-            return json.loads((folder / name).read_text())
-    return None
+    """The newer of a run's diverged.json and summary.json (a run extended past a summary may
+    diverge; a diverged run resumed by hand may finish), None when it has neither."""
+    paths = [p for p in (folder / "diverged.json", folder / "summary.json") if p.exists()]
+    if not paths:
+        return None
+    return json.loads(max(paths, key=lambda p: p.stat().st_mtime_ns).read_text())
 
 
 def run_flags(folder: Path, task: str, method: str, truncation: int, seed: int,
@@ -141,6 +143,17 @@ def method_flags(method: str, window: int = INPUT_WINDOW) -> list[str]:
     return ["--method", METHODS[method][0], *(["--synth-input-window", str(seen)] if seen else [])]
 
 
+def in_process_flags(argv: list[str]):
+    """rnn_tasks.py's parsed flags for a run trained in this process: a relative --data-dir
+    is read from ROOT, as a run alone reads it (it starts there)."""
+    from experiment.rnn_train import parse_args as parse_run_flags
+
+    args = parse_run_flags(argv)
+    if not Path(args.data_dir).is_absolute():
+        args.data_dir = str(ROOT / args.data_dir)
+    return args
+
+
 def train_stacked(folders: list[Path], cell: tuple[str, str, int], seeds: list[int],
                   extra: list[str], steps: int, window: int = INPUT_WINDOW) -> list[dict]:
     """Train the cell's runs in `folders` side by side in this process, in groups of runs
@@ -148,15 +161,12 @@ def train_stacked(folders: list[Path], cell: tuple[str, str, int], seeds: list[i
     run that diverged: the others go on from their checkpoints)."""
     from experiment.records import load_checkpoint
     from experiment.rnn_group import RunsDiverged, train_group
-    from experiment.rnn_train import parse_args as parse_run_flags
 
     task, method, truncation = cell
     by_step: dict[int, list] = {}
     for folder, seed in zip(folders, seeds):
         argv = run_flags(folder, task, method, truncation, seed, extra, steps, window)
-        args = parse_run_flags([*argv, "--log-every", "100"])
-        if not Path(args.data_dir).is_absolute():   # as a run alone reads it: from ROOT
-            args.data_dir = str(ROOT / args.data_dir)
+        args = in_process_flags([*argv, "--log-every", "100"])
         at = (load_checkpoint(folder, torch.device("cpu"))["state"]["step"]
               if args.resume else 0)
         by_step.setdefault(at, []).append((folder, seed, args))
@@ -182,16 +192,15 @@ def stack_cost(tasks: list[str], truncations: list[int], methods: list[str], see
     """The markdown table of a step's time alone and of the seeds side by side, at the
     lengths COST_LENGTHS (mnist_rows: its 28 rows)."""
     from experiment.rnn_group import step_seconds
-    from experiment.rnn_train import parse_args as parse_run_flags
 
     lines = [(f"| task | T | method | length | alone, ms | {len(seeds)} side by side, ms | "
              "runs/s gain |"), "|---|---|---|---|---|---|---|"]
     for task in tasks:
         for t in truncations:
             for method in runs_at(t, methods):
-                runs = [parse_run_flags([*method_flags(method, window), "--task", task, "--truncation",
-                                         str(t), "--seed", str(seed), "--out", "unused",
-                                         *extra]) for seed in seeds]
+                runs = [in_process_flags([*method_flags(method, window), "--task", task,
+                                          "--truncation", str(t), "--seed", str(seed), "--out",
+                                          "unused", *extra]) for seed in seeds]
                 for length in (28,) if task == "mnist_rows" else COST_LENGTHS:
                     alone, stacked = step_seconds(runs, length, steps, runs[0].device)
                     lines.append(f"| {task} | {t or 'full'} | {label(method, window)} | {length} | "
@@ -297,8 +306,8 @@ def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT
         if "mnist_rows" in tasks else "")
     stars = (" *: a seed's curriculum still grew in the last quarter of its steps (not "
              "stalled)." if curricula else "")
-    daggers = (" \u2020: a seed diverged (its diverged.json; a copy-task seed counts with the "
-               "length solved before)." if any_diverged else "")
+    daggers = (" \u2020: a seed diverged (its diverged.json); its length solved by then counts "
+               "(mnist_rows: it is left out)." if any_diverged else "")
     caption = (f"{measure}, median (range) over seeds {' '.join(map(str, seeds))}; "
                f"{budget(finished)}; T full: untruncated BPTT.{stars}{daggers}")
     return "\n".join([caption, "", *lines])
@@ -307,8 +316,9 @@ def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT
 def main():
     """Run what is missing (up to --max-runs), then print the table."""
     parser = Parser(description=" ".join(__doc__.split("\n\n")[0].split()),
-                    epilog="Flags it does not know go to every rnn_tasks.py run (e.g. --steps "
-                           "60000 --hidden 256 --batch-size 256); see rnn_tasks.py --help.")
+                    epilog="Flags it does not know go to every new rnn_tasks.py run (e.g. "
+                           "--steps 60000 --hidden 256 --batch-size 256; see rnn_tasks.py "
+                           "--help); a resumed or extended run keeps its saved flags but --steps.")
     parser.add_argument("--tasks", nargs="+", choices=["copy", "repeat_copy", "mnist_rows"],
                         default=["copy", "repeat_copy"], help="tasks (mnist_rows: sequential "
                         "MNIST, scored by test accuracy)")
@@ -340,7 +350,7 @@ def main():
     from experiment.rnn_train import parse_args as parse_run_flags
 
     steps = parse_run_flags(extra).steps  # a flag no rnn_tasks.py run takes stops here
-    results = Path(args.results)
+    results = Path(args.results).resolve()      # runs alone start in ROOT
     results.mkdir(parents=True, exist_ok=True)
     if args.stack_cost:
         torch.set_num_threads(1)

@@ -30,7 +30,6 @@ from experiment.rnn_train import (
     COLUMNS,
     RunState,
     build_model,
-    first_nonfinite,
     log_line,
     make_optimizer,
     mean_cosine,
@@ -148,9 +147,9 @@ class _GroupLoop(StepPeriodLoop):
         batch, lengths, batches = self.padded_batch()
         self.optimizer.zero_grad(set_to_none=True)
         report = self.model.trainer(batch.inputs, self.run_losses(batch), lengths=lengths)
-        bad = first_nonfinite(report, self.network)
-        if bad:
-            raise self.runs_diverged(report) or self.diverged(bad, "lower --lr or --discount")
+        diverged = self.runs_diverged(report)
+        if diverged is not None:
+            raise diverged
         if args.clip > 0:
             clip_each_run(self.clipped, args.clip, len(self.members))
         self.optimizer.step()
@@ -175,19 +174,25 @@ class _GroupLoop(StepPeriodLoop):
         self.last = (batch, lengths)
 
     def runs_diverged(self, report) -> RunsDiverged | None:
-        """The runs whose loss, synthetic-gradient loss or gradient (their slice of a stacked
-        parameter) is non-finite; None if no run's is."""
+        """The runs whose loss, synthetic-gradient loss or gradient went non-finite, each by
+        the test it gets alone (its gradient: the sum of its parameters' norms, each norm over
+        its slice of a stacked parameter); None if no run's did. One sync when all is finite."""
         grads = [(name, p.grad) for name, p in self.network if p.grad is not None]
+        norms = torch.stack([g.flatten(1).norm(dim=1) for _, g in grads])       # (P, K)
+        finite = torch.isfinite(report.loss) & torch.isfinite(norms.sum(0))
+        if report.synthesizer_loss is not None:
+            finite &= torch.isfinite(report.synthesizer_loss)
+        if finite.all():
+            return None
         errors = {}
-        for k, m in enumerate(self.members):
+        for k in (~finite).nonzero().flatten().tolist():
             what = ("loss" if not torch.isfinite(report.loss[k])
                     else "synthetic-gradient loss" if report.synthesizer_loss is not None
                     and not torch.isfinite(report.synthesizer_loss[k])
-                    else next((name for name, g in grads if not torch.isfinite(g[k]).all()),
-                              None))
-            if what is not None:
-                errors[m.out_dir] = str(self.diverged(what, "lower --lr or --discount"))
-        return RunsDiverged(errors) if errors else None
+                    else next((name for (name, _), norm in zip(grads, norms[:, k])
+                               if not torch.isfinite(norm)), "gradient norm"))
+            errors[self.members[k].out_dir] = str(self.diverged(what, "lower --lr or --discount"))
+        return RunsDiverged(errors)
 
     def after_step(self) -> None:
         args, step = self.args, self.state.step

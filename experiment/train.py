@@ -145,14 +145,16 @@ def format_fields(fields: dict[str, float]) -> str:
 
 
 def first_nonfinite_gradient(named_params: list[tuple[str, torch.nn.Parameter]]) -> str | None:
-    """Name of the first parameter whose gradient holds a NaN or inf (one sync in all)."""
+    """Name of the first parameter whose gradient norm is a NaN or inf, "gradient norm" when
+    only their sum overflows, None when it is finite (one sync in all)."""
     with_grad = [(n, p.grad) for n, p in named_params if p.grad is not None]
     if not with_grad:
         return None
     norms = torch._foreach_norm([g for _, g in with_grad])
     if torch.isfinite(torch.stack(norms).sum()):
         return None
-    return next(n for (n, _), norm in zip(with_grad, norms) if not torch.isfinite(norm))
+    return next((n for (n, _), norm in zip(with_grad, norms) if not torch.isfinite(norm)),
+                "gradient norm")              # each finite, their sum overflowed
 
 
 class EpochLoop(TrainingLoop):

@@ -205,3 +205,53 @@ def test_the_bench_goes_on_past_a_diverged_run_and_does_not_retry_it(tmp_path):
     assert "| copy | 2 | 0 (0-0)\u2020 | 2 |" in first
     again = bench()
     assert ": diverged (" not in again and "| copy | 2 | 0 (0-0)\u2020 | 2 |" in again
+
+
+def test_the_newer_of_a_runs_diverged_and_summary_records_counts(tmp_path):
+    import os
+
+    from bench.rnn import finished, run_record
+
+    folder = tmp_path / run_name("copy", "dni", 3, 0)
+    write_summary(folder, 3, [[10, 4]], steps=100)
+    (folder / "diverged.json").write_text(json.dumps({"diverged": True, "max_length_solved": 5,
+                                                      "error": "training diverged"}))
+    summary, diverged = folder / "summary.json", folder / "diverged.json"
+    os.utime(summary, ns=(1, 1))                    # extended past its summary, then diverged
+    assert run_record(folder)["diverged"] and finished(folder, 10**6)
+    os.utime(diverged, ns=(0, 0))                   # resumed by hand after it diverged
+    assert "diverged" not in run_record(folder) and not finished(folder, 200)
+
+
+def test_a_failure_that_is_not_divergence_stops_the_bench(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    (tmp_path / "a-file").write_text("")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "mnist_rows",
+         "--truncations", "7", "--seeds", "0", "1", "--methods", "dni", "--results",
+         str(tmp_path / "runs"), "--steps", "3", "--batch-size", "2", "--hidden", "4",
+         "--data-dir", str(tmp_path / "a-file" / "data")], capture_output=True, text=True,
+        check=False,
+        cwd=ROOT)
+    assert result.returncode == 2, result.stderr
+    assert "run mnist_rows-dni-T7-s0 failed (exit 2)" in result.stderr
+    assert not list(tmp_path.glob("runs/*/diverged.json"))
+    assert not (tmp_path / "runs" / run_name("mnist_rows", "dni", 7, 1)).exists()  # stopped
+
+
+def test_a_relative_results_folder_is_the_callers_where_the_runs_land_and_are_read(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
+         "0", "--seeds", "0", "--results", "here", "--steps", "2", "--batch-size", "2",
+         "--hidden", "4"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    assert (tmp_path / "here" / run_name("copy", "bptt", 0, 0) / "summary.json").exists()
+    assert "| copy | full | 0 |  |  | 1 |" in out

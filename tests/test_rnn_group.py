@@ -166,28 +166,43 @@ def test_bench_stack_cost_refuses_what_cannot_stack_in_one_line(flags):
         result.stderr
 
 
+@pytest.mark.parametrize("poison", ["weights", "gradient"])
 def test_a_run_that_diverges_side_by_side_is_recorded_and_the_others_go_on(tmp_path,
-                                                                           monkeypatch):
+                                                                           monkeypatch, poison):
     from bench.rnn import run_name, train_stacked
-    from experiment.rnn_group import _GroupLoop
+    from experiment import rnn_group
 
     extra = [*GROWING, "--checkpoint-every", "5"]
     cell = ("copy", "dni", 2)
     reference = train_group([run_args(tmp_path / f"ref{s}", s, "--method", "dni",
                                       "--truncation", "2") for s in SEEDS])
-    after_step = _GroupLoop.after_step
+    after_step = rnn_group._GroupLoop.after_step
 
     def poison_seed_1_once(loop):                 # after step 7: the checkpoint is at step 5
         after_step(loop)
         if loop.state.step == 7 and len(loop.members) == 3:
-            with torch.no_grad():
-                next(loop.model.parameters())[1].fill_(float("nan"))
+            first = next(loop.model.parameters())
+            if poison == "weights":               # its loss goes NaN
+                with torch.no_grad():
+                    first[1].fill_(float("nan"))
+            else:                                 # its loss stays finite, a gradient does not
+                first.register_hook(lambda g: g.index_fill(0, torch.tensor([1]), float("inf")))
 
-    monkeypatch.setattr(_GroupLoop, "after_step", poison_seed_1_once)
+    starts = []
+    group = rnn_group.train_group
+
+    def recorded(runs, *args):
+        starts.append([(run.seed, run.resume is not None) for run in runs])
+        return group(runs, *args)
+
+    monkeypatch.setattr(rnn_group._GroupLoop, "after_step", poison_seed_1_once)
+    monkeypatch.setattr(rnn_group, "train_group", recorded)
     folders = [tmp_path / run_name(*cell[:2], cell[2], s) for s in SEEDS]
     records = train_stacked(folders, cell, list(SEEDS), extra, 16)
     assert records[1]["diverged"] and "at step 7" in records[1]["error"]
+    assert ("non-finite loss" in records[1]["error"]) == (poison == "weights")
     assert (folders[1] / "diverged.json").exists() and not (folders[1] / "summary.json").exists()
+    assert starts == [[(0, False), (1, False), (2, False)], [(0, True), (2, True)]]
     for s in (0, 2):                                # resumed from step 5 as a group of two
         assert records[s]["stacked_runs"] == 2
         for key in ("levels", "max_length_solved", "steps"):
