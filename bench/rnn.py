@@ -5,6 +5,8 @@ also with a synthesizer that sees the last inputs (`_inputs`).
 T = 0 is untruncated BPTT (the whole sequence in one chunk), the ceiling; only BPTT runs there.
 The caption states the budget (steps, LSTM size, batch); a cell marked * has a seed whose
 curriculum was still growing in the last quarter of its steps (not stalled: the budget is short).
+--until-stalled MAX lets such a run go on, a tenth of --steps at a time, until that last quarter
+is flat or it reaches MAX steps: a budget where the curricula have stalled.
 
 Each run is `rnn_tasks.py` in its own folder under --results; a folder with summary.json of
 --steps steps is finished and skipped, one with a checkpoint is resumed, or extended to a larger
@@ -26,12 +28,13 @@ lengths, for each task, T and method given.
 Usage: python bench/rnn.py [--tasks copy repeat_copy mnist_rows] [--methods bptt dni dni_aux
        dni_inputs dni_aux_inputs] [--input-window K]
        [--truncations 0 2 3 4 5 8] [--seeds 0 1 2] [--max-runs K] [--table-only]
-       [--stack [--device cuda]] [--stack-cost N] [--results DIR]
+       [--until-stalled MAX] [--stack [--device cuda]] [--stack-cost N] [--results DIR]
        [rnn_tasks.py flags, e.g. --steps 30000 --hidden 256 --batch-size 256]
-Flags it does not know go to every rnn_tasks.py run; keep one --results folder per setting."""
+Flags it does not know go to every new rnn_tasks.py run; keep one --results folder per setting."""
 
 import csv
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -209,12 +212,20 @@ def stack_cost(tasks: list[str], truncations: list[int], methods: list[str], see
     return "\n".join(lines)
 
 
-def finished(folder: Path, steps: int) -> bool:
-    """Whether the run in `folder` has finished at least `steps` steps (a shorter finished
-    run is extended from its checkpoint: a longer budget where a curriculum had not stalled),
-    or diverged (final: a resume repeats the same steps)."""
+def target_steps(folder: Path, steps: int, until_stalled: int = 0) -> int | None:
+    """The steps the run in `folder` should reach, None when it is done: `steps`; and with
+    `until_stalled`, a finished run whose curriculum still grew in the last quarter of its steps
+    goes on until that quarter would be flat (a tenth of `steps` at a time), to at most
+    `until_stalled` steps. A diverged run is done."""
     record = run_record(folder)
-    return record is not None and (record.get("diverged", False) or record["steps"] >= steps)
+    if record is None or (not record.get("diverged") and record["steps"] < steps):
+        return steps
+    if record.get("diverged") or record["steps"] >= until_stalled or stalled(record):
+        return None
+    quantum = max(steps // 10, 1)
+    flat_from = math.ceil(4 * record["levels"][-1][0] / 3)      # its last growth, 3/4 in
+    return min(until_stalled, max(math.ceil(flat_from / quantum) * quantum,
+                                  record["steps"] + quantum))
 
 
 def runs_at(truncation: int, methods) -> list[str]:
@@ -255,17 +266,24 @@ def figure_of(task: str, summary: dict) -> float:
 
 
 def budget(summaries: list[dict]) -> str:
-    """'N steps a run, LSTM H, batch B' of the finished runs (every value seen, if mixed)."""
+    """'N steps a run, LSTM H, batch B' of the finished runs (the steps' range and median, and
+    every other value seen, if mixed)."""
     def seen(key, default=None):
         values = sorted({s.get(key, default) for s in summaries})
         return "/".join(f"{v:,}" if isinstance(v, int) else str(v).upper() for v in values)
 
-    return (f"{seen('steps')} steps a run, {seen('core', 'lstm')} {seen('hidden')}, "
+    steps = sorted(s["steps"] for s in summaries)
+    shown = f"{steps[0]:,}" if steps and steps[0] == steps[-1] else (
+        f"{steps[0]:,} to {steps[-1]:,} (median {statistics.median(steps):,.0f})" if steps
+        else "")
+    return (f"{shown} steps a run, {seen('core', 'lstm')} {seen('hidden')}, "
             f"batch {seen('batch_size')}" if summaries else "no run finished yet")
 
 
-def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT_WINDOW) -> str:
-    """The markdown table of the finished runs, under a caption with their budget."""
+def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT_WINDOW,
+          until_stalled: int = 0) -> str:
+    """The markdown table of the finished runs, under a caption with their budget (and the
+    rule that extended the runs still growing, `until_stalled` their most steps)."""
     head = ("| task | T | " + " | ".join(label(m, window) for m in methods)
             + " | seeds | s/run |")
     lines = [head, "|" + "---|" * (len(methods) + 4)]
@@ -308,8 +326,10 @@ def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT
              "stalled)." if curricula else "")
     daggers = (" \u2020: a seed diverged (its diverged.json); its length solved by then counts "
                "(mnist_rows: it is left out)." if any_diverged else "")
+    extended = (f" A run still growing in the last quarter of its steps went on until that "
+                f"quarter was flat, to at most {until_stalled:,} steps." if until_stalled else "")
     caption = (f"{measure}, median (range) over seeds {' '.join(map(str, seeds))}; "
-               f"{budget(finished)}; T full: untruncated BPTT.{stars}{daggers}")
+               f"{budget(finished)}; T full: untruncated BPTT.{extended}{stars}{daggers}")
     return "\n".join([caption, "", *lines])
 
 
@@ -335,6 +355,10 @@ def main():
                         help="folder of the run folders")
     parser.add_argument("--max-runs", type=nonnegative_int, default=0,
                         help="start at most this many unfinished runs, then print (0: all)")
+    parser.add_argument("--until-stalled", type=nonnegative_int, default=0, metavar="MAX",
+                        help="go on with each run whose curriculum still grew in the last "
+                             "quarter of its steps until that quarter is flat, up to MAX steps "
+                             "(0: off; --steps is every run's least)")
     parser.add_argument("--table-only", action="store_true", help="run nothing; print")
     parser.add_argument("--stack", action="store_true",
                         help="train each cell's seeds side by side in this process, on "
@@ -350,6 +374,9 @@ def main():
     from experiment.rnn_train import parse_args as parse_run_flags
 
     steps = parse_run_flags(extra).steps  # a flag no rnn_tasks.py run takes stops here
+    if 0 < args.until_stalled < steps:
+        parser.error(f"argument --until-stalled: must be 0 or at least --steps ({steps}), got "
+                     f"{args.until_stalled}")
     results = Path(args.results).resolve()      # runs alone start in ROOT
     results.mkdir(parents=True, exist_ok=True)
     if args.stack_cost:
@@ -365,13 +392,20 @@ def main():
                     check_variant(results / run_name(task, method, t, seed), method,
                                   args.input_window)
     started = 0
-    if args.stack and not args.table_only:
-        torch.set_num_threads(1)
-        for task in args.tasks:
-            for t in args.truncations:
-                for method in runs_at(t, args.methods):
-                    seeds = [seed for seed in args.seeds
-                             if not finished(results / run_name(task, method, t, seed), steps)]
+    cells = [(task, method, t) for task in args.tasks for t in args.truncations
+             for method in runs_at(t, args.methods)]
+    while not args.table_only:         # passes until no run is owed steps (or --max-runs)
+        before = started
+        if args.stack:
+            torch.set_num_threads(1)
+            for task, method, t in cells:
+                by_target: dict[int, list[int]] = {}
+                for seed in args.seeds:
+                    target = target_steps(results / run_name(task, method, t, seed), steps,
+                                          args.until_stalled)
+                    if target is not None:
+                        by_target.setdefault(target, []).append(seed)
+                for target, seeds in by_target.items():
                     if args.max_runs:
                         seeds = seeds[:max(args.max_runs - started, 0)]
                     if not seeds:
@@ -379,37 +413,37 @@ def main():
                     started += len(seeds)
                     tick = time.perf_counter()
                     folders = [results / run_name(task, method, t, seed) for seed in seeds]
-                    summaries = train_stacked(folders, (task, method, t), seeds, extra, steps,
+                    summaries = train_stacked(folders, (task, method, t), seeds, extra, target,
                                               args.input_window)
                     figures = " ".join("diverged" if s.get("diverged") else
                                        f"{figure_of(task, s):g}" for s in summaries)
-                    print(f"{task} {method} T={t} seeds {' '.join(map(str, seeds))}: "
+                    print(f"{task} {method} T={t} seeds {' '.join(map(str, seeds))}, "
+                          f"{target:,} steps: "
                           f"{'test accuracy' if task == 'mnist_rows' else 'lengths'} "
                           f"{figures} ({time.perf_counter() - tick:.0f}s, side by side)",
                           flush=True)
-    elif not args.table_only:
-        for seed in args.seeds:                  # seed by seed: every cell gets a first run
-            for task in args.tasks:
-                for t in args.truncations:
-                    for method in runs_at(t, args.methods):
-                        folder = results / run_name(task, method, t, seed)
-                        if finished(folder, steps):
-                            continue
-                        if args.max_runs and started >= args.max_runs:
-                            continue
-                        started += 1
-                        tick = time.perf_counter()
-                        summary = train_one(folder, task, method, t, seed, extra, steps,
-                                            args.input_window)
-                        scored = (f"diverged ({summary['error']})" if summary.get("diverged")
-                                  else f"test accuracy {figure_of(task, summary):.2f}%"
-                                  if task == "mnist_rows" else
-                                  f"length {summary['max_length_solved']} ("
-                                  f"{'stalled' if stalled(summary) else 'still growing'})")
-                        print(f"{folder.name}: {scored}, {time.perf_counter() - tick:.0f}s",
-                              flush=True)
+        else:
+            for seed in args.seeds:              # seed by seed: every cell gets a first run
+                for task, method, t in cells:
+                    folder = results / run_name(task, method, t, seed)
+                    target = target_steps(folder, steps, args.until_stalled)
+                    if target is None or (args.max_runs and started >= args.max_runs):
+                        continue
+                    started += 1
+                    tick = time.perf_counter()
+                    summary = train_one(folder, task, method, t, seed, extra, target,
+                                        args.input_window)
+                    scored = (f"diverged ({summary['error']})" if summary.get("diverged")
+                              else f"test accuracy {figure_of(task, summary):.2f}%"
+                              if task == "mnist_rows" else
+                              f"length {summary['max_length_solved']} ("
+                              f"{'stalled' if stalled(summary) else 'still growing'})")
+                    print(f"{folder.name}: {scored} at {summary.get('steps', target):,} steps, "
+                          f"{time.perf_counter() - tick:.0f}s", flush=True)
+        if started == before:
+            break
     print(table(results, args.tasks, args.methods, args.truncations, args.seeds,
-                args.input_window))
+                args.input_window, args.until_stalled))
     if args.figure:
         from experiment.figures import draw_length_curves
 

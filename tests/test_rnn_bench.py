@@ -210,7 +210,7 @@ def test_the_bench_goes_on_past_a_diverged_run_and_does_not_retry_it(tmp_path):
 def test_the_newer_of_a_runs_diverged_and_summary_records_counts(tmp_path):
     import os
 
-    from bench.rnn import finished, run_record
+    from bench.rnn import run_record, target_steps
 
     folder = tmp_path / run_name("copy", "dni", 3, 0)
     write_summary(folder, 3, [[10, 4]], steps=100)
@@ -218,9 +218,9 @@ def test_the_newer_of_a_runs_diverged_and_summary_records_counts(tmp_path):
                                                       "error": "training diverged"}))
     summary, diverged = folder / "summary.json", folder / "diverged.json"
     os.utime(summary, ns=(1, 1))                    # extended past its summary, then diverged
-    assert run_record(folder)["diverged"] and finished(folder, 10**6)
+    assert run_record(folder)["diverged"] and target_steps(folder, 10**6) is None
     os.utime(diverged, ns=(0, 0))                   # resumed by hand after it diverged
-    assert "diverged" not in run_record(folder) and not finished(folder, 200)
+    assert "diverged" not in run_record(folder) and target_steps(folder, 200) == 200
 
 
 def test_a_failure_that_is_not_divergence_stops_the_bench(tmp_path):
@@ -255,3 +255,39 @@ def test_a_relative_results_folder_is_the_callers_where_the_runs_land_and_are_re
          "--hidden", "4"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
     assert (tmp_path / "here" / run_name("copy", "bptt", 0, 0) / "summary.json").exists()
     assert "| copy | full | 0 |  |  | 1 |" in out
+
+
+def test_until_stalled_extends_a_growing_run_until_its_last_quarter_is_flat(tmp_path):
+    from bench.rnn import target_steps
+
+    folder = tmp_path / "run"
+    assert target_steps(folder, 60000, 240000) == 60000                  # not started
+    write_summary(folder, 5, [[15239, 5], [58386, 6]], steps=60000)
+    assert target_steps(folder, 60000) is None                           # off: done
+    assert target_steps(folder, 60000, 240000) == 78000    # 4/3 of 58,386, a tenth at a time
+    assert target_steps(folder, 60000, 70000) == 70000                   # the most
+    assert target_steps(folder, 90000, 240000) == 90000                  # a larger --steps
+    summary = json.loads((folder / "summary.json").read_text())
+    (folder / "summary.json").write_text(json.dumps({**summary, "steps": 78000}))
+    assert target_steps(folder, 60000, 240000) is None                   # 58,386 <= 58,500
+
+
+def test_the_bench_goes_on_with_a_growing_run_until_it_stalls(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
+         "0", "--seeds", "0", "--results", str(tmp_path), "--steps", "4", "--until-stalled",
+         "40", "--batch-size", "2", "--hidden", "4", "--bits", "2", "--threshold", "6",
+         "--window", "2", "--max-length", "5"],
+        capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    folder = tmp_path / run_name("copy", "bptt", 0, 0)
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["levels"][-1] == [8, 5] and summary["steps"] == 11 and summary["stalled"]
+    rows = (folder / "metrics.csv").read_text().splitlines()[1:]
+    assert [row.split(",")[1] for row in rows] == ["4", "6", "8", "11"]   # one run, continued
+    assert "(still growing) at 4 steps" in out and "(stalled) at 11 steps" in out
+    assert "went on until that quarter was flat, to at most 40 steps" in out

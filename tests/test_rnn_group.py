@@ -118,6 +118,20 @@ def test_bench_stack_fills_the_table(tmp_path):
     assert "| copy | 2 | 0 (0-0) | 0 (0-0) | 2 |" in result.stdout
 
 
+def test_bench_stack_goes_on_with_growing_runs_side_by_side_until_they_stall(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
+         "0", "--seeds", "0", "1", "--stack", "--results", str(tmp_path), "--steps", "4",
+         "--until-stalled", "40", "--batch-size", "2", "--hidden", "4", "--bits", "2",
+         "--threshold", "6", "--window", "2", "--max-length", "5"],
+        capture_output=True, text=True, cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr
+    for seed in (0, 1):
+        summary = json.loads((tmp_path / f"copy-bptt-T0-s{seed}" / "summary.json").read_text())
+        assert summary["stalled"] and summary["steps"] > 4 and summary["stacked_runs"] == 2
+    assert "seeds 0 1, 4 steps:" in result.stdout and "seeds 0 1, 6 steps:" in result.stdout
+
+
 def test_bench_stack_cost_times_both_ways():
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "repeat_copy",
