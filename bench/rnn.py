@@ -5,8 +5,9 @@ also with a synthesizer that sees the last inputs (`_inputs`).
 T = 0 is untruncated BPTT (the whole sequence in one chunk), the ceiling; only BPTT runs there.
 The caption states the budget (steps, LSTM size, batch); a cell marked * has a seed whose
 curriculum was still growing in the last quarter of its steps (not stalled: the budget is short).
---until-stalled MAX lets such a run go on, a tenth of --steps at a time, until that last quarter
-is flat or it reaches MAX steps: a budget where the curricula have stalled.
+--until-stalled MAX lets such a run go on from its checkpoint to where that last quarter would be
+flat (4/3 of its last growth's step, rounded up to a tenth of --steps), again if it grew there,
+to at most MAX steps: a budget where the curricula have stalled.
 
 Each run is `rnn_tasks.py` in its own folder under --results; a folder with summary.json of
 --steps steps is finished and skipped, one with a checkpoint is resumed, or extended to a larger
@@ -215,12 +216,14 @@ def stack_cost(tasks: list[str], truncations: list[int], methods: list[str], see
 def target_steps(folder: Path, steps: int, until_stalled: int = 0) -> int | None:
     """The steps the run in `folder` should reach, None when it is done: `steps`; and with
     `until_stalled`, a finished run whose curriculum still grew in the last quarter of its steps
-    goes on until that quarter would be flat (a tenth of `steps` at a time), to at most
-    `until_stalled` steps. A diverged run is done."""
+    goes on to where that quarter would be flat (4/3 of its last growth's step, rounded up to a
+    tenth of `steps`), again if it grows there, to at most `until_stalled` steps. A diverged
+    run is done, and so is one without a checkpoint to go on from."""
     record = run_record(folder)
     if record is None or (not record.get("diverged") and record["steps"] < steps):
         return steps
-    if record.get("diverged") or record["steps"] >= until_stalled or stalled(record):
+    if (record.get("diverged") or record["steps"] >= until_stalled or stalled(record)
+            or not (folder / "checkpoint.pt").exists()):
         return None
     quantum = max(steps // 10, 1)
     flat_from = math.ceil(4 * record["levels"][-1][0] / 3)      # its last growth, 3/4 in
@@ -326,8 +329,8 @@ def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT
              "stalled)." if curricula else "")
     daggers = (" \u2020: a seed diverged (its diverged.json); its length solved by then counts "
                "(mnist_rows: it is left out)." if any_diverged else "")
-    extended = (f" A run still growing in the last quarter of its steps went on until that "
-                f"quarter was flat, to at most {until_stalled:,} steps." if until_stalled else "")
+    extended = (f" A run still growing in the last quarter of its steps goes on until that "
+                f"quarter is flat, to at most {until_stalled:,} steps." if until_stalled else "")
     caption = (f"{measure}, median (range) over seeds {' '.join(map(str, seeds))}; "
                f"{budget(finished)}; T full: untruncated BPTT.{extended}{stars}{daggers}")
     return "\n".join([caption, "", *lines])
@@ -354,7 +357,8 @@ def main():
     parser.add_argument("--results", default=str(ROOT / "runs" / "bench-rnn"),
                         help="folder of the run folders")
     parser.add_argument("--max-runs", type=nonnegative_int, default=0,
-                        help="start at most this many unfinished runs, then print (0: all)")
+                        help="start at most this many runs or extensions, then print (0: "
+                             "all)")
     parser.add_argument("--until-stalled", type=nonnegative_int, default=0, metavar="MAX",
                         help="go on with each run whose curriculum still grew in the last "
                              "quarter of its steps until that quarter is flat, up to MAX steps "

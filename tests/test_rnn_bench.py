@@ -263,6 +263,7 @@ def test_until_stalled_extends_a_growing_run_until_its_last_quarter_is_flat(tmp_
     folder = tmp_path / "run"
     assert target_steps(folder, 60000, 240000) == 60000                  # not started
     write_summary(folder, 5, [[15239, 5], [58386, 6]], steps=60000)
+    (folder / "checkpoint.pt").write_bytes(b"")
     assert target_steps(folder, 60000) is None                           # off: done
     assert target_steps(folder, 60000, 240000) == 78000    # 4/3 of 58,386, a tenth at a time
     assert target_steps(folder, 60000, 70000) == 70000                   # the most
@@ -270,9 +271,13 @@ def test_until_stalled_extends_a_growing_run_until_its_last_quarter_is_flat(tmp_
     summary = json.loads((folder / "summary.json").read_text())
     (folder / "summary.json").write_text(json.dumps({**summary, "steps": 78000}))
     assert target_steps(folder, 60000, 240000) is None                   # 58,386 <= 58,500
+    (folder / "summary.json").write_text(json.dumps({**summary, "steps": 60000}))
+    (folder / "checkpoint.pt").unlink()
+    assert target_steps(folder, 60000, 240000) is None          # nothing to go on from
 
 
-def test_the_bench_goes_on_with_a_growing_run_until_it_stalls(tmp_path):
+@pytest.mark.parametrize("most", [40, 7])
+def test_the_bench_goes_on_with_a_growing_run_until_it_stalls_or_its_most(tmp_path, most):
     import subprocess
     import sys
 
@@ -281,13 +286,17 @@ def test_the_bench_goes_on_with_a_growing_run_until_it_stalls(tmp_path):
     out = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
          "0", "--seeds", "0", "--results", str(tmp_path), "--steps", "4", "--until-stalled",
-         "40", "--batch-size", "2", "--hidden", "4", "--bits", "2", "--threshold", "6",
+         str(most), "--batch-size", "2", "--hidden", "4", "--bits", "2", "--threshold", "6",
          "--window", "2", "--max-length", "5"],
-        capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        capture_output=True, text=True, check=True, cwd=ROOT, timeout=120).stdout
     folder = tmp_path / run_name("copy", "bptt", 0, 0)
+    if most == 7:                                   # still growing at its most: stops there
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["steps"] == 7 and not summary["stalled"] and "| copy | full | 3* |" in out
+        return
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["levels"][-1] == [8, 5] and summary["steps"] == 11 and summary["stalled"]
     rows = (folder / "metrics.csv").read_text().splitlines()[1:]
     assert [row.split(",")[1] for row in rows] == ["4", "6", "8", "11"]   # one run, continued
     assert "(still growing) at 4 steps" in out and "(stalled) at 11 steps" in out
-    assert "went on until that quarter was flat, to at most 40 steps" in out
+    assert "goes on until that quarter is flat, to at most 40 steps" in out

@@ -124,7 +124,7 @@ def test_bench_stack_goes_on_with_growing_runs_side_by_side_until_they_stall(tmp
          "0", "--seeds", "0", "1", "--stack", "--results", str(tmp_path), "--steps", "4",
          "--until-stalled", "40", "--batch-size", "2", "--hidden", "4", "--bits", "2",
          "--threshold", "6", "--window", "2", "--max-length", "5"],
-        capture_output=True, text=True, cwd=ROOT, check=False)
+        capture_output=True, text=True, cwd=ROOT, check=False, timeout=120)
     assert result.returncode == 0, result.stderr
     for seed in (0, 1):
         summary = json.loads((tmp_path / f"copy-bptt-T0-s{seed}" / "summary.json").read_text())
