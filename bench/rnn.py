@@ -360,9 +360,8 @@ def main():
                         help="start at most this many runs or extensions, then print (0: "
                              "all)")
     parser.add_argument("--until-stalled", type=nonnegative_int, default=0, metavar="MAX",
-                        help="go on with each run whose curriculum still grew in the last "
-                             "quarter of its steps until that quarter is flat, up to MAX steps "
-                             "(0: off; --steps is every run's least)")
+                        help="extend runs still growing in their last quarter of steps "
+                             "until it is flat, to at most MAX steps (0: off)")
     parser.add_argument("--table-only", action="store_true", help="run nothing; print")
     parser.add_argument("--stack", action="store_true",
                         help="train each cell's seeds side by side in this process, on "
