@@ -397,10 +397,11 @@ def main():
     started = 0
     cells = [(task, method, t) for task in args.tasks for t in args.truncations
              for method in runs_at(t, args.methods)]
+    if args.stack:
+        torch.set_num_threads(1)
     while not args.table_only:         # passes until no run is owed steps (or --max-runs)
         before = started
         if args.stack:
-            torch.set_num_threads(1)
             for task, method, t in cells:
                 by_target: dict[int, list[int]] = {}
                 for seed in args.seeds:

@@ -44,6 +44,7 @@ from experiment.stacked_runs import (
     stack_optimizer_states,
     stack_runs,
 )
+from experiment.train import nonfinite_norm_name
 
 SHARED = ("task", "method", "truncation", "steps", "batch_size", "hidden", "core", "lr",
           "synth_lr", "synthesizer", "synth_input_window", "synth_hidden", "discount",
@@ -189,8 +190,7 @@ class _GroupLoop(StepPeriodLoop):
             what = ("loss" if not torch.isfinite(report.loss[k])
                     else "synthetic-gradient loss" if report.synthesizer_loss is not None
                     and not torch.isfinite(report.synthesizer_loss[k])
-                    else next((name for (name, _), norm in zip(grads, norms[:, k])
-                               if not torch.isfinite(norm)), "gradient norm"))
+                    else nonfinite_norm_name([name for name, _ in grads], norms[:, k]))
             errors[self.members[k].out_dir] = str(self.diverged(what, "lower --lr or --discount"))
         return RunsDiverged(errors)
 

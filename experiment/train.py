@@ -153,8 +153,14 @@ def first_nonfinite_gradient(named_params: list[tuple[str, torch.nn.Parameter]])
     norms = torch._foreach_norm([g for _, g in with_grad])
     if torch.isfinite(torch.stack(norms).sum()):
         return None
-    return next((n for (n, _), norm in zip(with_grad, norms) if not torch.isfinite(norm)),
-                "gradient norm")              # each finite, their sum overflowed
+    return nonfinite_norm_name([n for n, _ in with_grad], norms)
+
+
+def nonfinite_norm_name(names: list[str], norms) -> str:
+    """The name of the first non-finite norm of `norms` (one per name), "gradient norm" when
+    each is finite and only their sum overflowed."""
+    return next((n for n, norm in zip(names, norms) if not torch.isfinite(norm)),
+                "gradient norm")
 
 
 class EpochLoop(TrainingLoop):
