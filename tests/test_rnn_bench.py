@@ -2,6 +2,8 @@
 is full BPTT, the stalled check on a run's curriculum, and the table over seeds."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -9,6 +11,13 @@ import torch
 from bench.rnn import INPUT_WINDOW, cell, run_name, table
 from experiment.rnn_train import build_model, curriculum_stalled, parse_args
 from experiment.sequence_tasks import make_task
+from tests.conftest import ROOT
+
+
+def run_bench(*flags, cwd=ROOT, check=True, timeout=300) -> subprocess.CompletedProcess:
+    """bench/rnn.py with `flags` in a subprocess started in `cwd`."""
+    return subprocess.run([sys.executable, str(ROOT / "bench" / "rnn.py"), *map(str, flags)],
+                          capture_output=True, text=True, check=check, cwd=cwd, timeout=timeout)
 
 
 def gradients_after_trainer(truncation: str, task, batch) -> dict[str, torch.Tensor]:
@@ -88,17 +97,9 @@ def test_cell_of_one_seed_and_of_none():
 
 
 def test_bench_runs_the_untruncated_row_then_extends_it_to_a_larger_budget(tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     def bench(steps):
-        return subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
-             "0", "--seeds", "0", "--results", str(tmp_path), "--steps", str(steps),
-             "--batch-size", "2", "--hidden", "4"],
-            capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        return run_bench("--tasks", "copy", "--truncations", "0", "--seeds", "0", "--results",
+                         tmp_path, "--steps", steps, "--batch-size", "2", "--hidden", "4").stdout
 
     first = bench(4)
     folder = tmp_path / run_name("copy", "bptt", 0, 0)
@@ -112,16 +113,9 @@ def test_bench_runs_the_untruncated_row_then_extends_it_to_a_larger_budget(tmp_p
 
 
 def test_a_variant_method_runs_rnn_tasks_with_its_flag_in_its_own_folders(tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
-         "2", "--seeds", "0", "--methods", "dni", "dni_inputs", "--results", str(tmp_path),
-         "--steps", "3", "--batch-size", "2", "--hidden", "4", "--input-window", "3"],
-        capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    out = run_bench("--tasks", "copy", "--truncations", "2", "--seeds", "0", "--methods", "dni",
+                    "dni_inputs", "--results", tmp_path, "--steps", "3", "--batch-size", "2",
+                    "--hidden", "4", "--input-window", "3").stdout
     configs = {name: json.loads((tmp_path / run_name("copy", name, 2, 0) / "config.json")
                                 .read_text())["args"] for name in ("dni", "dni_inputs")}
     assert configs["dni_inputs"]["synth_input_window"] == 3
@@ -149,17 +143,10 @@ def test_a_folder_of_another_input_window_is_refused(tmp_path):
 
 
 def test_a_finished_run_of_another_window_stops_the_bench_before_anything_trains(tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     def bench(window, *seeds):
-        return subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
-             "2", "--seeds", *seeds, "--methods", "dni_inputs", "--results", str(tmp_path),
-             "--steps", "2", "--batch-size", "2", "--hidden", "4", "--input-window", window],
-            capture_output=True, text=True, check=False, cwd=ROOT)
+        return run_bench("--tasks", "copy", "--truncations", "2", "--seeds", *seeds, "--methods",
+                         "dni_inputs", "--results", tmp_path, "--steps", "2", "--batch-size", "2",
+                         "--hidden", "4", "--input-window", window, check=False)
 
     assert bench("3", "0").returncode == 0
     refused = bench("5", "0", "1")
@@ -184,17 +171,10 @@ def test_a_diverged_run_is_recorded_with_its_length_and_marked_in_the_table(tmp_
 
 
 def test_the_bench_goes_on_past_a_diverged_run_and_does_not_retry_it(tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     def bench():
-        return subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
-             "2", "--seeds", "0", "1", "--methods", "dni", "--results", str(tmp_path),
-             "--steps", "3", "--batch-size", "2", "--hidden", "4", "--lr", "1e30",
-             "--synth-lr", "1e30"], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+        return run_bench("--tasks", "copy", "--truncations", "2", "--seeds", "0", "1", "--methods",
+                         "dni", "--results", tmp_path, "--steps", "3", "--batch-size", "2",
+                         "--hidden", "4", "--lr", "1e30", "--synth-lr", "1e30").stdout
 
     first = bench()
     for seed in (0, 1):                              # the second seed ran after the first diverged
@@ -224,19 +204,11 @@ def test_the_newer_of_a_runs_diverged_and_summary_records_counts(tmp_path):
 
 
 def test_a_failure_that_is_not_divergence_stops_the_bench(tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     (tmp_path / "a-file").write_text("")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "mnist_rows",
-         "--truncations", "7", "--seeds", "0", "1", "--methods", "dni", "--results",
-         str(tmp_path / "runs"), "--steps", "3", "--batch-size", "2", "--hidden", "4",
-         "--data-dir", str(tmp_path / "a-file" / "data")], capture_output=True, text=True,
-        check=False,
-        cwd=ROOT)
+    result = run_bench("--tasks", "mnist_rows", "--truncations", "7", "--seeds", "0", "1",
+                       "--methods", "dni", "--results", tmp_path / "runs", "--steps", "3",
+                       "--batch-size", "2", "--hidden", "4", "--data-dir",
+                       tmp_path / "a-file" / "data", check=False)
     assert result.returncode == 2, result.stderr
     assert "run mnist_rows-dni-T7-s0 failed (exit 2)" in result.stderr
     assert not list(tmp_path.glob("runs/*/diverged.json"))
@@ -244,15 +216,8 @@ def test_a_failure_that_is_not_divergence_stops_the_bench(tmp_path):
 
 
 def test_a_relative_results_folder_is_the_callers_where_the_runs_land_and_are_read(tmp_path):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
-         "0", "--seeds", "0", "--results", "here", "--steps", "2", "--batch-size", "2",
-         "--hidden", "4"], capture_output=True, text=True, check=True, cwd=tmp_path).stdout
+    out = run_bench("--tasks", "copy", "--truncations", "0", "--seeds", "0", "--results", "here",
+                    "--steps", "2", "--batch-size", "2", "--hidden", "4", cwd=tmp_path).stdout
     assert (tmp_path / "here" / run_name("copy", "bptt", 0, 0) / "summary.json").exists()
     assert "| copy | full | 0 |  |  | 1 |" in out
 
@@ -278,17 +243,10 @@ def test_until_stalled_extends_a_growing_run_until_its_last_quarter_is_flat(tmp_
 
 @pytest.mark.parametrize("most", [40, 7])
 def test_the_bench_goes_on_with_a_growing_run_until_it_stalls_or_its_most(tmp_path, most):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
-         "0", "--seeds", "0", "--results", str(tmp_path), "--steps", "4", "--until-stalled",
-         str(most), "--batch-size", "2", "--hidden", "4", "--bits", "2", "--threshold", "6",
-         "--window", "2", "--max-length", "5"],
-        capture_output=True, text=True, check=True, cwd=ROOT, timeout=120).stdout
+    out = run_bench("--tasks", "copy", "--truncations", "0", "--seeds", "0", "--results",
+                    tmp_path, "--steps", "4", "--until-stalled", most, "--batch-size", "2",
+                    "--hidden", "4", "--bits", "2", "--threshold", "6", "--window", "2",
+                    "--max-length", "5", timeout=120).stdout
     folder = tmp_path / run_name("copy", "bptt", 0, 0)
     if most == 7:                                   # still growing at its most: stops there
         summary = json.loads((folder / "summary.json").read_text())
