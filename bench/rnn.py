@@ -33,7 +33,6 @@ Usage: python bench/rnn.py [--tasks copy repeat_copy mnist_rows] [--methods bptt
        [rnn_tasks.py flags, e.g. --steps 30000 --hidden 256 --batch-size 256]
 Flags it does not know go to every new rnn_tasks.py run; keep one --results folder per setting."""
 
-import csv
 import json
 import math
 import os
@@ -96,14 +95,14 @@ def train_one(folder: Path, task: str, method: str, truncation: int, seed: int,
 def record_divergence(folder: Path, error: str) -> dict:
     """Write `folder`/diverged.json for a run that diverged: its error line and the longest
     length it had solved by its last logged step (the bench goes on; the table marks it)."""
-    solved, step = 0, 0
-    if (folder / "metrics.csv").exists():       # none when it diverged before its first row
-        with open(folder / "metrics.csv", newline="") as f:
-            for row in csv.DictReader(f):
-                if row["kind"] == "step" and row["max_length_solved"]:
-                    solved, step = int(float(row["max_length_solved"])), int(row["step"])
-    record = {"diverged": True, "error": error, "max_length_solved": solved,
-              "last_logged_step": step}
+    from experiment.figures import load_run
+
+    logged = ([row for row in load_run(folder).steps if "max_length_solved" in row]
+              if (folder / "metrics.csv").exists() else [])  # none: diverged before its first
+    last = logged[-1] if logged else {"max_length_solved": 0, "step": 0}
+    record = {"diverged": True, "error": error,
+              "max_length_solved": int(last["max_length_solved"]),
+              "last_logged_step": int(last["step"])}
     (folder / "diverged.json").write_text(json.dumps(record, indent=1) + "\n")
     return record
 
