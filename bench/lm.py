@@ -1,6 +1,7 @@
 """The DNI paper's language-modelling table on this project's corpus: test bits per character
 of truncated BPTT, DNI and DNI+Aux at T = 2, 3, 4, 5 and 8, over seeds, each cell a real run
-of lm.py (early stopping on validation, no learning-rate decay, as the paper has it).
+of lm.py (early stopping on validation, no learning-rate decay, as the paper has it; --steps
+caps every run).
 
 Usage: python bench/lm.py [--truncations 2 3 4 5 8] [--methods bptt dni dni_aux]
        [--seeds 0 1] [--steps N] [--results DIR] [--jobs 1] [--table-only] [--figure F]
@@ -50,27 +51,33 @@ def command(method: str, truncation: int, seed: int, steps: int | None,
             *cap, *extra]
 
 
-def step_costs(methods: list[str], truncations: list[int], repeats: int,
-               extra: list[str]) -> dict[tuple[str, int], float]:
-    """Median seconds of one lm.py training step per (method, T): every loop built as lm.py
-    builds it (on random text of the corpus's alphabet size, so no corpus is read), stepped in
-    turn `repeats` times after two warm-up rounds, on one pinned thread."""
-    import tempfile
-
-    from bench.timing import one_pinned_thread
+def cost_loops(methods: list[str], truncations: list[int], extra: list[str], scratch: Path
+               ) -> dict[tuple[str, int], object]:
+    """One lm.py training loop per (method, T), built as lm.py builds it, on random text of the
+    corpus's alphabet size (so no corpus is read), writing under `scratch`."""
     from experiment.data import TextSplits
     from experiment.lm_flags import parse_args
     from experiment.lm_train import make_loop
 
     ids = torch.randint(65, (400_000,), generator=torch.Generator().manual_seed(0))
     text = TextSplits("".join(map(chr, range(32, 97))), ids, ids[:2000], ids[:2000])
-    configs = [(m, t) for t in truncations for m in methods]
-    times: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    return {(m, t): make_loop(parse_args(["--method", m, "--truncation", str(t),
+                                          "--device", "cpu", *extra]),
+                              text, scratch, torch.device("cpu"))
+            for t in truncations for m in methods}
+
+
+def step_costs(methods: list[str], truncations: list[int], repeats: int,
+               extra: list[str]) -> dict[tuple[str, int], float]:
+    """Median seconds of one lm.py training step per (method, T): every loop stepped in turn
+    `repeats` times after two warm-up rounds, on one pinned thread."""
+    import tempfile
+
+    from bench.timing import one_pinned_thread
+
     with tempfile.TemporaryDirectory() as scratch, one_pinned_thread():
-        loops = {(m, t): make_loop(parse_args(["--method", m, "--truncation", str(t),
-                                               "--device", "cpu", *extra]),
-                                   text, Path(scratch), torch.device("cpu"))
-                 for m, t in configs}
+        loops = cost_loops(methods, truncations, extra, Path(scratch))
+        times: dict[tuple[str, int], list[float]] = {c: [] for c in loops}
         for round_ in range(repeats + 2):
             for config, loop in loops.items():
                 start = time.perf_counter()
@@ -78,6 +85,74 @@ def step_costs(methods: list[str], truncations: list[int], repeats: int,
                 if round_ >= 2:
                     times[config].append(time.perf_counter() - start)
     return {c: statistics.median(t) for c, t in times.items()}
+
+
+# where a step's operator time goes, by the first prefix an operator's name starts with
+PROFILE_PARTS = {
+    "LSTM core, forward and backward": ("aten::mkldnn_rnn", "aten::lstm", "aten::_thnn_fused"),
+    "matrix products (readout, S, aux head)": ("aten::addmm", "aten::mm", "aten::bmm"),
+    "Adam and S's slow copy": ("aten::_fused_adam", "aten::lerp"),
+}
+
+
+def step_profile(methods: list[str], truncations: list[int], repeats: int,
+                 extra: list[str]) -> dict[tuple[str, int], dict[str, tuple[float, float]]]:
+    """Per (method, T): the operators' own CPU seconds a step (median over steps) and calls a
+    step, summed over PROFILE_PARTS and the rest ('other operators'), by torch.profiler over
+    `repeats` interleaved rounds of a step each after two warm-up rounds, on one pinned
+    thread."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from bench.timing import one_pinned_thread
+
+    names = [*PROFILE_PARTS, "other operators"]
+    with tempfile.TemporaryDirectory() as scratch, one_pinned_thread():
+        loops = cost_loops(methods, truncations, extra, Path(scratch))
+        configs = list(loops)
+        for _ in range(2):
+            for loop in loops.values():
+                loop.train_step()
+        with profile(activities=[ProfilerActivity.CPU]) as profiled:
+            for round_ in range(repeats):
+                for index, loop in enumerate(loops.values()):
+                    with record_function(f"bench-lm-step {round_} {index}"):
+                        loop.train_step()
+        # seconds[config][part][round], calls[config][part]
+        seconds = {c: {n: [0.0] * repeats for n in names} for c in configs}
+        calls = {c: dict.fromkeys(names, 0) for c in configs}
+        for event in profiled.events():
+            if not event.name.startswith("aten::"):
+                continue              # Python-level spans: their operators are counted
+            root = event
+            while root.cpu_parent is not None:
+                root = root.cpu_parent
+            if not root.name.startswith("bench-lm-step "):
+                continue
+            round_, index = map(int, root.name.split()[1:])
+            part = next((name for name, prefixes in PROFILE_PARTS.items()
+                         if event.name.startswith(prefixes)), "other operators")
+            seconds[configs[index]][part][round_] += event.self_cpu_time_total / 1e6
+            calls[configs[index]][part] += 1
+    return {c: {n: (statistics.median(seconds[c][n]), calls[c][n] / repeats) for n in names}
+            for c in configs}
+
+
+def print_profile(parts: dict[tuple[str, int], dict[str, tuple[float, float]]],
+                  costs: dict[tuple[str, int], float]) -> None:
+    """The profile table: ms a step in each part, per method and T, beside the step's time."""
+    names = list(next(iter(parts.values())))
+    print("\nWhere a step's time goes, ms (operators' own CPU time by torch.profiler, median "
+          "over steps; step: its unprofiled median; outside: the step less its operators, "
+          "Python and dispatch, less the profiler's own cost)\n")
+    print("| method | T | step | " + " | ".join(names) + " | outside |")
+    print("|---|---|---|" + "---|" * (len(names) + 1))
+    for (method, t), part in parts.items():
+        step, seconds = costs[(method, t)], [part[name][0] for name in names]
+        print(f"| {METHOD_NAMES[method]} | {t} | {1e3 * step:.2f} | "
+              + " | ".join(f"{1e3 * x:.2f}" for x in seconds)
+              + f" | {1e3 * (step - sum(seconds)):.2f} |")
 
 
 def print_costs(costs: dict[tuple[str, int], float], methods: list[str],
@@ -110,7 +185,9 @@ def main() -> None:
     argv = sys.argv[1:]
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[:argv.index("--")] if "--" in argv else argv
-    parser = Parser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0],
+                    epilog="Flags after -- go to every lm.py run (e.g. -- --eval-every 1000; "
+                           "see lm.py --help).")
     parser.add_argument("--truncations", nargs="+", type=positive_int, default=[2, 3, 4, 5, 8],
                         help="columns: T of every run")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
@@ -126,14 +203,21 @@ def main() -> None:
                         help="run nothing: print the table of the finished runs")
     parser.add_argument("--cost", type=positive_int, default=None, metavar="REPEATS",
                         help="time REPEATS steps of each method and T instead (default: off)")
+    parser.add_argument("--profile", action="store_true",
+                        help="with --cost: also say where each step's time goes, by "
+                             "torch.profiler")
     parser.add_argument("--figure", type=Path, default=None,
                         help="draw validation BPC against step here, a panel per T "
                              "(default: RESULTS/lm_bpc.png)")
     args = parser.parse_args(argv)
+    if args.profile and not args.cost:
+        parser.error("argument --profile: needs --cost REPEATS")
     if args.cost:
         print(f"hardware: {platform.machine()}, one pinned thread, torch {torch.__version__}")
         costs = step_costs(args.methods, args.truncations, args.cost, extra)
         print_costs(costs, args.methods, args.truncations)
+        if args.profile:
+            print_profile(step_profile(args.methods, args.truncations, args.cost, extra), costs)
         return
     print(f"hardware: {platform.machine()}, {threads_note(args.jobs)}, torch {torch.__version__}")
     cells = [(m, t, s) for t in args.truncations for m in args.methods for s in args.seeds]

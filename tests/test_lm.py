@@ -262,6 +262,43 @@ def test_bench_times_each_method_against_bptt(run_script):
         assert float(ratio.strip("()x")) == pytest.approx(float(ms) / base, rel=0.05)
 
 
+def test_bench_profile_prints_each_part_of_a_step(run_script):
+    result = run_script("bench/lm.py", "--cost", "2", "--profile", "--truncations", "2",
+                        "--methods", "bptt", "dni", "--", "--hidden", "8", "--batch-size", "4")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    head = lines.index(next(line for line in lines if line.startswith("| method | T | step")))
+    names = [cell.strip() for cell in lines[head].split("|")[4:-2]]
+    assert names == ["LSTM core, forward and backward", "matrix products (readout, S, aux head)",
+                     "Adam and S's slow copy", "other operators"]
+    for line in lines[head + 2:head + 4]:
+        step, *parts, outside = [float(cell) for cell in line.split("|")[3:-1]]
+        assert all(ms >= 0 for ms in parts) and outside == pytest.approx(step - sum(parts),
+                                                                          abs=0.02)
+    assert [line.split("|")[1].strip() for line in lines[head + 2:head + 4]] == ["BPTT", "DNI"]
+
+
+def test_profile_counts_what_each_method_adds_to_a_step():
+    """Operator calls a step (deterministic, unlike times), one chunk a step at T = 2: the
+    core's backward once more with the aux loss; S's products, its Adam and its slow copy's
+    update with DNI only."""
+    from bench.lm import step_profile
+
+    parts = step_profile(["bptt", "dni", "dni_aux"], [2], 2, ["--hidden", "8",
+                                                              "--batch-size", "4"])
+    calls = {m: {name: c for name, (_, c) in parts[(m, 2)].items()} for m, _ in parts}
+    core, products, adam = ("LSTM core, forward and backward",
+                            "matrix products (readout, S, aux head)", "Adam and S's slow copy")
+    assert calls["bptt"][core] == calls["dni"][core] == calls["dni_aux"][core] - 1
+    assert calls["bptt"][adam] == 1 and calls["dni"][adam] == calls["dni_aux"][adam] == 4
+    assert calls["bptt"][products] + 3 <= calls["dni"][products] < calls["dni_aux"][products]
+
+
+def test_bench_profile_needs_cost(run_script):
+    result = run_script("bench/lm.py", "--profile")
+    assert result.returncode == 2 and "error: argument --profile: needs --cost" in result.stderr
+
+
 def test_each_model_has_its_own_synthesizer_rate_and_a_resumed_run_keeps_its_own(tmp_path):
     from experiment.lm_flags import parse_args
 
