@@ -369,7 +369,8 @@ def main():
                         help="train nothing; time N steps alone and side by side (default: "
                              "0, off)")
     parser.add_argument("--figure", default=None, metavar="PNG",
-                        help="also draw length reached against steps for the seed-0 runs")
+                        help="also draw length reached against steps for the seed-0 runs "
+                             "(default: none)")
     args, extra = parser.parse_known_args()
     if any(not e.startswith("--") for e in extra[:1]):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")

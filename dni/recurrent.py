@@ -98,7 +98,8 @@ def unflatten_state(vector: torch.Tensor, like: State) -> State:
     return tuple(pieces) if isinstance(like, (tuple, list)) else pieces[0]
 
 
-def zero_state(core: nn.Module, batch: int, device=None, dtype=None) -> State:
+def zero_state(core: nn.Module, batch: int, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> State:
     """The zero initial state of an nn.LSTM / nn.GRU / nn.RNN for `batch` examples, or of a
     custom core that defines `zero_state(batch, device, dtype)`."""
     if hasattr(core, "zero_state"):
@@ -213,9 +214,10 @@ class TruncatedBPTT(nn.Module):
         """Deprecated name of `discount`."""
         return self.discount
 
-    def synthetic_gradient(self, state: torch.Tensor, hidden=None,
+    def synthetic_gradient(self, state: torch.Tensor, hidden: State | None = None,
                            live: torch.Tensor | None = None,
-                           context: torch.Tensor | None = None):
+                           context: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, State | None]:
         """S(state.detach()): the per-example synthetic gradient (graph into S's parameters)
         and the synthesizer's new hidden state (None unless it is recurrent); `live` (1.0 /
         0.0 per example): the examples whose sequence goes on, over which it is centred;

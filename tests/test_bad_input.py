@@ -157,6 +157,11 @@ CASES: dict[str, Case] = {
                                 "--max-length", data=False),
     "rnn grad scale negative": Case("rnn_tasks.py", ["--grad-scale", "-1"], "--grad-scale",
                                     data=False),
+    # the language-model table (lm.py's own flags: tests/test_lm.py)
+    "bench lm truncation zero": Case("bench/lm.py", ["--truncations", "2", "0"],
+                                     "--truncations", data=False),
+    "bench lm profile without cost": Case("bench/lm.py", ["--profile"], "--profile",
+                                          data=False),
     # the figure scripts
     "plot without a run": Case("misc/plot.py", [], "RUN_DIR", data=False),
     "plot of a missing folder": Case("misc/plot.py", ["{work}/nowhere", "--out", "{work}/out"],
