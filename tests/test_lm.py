@@ -80,6 +80,22 @@ def test_a_corrupt_or_resized_corpus_file_names_itself(packaged_corpus):
         data.corpus_file()
 
 
+def test_a_corpus_file_of_other_json_or_other_text_names_itself(packaged_corpus, tmp_path):
+    path, text = packaged_corpus
+    not_json = tmp_path / "not.jsonl"
+    not_json.write_text("{'text': 'single quotes'}\n")
+    without_text = tmp_path / "keys.jsonl"
+    without_text.write_text(json.dumps({"verse": text}) + "\n")
+    for bad in (not_json, without_text):
+        with pytest.raises(DataError, match=f"{bad} is not the corpus's one-verse-a-line JSON"):
+            data.corpus_text(bad)
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"text": "Another book."}) + "\n")
+    with pytest.raises(DataError, match=f"{other} does not hold the expected text"):
+        data.corpus_text(other)
+    assert data.corpus_text(path) == text
+
+
 def test_a_missing_corpus_package_says_what_to_install(monkeypatch):
     def missing(name):
         raise data.importlib.metadata.PackageNotFoundError(name)
@@ -204,7 +220,7 @@ def test_script_writes_records_and_bits_per_character(run_script, small_text, tm
     assert "valid" in result.stdout and "test" in result.stdout
 
 
-@pytest.mark.parametrize("method", ["dni", "bptt"])
+@pytest.mark.parametrize("method", ["dni", "bptt", "dni_aux"])
 def test_sigterm_then_resume_is_exact(tmp_path, small_text, method):
     train(run_args(tmp_path / "ref", small_text, "--method", method))
 
