@@ -56,11 +56,20 @@ class RawDescriptionHelpFormatter(argparse.RawDescriptionHelpFormatter, HelpForm
     """HelpFormatter that keeps the description's line breaks."""
 
 
+def script_name() -> str:
+    """The running script as its usage line names it: its path from the repository's root
+    (bench/lm.py, not lm.py, the top-level script's name), else its file name."""
+    script = Path(sys.argv[0]).resolve()
+    root = Path(__file__).resolve().parent.parent
+    return str(script.relative_to(root)) if script.is_relative_to(root) else script.name
+
+
 class Parser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one `error:` line (no usage dump) and exits 2."""
 
     def __init__(self, **kwargs):
         kwargs.setdefault("formatter_class", HelpFormatter)
+        kwargs.setdefault("prog", script_name())
         super().__init__(**kwargs)
 
     def error(self, message: str):

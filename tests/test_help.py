@@ -119,3 +119,10 @@ def test_the_check_sees_a_long_help_a_repeated_default_and_a_missing_one(monkeyp
     parser.add_argument("--fine", default=0.001, help="a rate (default: 1e-3)")
     problems = help_problems(parser, parser.format_help())
     assert [p.split(":")[0] for p in problems] == ["--long", "--twice", "--missing"], problems
+
+
+@pytest.mark.parametrize("script", ["lm.py", "bench/lm.py", "bench/rnn.py",
+                                    "bench/probes/rnn_edge_cosine.py"])
+def test_usage_names_the_script_by_its_path(script, monkeypatch):
+    """bench/lm.py's usage must not read as lm.py's."""
+    assert parser_of(script, monkeypatch).prog == script
