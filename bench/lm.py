@@ -87,27 +87,64 @@ def step_costs(methods: list[str], truncations: list[int], repeats: int,
     return {c: statistics.median(t) for c, t in times.items()}
 
 
-# where a step's operator time goes, by the first prefix an operator's name starts with
+# where a step's operator time goes: the first part whose prefix an operator's name starts with
 PROFILE_PARTS = {
-    "LSTM core, forward and backward": ("aten::mkldnn_rnn", "aten::lstm", "aten::_thnn_fused"),
+    "LSTM core, forward and backward": ("aten::mkldnn_rnn", "aten::lstm"),
     "matrix products (readout, S, aux head)": ("aten::addmm", "aten::mm", "aten::bmm"),
     "Adam and S's slow copy": ("aten::_fused_adam", "aten::lerp"),
 }
+OTHER_OPERATORS, OUTSIDE = "other operators", "outside"
+STEP_SPAN = "bench-lm-step"
+
+
+def attribute_events(events, configs: list, repeats: int) -> tuple[dict, dict]:
+    """From torch.profiler's events of `repeats` rounds, each step inside a span named
+    "STEP_SPAN round index" (index into `configs`): per config, each part's seconds per
+    round ({part: [seconds]}: the operators' own CPU time; OUTSIDE: the span's time less its
+    operators', i.e. Python, dispatch, the autograd engine and the profiler's own cost) and
+    each part's operator calls. An operator outside every span, or a step whose LSTM ran
+    without oneDNN's kernel (whose parts the prefixes would misread), is an error."""
+    names = [*PROFILE_PARTS, OTHER_OPERATORS]
+    seconds = {c: {n: [0.0] * repeats for n in [*names, OUTSIDE]} for c in configs}
+    calls = {c: dict.fromkeys(names, 0) for c in configs}
+    fused = {c: False for c in configs}
+    for event in events:
+        root = event
+        while root.cpu_parent is not None:
+            root = root.cpu_parent
+        if event is root and event.name.startswith(STEP_SPAN + " "):
+            round_, index = map(int, event.name.split()[1:])
+            seconds[configs[index]][OUTSIDE][round_] += event.cpu_time_total / 1e6
+            continue
+        if not event.name.startswith("aten::"):
+            continue                  # Python-level spans: their operators are counted
+        if not root.name.startswith(STEP_SPAN + " "):
+            raise RuntimeError(f"profile: operator {event.name} ran outside the timed steps")
+        round_, index = map(int, root.name.split()[1:])
+        config = configs[index]
+        part = next((name for name, prefixes in PROFILE_PARTS.items()
+                     if event.name.startswith(prefixes)), OTHER_OPERATORS)
+        seconds[config][part][round_] += event.self_cpu_time_total / 1e6
+        seconds[config][OUTSIDE][round_] -= event.self_cpu_time_total / 1e6
+        calls[config][part] += 1
+        fused[config] = fused[config] or event.name.startswith("aten::mkldnn_rnn")
+    if not all(fused.values()):
+        raise RuntimeError("profile: the LSTM ran without oneDNN's kernel (aten::mkldnn_rnn*); "
+                           "its parts would be counted as products and other operators")
+    return seconds, calls
 
 
 def step_profile(methods: list[str], truncations: list[int], repeats: int,
                  extra: list[str]) -> dict[tuple[str, int], dict[str, tuple[float, float]]]:
-    """Per (method, T): the operators' own CPU seconds a step (median over steps) and calls a
-    step, summed over PROFILE_PARTS and the rest ('other operators'), by torch.profiler over
-    `repeats` interleaved rounds of a step each after two warm-up rounds, on one pinned
-    thread."""
+    """Per (method, T): each part's seconds a step (median over steps) and operator calls a
+    step (attribute_events' parts), by torch.profiler over `repeats` interleaved rounds of a
+    step each, after two warm-up rounds, on one pinned thread."""
     import tempfile
 
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from bench.timing import one_pinned_thread
 
-    names = [*PROFILE_PARTS, "other operators"]
     with tempfile.TemporaryDirectory() as scratch, one_pinned_thread():
         loops = cost_loops(methods, truncations, extra, Path(scratch))
         configs = list(loops)
@@ -117,42 +154,25 @@ def step_profile(methods: list[str], truncations: list[int], repeats: int,
         with profile(activities=[ProfilerActivity.CPU]) as profiled:
             for round_ in range(repeats):
                 for index, loop in enumerate(loops.values()):
-                    with record_function(f"bench-lm-step {round_} {index}"):
+                    with record_function(f"{STEP_SPAN} {round_} {index}"):
                         loop.train_step()
-        # seconds[config][part][round], calls[config][part]
-        seconds = {c: {n: [0.0] * repeats for n in names} for c in configs}
-        calls = {c: dict.fromkeys(names, 0) for c in configs}
-        for event in profiled.events():
-            if not event.name.startswith("aten::"):
-                continue              # Python-level spans: their operators are counted
-            root = event
-            while root.cpu_parent is not None:
-                root = root.cpu_parent
-            if not root.name.startswith("bench-lm-step "):
-                continue
-            round_, index = map(int, root.name.split()[1:])
-            part = next((name for name, prefixes in PROFILE_PARTS.items()
-                         if event.name.startswith(prefixes)), "other operators")
-            seconds[configs[index]][part][round_] += event.self_cpu_time_total / 1e6
-            calls[configs[index]][part] += 1
-    return {c: {n: (statistics.median(seconds[c][n]), calls[c][n] / repeats) for n in names}
-            for c in configs}
+        seconds, calls = attribute_events(profiled.events(), configs, repeats)
+    return {c: {n: (statistics.median(seconds[c][n]), calls[c].get(n, 0) / repeats)
+                for n in seconds[c]} for c in configs}
 
 
 def print_profile(parts: dict[tuple[str, int], dict[str, tuple[float, float]]],
                   costs: dict[tuple[str, int], float]) -> None:
     """The profile table: ms a step in each part, per method and T, beside the step's time."""
     names = list(next(iter(parts.values())))
-    print("\nWhere a step's time goes, ms (operators' own CPU time by torch.profiler, median "
-          "over steps; step: its unprofiled median; outside: the step less its operators, "
-          "Python and dispatch, less the profiler's own cost)\n")
-    print("| method | T | step | " + " | ".join(names) + " | outside |")
-    print("|---|---|---|" + "---|" * (len(names) + 1))
+    print("\nWhere a step's time goes, ms, medians over the steps (step: unprofiled; the parts "
+          "by torch.profiler: operators' own CPU time; outside: the rest of the profiled step, "
+          "Python, dispatch, the autograd engine and the profiler's own cost)\n")
+    print("| method | T | step | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
     for (method, t), part in parts.items():
-        step, seconds = costs[(method, t)], [part[name][0] for name in names]
-        print(f"| {METHOD_NAMES[method]} | {t} | {1e3 * step:.2f} | "
-              + " | ".join(f"{1e3 * x:.2f}" for x in seconds)
-              + f" | {1e3 * (step - sum(seconds)):.2f} |")
+        print(f"| {METHOD_NAMES[method]} | {t} | {1e3 * costs[(method, t)]:.2f} | "
+              + " | ".join(f"{1e3 * part[name][0]:.2f}" for name in names) + " |")
 
 
 def print_costs(costs: dict[tuple[str, int], float], methods: list[str],

@@ -1,5 +1,5 @@
-"""The bad-input sweep: every script, the figure scripts and the bench scripts, given a user's
-mistake or a hostile environment, stop with exit status 2 and one `error:` line (no
+"""The bad-input sweep: the training, figure and bench scripts (lm.py's flags: test_lm.py), given
+a user's mistake or a hostile environment, stop with exit status 2 and one `error:` line (no
 traceback) that says what is wrong, and write nothing outside --out.
 
 Each case is one command run in its own empty working folder. The cases run concurrently
