@@ -236,7 +236,10 @@ def runs_at(truncation: int, methods) -> list[str]:
 
 
 def stalled(summary: dict) -> bool:
-    """Whether a finished run's curriculum was flat over the last quarter of its steps."""
+    """Whether a finished run's curriculum was flat over the last quarter of its steps, or
+    could grow no more: it had solved its last level (--max-length)."""
+    if summary["max_length_solved"] >= summary.get("final_length", math.inf):
+        return True
     if "stalled" in summary:
         return summary["stalled"]
     return curriculum_stalled(summary["levels"], summary["steps"])  # runs before the key

@@ -236,6 +236,9 @@ def test_until_stalled_extends_a_growing_run_until_its_last_quarter_is_flat(tmp_
     summary = json.loads((folder / "summary.json").read_text())
     (folder / "summary.json").write_text(json.dumps({**summary, "steps": 78000}))
     assert target_steps(folder, 60000, 240000) is None                   # 58,386 <= 58,500
+    at_most = {**summary, "steps": 60000, "max_length_solved": 6, "final_length": 6}
+    (folder / "summary.json").write_text(json.dumps(at_most))
+    assert target_steps(folder, 60000, 240000) is None      # its last level solved: can't grow
     (folder / "summary.json").write_text(json.dumps({**summary, "steps": 60000}))
     (folder / "checkpoint.pt").unlink()
     assert target_steps(folder, 60000, 240000) is None          # nothing to go on from
