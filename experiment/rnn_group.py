@@ -94,6 +94,9 @@ class _GroupLoop(StepPeriodLoop):
         super().__init__(members[0].out_dir, model, optimizer, members[0].generator, device,
                          state, None, None)
         self.members, self.task, self.args = members, task, args
+        # each run's own clock so far: the group's time is added to it, not to the first's
+        self.started = [(m.state.train_seconds - state.train_seconds,
+                         m.state.wall_seconds - state.wall_seconds) for m in members]
         self.period_steps = args.checkpoint_every
         self.network = list(model.named_parameters())
         self.clipped = model.network_parameters()
@@ -196,9 +199,10 @@ class _GroupLoop(StepPeriodLoop):
 
     def after_step(self) -> None:
         args, step = self.args, self.state.step
-        for m in self.members:
-            m.state.step, m.state.train_seconds = step, self.state.train_seconds
-            m.state.wall_seconds = self.state.wall_seconds
+        for m, (train_offset, wall_offset) in zip(self.members, self.started):
+            m.state.step = step
+            m.state.train_seconds = self.state.train_seconds + train_offset
+            m.state.wall_seconds = self.state.wall_seconds + wall_offset
         if args.log_every > 0 and (step % args.log_every == 0 or step == args.steps):
             cosines = [None] * len(self.members)
             if args.method != "bptt":

@@ -79,6 +79,24 @@ def test_sigterm_then_resume_is_exact_and_a_run_resumes_alone(tmp_path):
     assert summary["steps"] == 20 and "stacked_runs" not in summary
 
 
+def test_runs_resumed_side_by_side_keep_their_own_clocks(tmp_path):
+    extra = ["--method", "dni", "--truncation", "2", "--steps", "5"]
+    for s in (0, 1):
+        train(run_args(tmp_path / f"run{s}", s, *extra))
+    path = tmp_path / "run1" / "checkpoint.pt"
+    checkpoint = torch.load(path, weights_only=False)
+    before = [torch.load(tmp_path / f"run{s}" / "checkpoint.pt",
+                         weights_only=False)["state"]["train_seconds"] for s in (0, 1)]
+    checkpoint["state"]["train_seconds"] += 1000.0       # run 1 had trained longer alone
+    torch.save(checkpoint, path)
+    group = train_group([parse_args(["--resume", str(tmp_path / f"run{s}"), "--steps", "8"])
+                         for s in (0, 1)])
+    assert [g["steps"] for g in group] == [8, 8]
+    assert before[0] < group[0]["train_seconds"] < before[0] + 100
+    assert group[1]["train_seconds"] - group[0]["train_seconds"] == pytest.approx(
+        before[1] + 1000.0 - before[0])
+
+
 def test_mixed_settings_and_steps_are_refused(tmp_path):
     with pytest.raises(UserError, match="--truncation differs"):
         train_group([run_args(tmp_path / "a", 0, "--truncation", "2"),
