@@ -338,6 +338,18 @@ def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT
     return "\n".join([caption, "", *lines])
 
 
+def finished_line(folder: Path, task: str, summary: dict, target: int, seconds: float,
+                  note: str = "") -> str:
+    """The line printed when a run (or extension) ends: its figure, whether its curriculum
+    stalled (or its error, if it diverged), its steps and the seconds it took (`note` after)."""
+    scored = (f"diverged ({summary['error']})" if summary.get("diverged")
+              else f"test accuracy {figure_of(task, summary):.2f}%" if task == "mnist_rows"
+              else f"length {summary['max_length_solved']} ("
+                   f"{'stalled' if stalled(summary) else 'still growing'})")
+    return (f"{folder.name}: {scored} at {summary.get('steps', target):,} steps, "
+            f"{seconds:.0f}s{note}")
+
+
 def main():
     """Run what is missing (up to --max-runs), then print the table."""
     parser = Parser(description=" ".join(__doc__.split("\n\n")[0].split()),
@@ -422,13 +434,10 @@ def main():
                     folders = [results / run_name(task, method, t, seed) for seed in seeds]
                     summaries = train_stacked(folders, (task, method, t), seeds, extra, target,
                                               args.input_window)
-                    figures = " ".join("diverged" if s.get("diverged") else
-                                       f"{figure_of(task, s):g}" for s in summaries)
-                    print(f"{task} {method} T={t} seeds {' '.join(map(str, seeds))}, "
-                          f"{target:,} steps: "
-                          f"{'test accuracy' if task == 'mnist_rows' else 'lengths'} "
-                          f"{figures} ({time.perf_counter() - tick:.0f}s, side by side)",
-                          flush=True)
+                    seconds = time.perf_counter() - tick
+                    for folder, summary in zip(folders, summaries):
+                        print(finished_line(folder, task, summary, target, seconds,
+                                            f", {len(folders)} side by side"), flush=True)
         else:
             for seed in args.seeds:              # seed by seed: every cell gets a first run
                 for task, method, t in cells:
@@ -440,13 +449,8 @@ def main():
                     tick = time.perf_counter()
                     summary = train_one(folder, task, method, t, seed, extra, target,
                                         args.input_window)
-                    scored = (f"diverged ({summary['error']})" if summary.get("diverged")
-                              else f"test accuracy {figure_of(task, summary):.2f}%"
-                              if task == "mnist_rows" else
-                              f"length {summary['max_length_solved']} ("
-                              f"{'stalled' if stalled(summary) else 'still growing'})")
-                    print(f"{folder.name}: {scored} at {summary.get('steps', target):,} steps, "
-                          f"{time.perf_counter() - tick:.0f}s", flush=True)
+                    print(finished_line(folder, task, summary, target,
+                                        time.perf_counter() - tick), flush=True)
         if started == before:
             break
     print(table(results, args.tasks, args.methods, args.truncations, args.seeds,

@@ -6,6 +6,7 @@ side is recorded and the others resume."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,6 +135,9 @@ def test_bench_stack_fills_the_table(tmp_path):
     summary = json.loads((tmp_path / "copy-dni-T2-s1" / "summary.json").read_text())
     assert summary["stacked_runs"] == 2 and summary["seed"] == 1
     assert "| copy | 2 | 0 (0-0) | 0 (0-0) | 2 |" in result.stdout
+    # a line a run as it ends, as alone, with the group's size
+    assert re.search(r"^copy-dni-T2-s1: length 0 \((stalled|still growing)\) at 6 steps, "
+                     r"\d+s, 2 side by side$", result.stdout, re.MULTILINE)
 
 
 def test_bench_stack_goes_on_with_growing_runs_side_by_side_until_they_stall(tmp_path):
