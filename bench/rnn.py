@@ -328,7 +328,8 @@ def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT
         (" (mnist_rows: test accuracy, %)" if curricula else "Test accuracy, %")
         if "mnist_rows" in tasks else "")
     stars = (" *: a seed's curriculum still grew in the last quarter of its steps (not "
-             "stalled)." if curricula else "")
+             "stalled; one that solved its last level, --max-length, has stalled)."
+             if curricula else "")
     daggers = (" \u2020: a seed diverged (its diverged.json); its length solved by then counts "
                "(mnist_rows: it is left out)." if any_diverged else "")
     extended = (f" A run still growing in the last quarter of its steps goes on until that "
@@ -338,16 +339,16 @@ def table(results: Path, tasks, methods, truncations, seeds, window: int = INPUT
     return "\n".join([caption, "", *lines])
 
 
-def finished_line(folder: Path, task: str, summary: dict, target: int, seconds: float,
+def finished_line(folder: Path, task: str, summary: dict, seconds: float,
                   note: str = "") -> str:
     """The line printed when a run (or extension) ends: its figure, whether its curriculum
     stalled (or its error, if it diverged), its steps and the seconds it took (`note` after)."""
-    scored = (f"diverged ({summary['error']})" if summary.get("diverged")
-              else f"test accuracy {figure_of(task, summary):.2f}%" if task == "mnist_rows"
+    if summary.get("diverged"):                  # its error says at which step
+        return f"{folder.name}: diverged ({summary['error']}), {seconds:.0f}s{note}"
+    scored = (f"test accuracy {figure_of(task, summary):.2f}%" if task == "mnist_rows"
               else f"length {summary['max_length_solved']} ("
                    f"{'stalled' if stalled(summary) else 'still growing'})")
-    return (f"{folder.name}: {scored} at {summary.get('steps', target):,} steps, "
-            f"{seconds:.0f}s{note}")
+    return f"{folder.name}: {scored} at {summary['steps']:,} steps, {seconds:.0f}s{note}"
 
 
 def main():
@@ -436,8 +437,10 @@ def main():
                                               args.input_window)
                     seconds = time.perf_counter() - tick
                     for folder, summary in zip(folders, summaries):
-                        print(finished_line(folder, task, summary, target, seconds,
-                                            f", {len(folders)} side by side"), flush=True)
+                        if not summary.get("diverged"):     # printed as it diverged
+                            print(finished_line(folder, task, summary, seconds,
+                                                f", {summary['stacked_runs']} side by side"),
+                                  flush=True)
         else:
             for seed in args.seeds:              # seed by seed: every cell gets a first run
                 for task, method, t in cells:
@@ -449,8 +452,8 @@ def main():
                     tick = time.perf_counter()
                     summary = train_one(folder, task, method, t, seed, extra, target,
                                         args.input_window)
-                    print(finished_line(folder, task, summary, target,
-                                        time.perf_counter() - tick), flush=True)
+                    print(finished_line(folder, task, summary, time.perf_counter() - tick),
+                          flush=True)
         if started == before:
             break
     print(table(results, args.tasks, args.methods, args.truncations, args.seeds,

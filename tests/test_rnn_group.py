@@ -89,6 +89,7 @@ def test_runs_resumed_side_by_side_keep_their_own_clocks(tmp_path):
     before = [torch.load(tmp_path / f"run{s}" / "checkpoint.pt",
                          weights_only=False)["state"]["train_seconds"] for s in (0, 1)]
     checkpoint["state"]["train_seconds"] += 1000.0       # run 1 had trained longer alone
+    checkpoint["state"]["wall_seconds"] += 1000.0
     torch.save(checkpoint, path)
     group = train_group([parse_args(["--resume", str(tmp_path / f"run{s}"), "--steps", "8"])
                          for s in (0, 1)])
@@ -96,6 +97,10 @@ def test_runs_resumed_side_by_side_keep_their_own_clocks(tmp_path):
     assert before[0] < group[0]["train_seconds"] < before[0] + 100
     assert group[1]["train_seconds"] - group[0]["train_seconds"] == pytest.approx(
         before[1] + 1000.0 - before[0])
+    for s, summary in zip((0, 1), group):          # each checkpoint holds its own clocks
+        state = torch.load(tmp_path / f"run{s}" / "checkpoint.pt", weights_only=False)["state"]
+        assert state["train_seconds"] == summary["train_seconds"]
+        assert state["wall_seconds"] < 900 if s == 0 else state["wall_seconds"] > 1000
 
 
 def test_mixed_settings_and_steps_are_refused(tmp_path):
