@@ -5,9 +5,11 @@ caps every run).
 
 Usage: python bench/lm.py [--truncations 2 3 4 5 8] [--methods bptt dni dni_aux]
        [--seeds 0 1] [--steps N] [--results DIR] [--jobs 1] [--table-only] [--figure F]
+       [--cost REPEATS [--profile]] [-- LM.PY FLAGS]
 
 `--cost`: instead, the time of one training step of each method at each T, medians of
-interleaved repeats on one pinned thread, and each method's ratio to BPTT at the same T.
+interleaved repeats on one pinned thread, and each method's ratio to BPTT at the same T;
+`--profile` with it: where each step's time goes, by torch.profiler.
 
 Every run has its own folder under --results: finished runs are read back, interrupted ones
 resumed, so the table fills in over several invocations. Flags after `--` go to every lm.py.

@@ -166,6 +166,7 @@ def train_stacked(folders: list[Path], cell: tuple[str, str, int], seeds: list[i
     from experiment.rnn_group import RunsDiverged, train_group
 
     task, method, truncation = cell
+    tick = time.perf_counter()
     by_step: dict[int, list] = {}
     for folder, seed in zip(folders, seeds):
         argv = run_flags(folder, task, method, truncation, seed, extra, steps, window)
@@ -178,8 +179,9 @@ def train_stacked(folders: list[Path], cell: tuple[str, str, int], seeds: list[i
             train_group([args for _, _, args in group], group[0][2].device)
         except RunsDiverged as exc:
             for out, error in exc.errors.items():
-                record_divergence(out, error)
-                print(f"{out.name}: diverged ({error})", flush=True)
+                print(finished_line(out, task, record_divergence(out, error),
+                                    time.perf_counter() - tick, f", {len(group)} side by side"),
+                      flush=True)
             rest = [(folder, seed) for folder, seed, _ in group if folder not in exc.errors]
             if rest:
                 train_stacked([f for f, _ in rest], cell, [s for _, s in rest], extra, steps,

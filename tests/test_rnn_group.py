@@ -94,7 +94,7 @@ def test_runs_resumed_side_by_side_keep_their_own_clocks(tmp_path):
     group = train_group([parse_args(["--resume", str(tmp_path / f"run{s}"), "--steps", "8"])
                          for s in (0, 1)])
     assert [g["steps"] for g in group] == [8, 8]
-    assert before[0] < group[0]["train_seconds"] < before[0] + 100
+    assert group[0]["train_seconds"] > before[0]
     assert group[1]["train_seconds"] - group[0]["train_seconds"] == pytest.approx(
         before[1] + 1000.0 - before[0])
     for s, summary in zip((0, 1), group):          # each checkpoint holds its own clocks
@@ -156,7 +156,10 @@ def test_bench_stack_goes_on_with_growing_runs_side_by_side_until_they_stall(tmp
     for seed in (0, 1):
         summary = json.loads((tmp_path / f"copy-bptt-T0-s{seed}" / "summary.json").read_text())
         assert summary["stalled"] and summary["steps"] > 4 and summary["stacked_runs"] == 2
-    assert "seeds 0 1, 4 steps:" in result.stdout and "seeds 0 1, 6 steps:" in result.stdout
+    for seed in (0, 1):                  # first 4 steps, then extended to 6, side by side
+        for steps in (4, 6):
+            assert re.search(rf"^copy-bptt-T0-s{seed}: length \d+ \(.*\) at {steps} steps, "
+                             r"\d+s, 2 side by side$", result.stdout, re.MULTILINE), (seed, steps)
 
 
 def test_bench_stack_cost_times_both_ways():
