@@ -21,6 +21,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,39 +55,42 @@ def command(method: str, truncation: int, seed: int, steps: int | None,
             *cap, *extra]
 
 
-def cost_loops(methods: list[str], truncations: list[int], extra: list[str], scratch: Path
-               ) -> dict[tuple[str, int], object]:
+@contextmanager
+def warm_loops(methods: list[str], truncations: list[int], extra: list[str]
+               ) -> Iterator[dict[tuple[str, int], object]]:
     """One lm.py training loop per (method, T), built as lm.py builds it, on random text of the
-    corpus's alphabet size (so no corpus is read), writing under `scratch`."""
+    corpus's alphabet size (so no corpus is read) in a scratch folder, each stepped twice in
+    turn to warm up; the block runs on one pinned thread."""
+    import tempfile
+
+    from bench.timing import one_pinned_thread
     from experiment.data import TextSplits
     from experiment.lm_flags import parse_args
     from experiment.lm_train import make_loop
 
     ids = torch.randint(65, (400_000,), generator=torch.Generator().manual_seed(0))
     text = TextSplits("".join(map(chr, range(32, 97))), ids, ids[:2000], ids[:2000])
-    return {(m, t): make_loop(parse_args(["--method", m, "--truncation", str(t),
-                                          "--device", "cpu", *extra]),
-                              text, scratch, torch.device("cpu"))
-            for t in truncations for m in methods}
-
-
-def step_costs(methods: list[str], truncations: list[int], repeats: int,
-               extra: list[str]) -> dict[tuple[str, int], float]:
-    """Median seconds of one lm.py training step per (method, T): every loop stepped in turn
-    `repeats` times after two warm-up rounds, on one pinned thread."""
-    import tempfile
-
-    from bench.timing import one_pinned_thread
-
     with tempfile.TemporaryDirectory() as scratch, one_pinned_thread():
-        loops = cost_loops(methods, truncations, extra, Path(scratch))
-        times: dict[tuple[str, int], list[float]] = {c: [] for c in loops}
-        for round_ in range(repeats + 2):
-            for config, loop in loops.items():
-                start = time.perf_counter()
+        loops = {(m, t): make_loop(parse_args(["--method", m, "--truncation", str(t),
+                                               "--device", "cpu", *extra]),
+                                   text, Path(scratch), torch.device("cpu"))
+                 for t in truncations for m in methods}
+        for _ in range(2):
+            for loop in loops.values():
                 loop.train_step()
-                if round_ >= 2:
-                    times[config].append(time.perf_counter() - start)
+        yield loops
+
+
+def step_costs(loops: dict[tuple[str, int], object], repeats: int
+               ) -> dict[tuple[str, int], float]:
+    """Median seconds of one training step per (method, T) of `loops` (warm_loops'), each
+    stepped in turn `repeats` times."""
+    times: dict[tuple[str, int], list[float]] = {c: [] for c in loops}
+    for _ in range(repeats):
+        for config, loop in loops.items():
+            start = time.perf_counter()
+            loop.train_step()
+            times[config].append(time.perf_counter() - start)
     return {c: statistics.median(t) for c, t in times.items()}
 
 
@@ -136,29 +141,20 @@ def attribute_events(events, configs: list, repeats: int) -> tuple[dict, dict]:
     return seconds, calls
 
 
-def step_profile(methods: list[str], truncations: list[int], repeats: int,
-                 extra: list[str]) -> dict[tuple[str, int], dict[str, tuple[float, float]]]:
-    """Per (method, T): each part's seconds a step (median over steps) and operator calls a
-    step (attribute_events' parts), by torch.profiler over `repeats` interleaved rounds of a
-    step each, after two warm-up rounds, on one pinned thread."""
-    import tempfile
-
+def step_profile(loops: dict[tuple[str, int], object], repeats: int
+                 ) -> dict[tuple[str, int], dict[str, tuple[float, float]]]:
+    """Per (method, T) of `loops` (warm_loops'): each part's seconds a step (median over
+    steps) and operator calls a step (attribute_events' parts), by torch.profiler over
+    `repeats` interleaved rounds of a step each."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from bench.timing import one_pinned_thread
-
-    with tempfile.TemporaryDirectory() as scratch, one_pinned_thread():
-        loops = cost_loops(methods, truncations, extra, Path(scratch))
-        configs = list(loops)
-        for _ in range(2):
-            for loop in loops.values():
-                loop.train_step()
-        with profile(activities=[ProfilerActivity.CPU]) as profiled:
-            for round_ in range(repeats):
-                for index, loop in enumerate(loops.values()):
-                    with record_function(f"{STEP_SPAN} {round_} {index}"):
-                        loop.train_step()
-        seconds, calls = attribute_events(profiled.events(), configs, repeats)
+    configs = list(loops)
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        for round_ in range(repeats):
+            for index, loop in enumerate(loops.values()):
+                with record_function(f"{STEP_SPAN} {round_} {index}"):
+                    loop.train_step()
+    seconds, calls = attribute_events(profiled.events(), configs, repeats)
     return {c: {n: (statistics.median(seconds[c][n]), calls[c].get(n, 0) / repeats)
                 for n in seconds[c]} for c in configs}
 
@@ -236,10 +232,11 @@ def main() -> None:
         parser.error("argument --profile: needs --cost REPEATS")
     if args.cost:
         print(f"hardware: {platform.machine()}, one pinned thread, torch {torch.__version__}")
-        costs = step_costs(args.methods, args.truncations, args.cost, extra)
-        print_costs(costs, args.methods, args.truncations)
-        if args.profile:
-            print_profile(step_profile(args.methods, args.truncations, args.cost, extra), costs)
+        with warm_loops(args.methods, args.truncations, extra) as loops:
+            costs = step_costs(loops, args.cost)
+            print_costs(costs, args.methods, args.truncations)
+            if args.profile:       # the same loops, after the timed steps
+                print_profile(step_profile(loops, args.cost), costs)
         return
     print(f"hardware: {platform.machine()}, {threads_note(args.jobs)}, torch {torch.__version__}")
     cells = [(m, t, s) for t in args.truncations for m in args.methods for s in args.seeds]

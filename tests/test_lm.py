@@ -340,10 +340,11 @@ def test_profile_counts_what_each_method_adds_to_a_step():
     """Operator calls a step (deterministic, unlike times), one chunk a step at T = 2: the
     core's backward once more with the aux loss; S's products, its Adam and its slow copy's
     update with DNI only."""
-    from bench.lm import step_profile
+    from bench.lm import step_profile, warm_loops
 
-    parts = step_profile(["bptt", "dni", "dni_aux"], [2], 2, ["--hidden", "8",
-                                                              "--batch-size", "4"])
+    with warm_loops(["bptt", "dni", "dni_aux"], [2], ["--hidden", "8", "--batch-size", "4"]
+                    ) as loops:
+        parts = step_profile(loops, 2)
     calls = {m: {name: c for name, (_, c) in parts[(m, 2)].items()} for m, _ in parts}
     core, products, adam = ("LSTM core, forward and backward",
                             "matrix products (readout, S, aux head)", "Adam and S's slow copy")
