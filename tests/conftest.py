@@ -25,16 +25,18 @@ def mnist_root():
     return ROOT / "data"
 
 
+def run_python(*argv, cwd=ROOT, timeout=300, check=False) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts in a subprocess started in `cwd` (the repository root
+    by default), its output captured."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=check)
+
+
 @pytest.fixture(scope="session")
 def run_script(mnist_root):
-    """Run one of the project's scripts in a subprocess from the repository root."""
-
-    def run(*argv, timeout=300):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=env,
-                              capture_output=True, text=True, timeout=timeout, check=False)
-
-    return run
+    """run_python, with MNIST materialised first."""
+    return run_python
 
 
 def free_port() -> int:

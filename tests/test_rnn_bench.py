@@ -3,7 +3,6 @@ is full BPTT, the stalled check on a run's curriculum, and the table over seeds.
 
 import json
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -11,13 +10,12 @@ import torch
 from bench.rnn import INPUT_WINDOW, cell, run_name, table
 from experiment.rnn_train import build_model, curriculum_stalled, parse_args
 from experiment.sequence_tasks import make_task
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_python
 
 
 def run_bench(*flags, cwd=ROOT, check=True, timeout=300) -> subprocess.CompletedProcess:
     """bench/rnn.py with `flags` in a subprocess started in `cwd`."""
-    return subprocess.run([sys.executable, str(ROOT / "bench" / "rnn.py"), *map(str, flags)],
-                          capture_output=True, text=True, check=check, cwd=cwd, timeout=timeout)
+    return run_python(ROOT / "bench" / "rnn.py", *flags, cwd=cwd, check=check, timeout=timeout)
 
 
 def gradients_after_trainer(truncation: str, task, batch) -> dict[str, torch.Tensor]:

@@ -8,8 +8,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,8 +15,9 @@ import torch
 from experiment.errors import RunInterrupted, UserError
 from experiment.rnn_group import clip_each_run, train_group
 from experiment.rnn_train import parse_args, train
-from tests.conftest import ROOT, assert_same_run, run_records
+from tests.conftest import ROOT, assert_same_run, run_python, run_records
 
+BENCH = ROOT / "bench" / "rnn.py"
 SEEDS = (0, 1, 2)
 # levels grow within a few steps, at different times for different seeds
 GROWING = ["--steps", "16", "--batch-size", "4", "--hidden", "8", "--device", "cpu",
@@ -84,10 +83,10 @@ def test_runs_resumed_side_by_side_keep_their_own_clocks(tmp_path):
     extra = ["--method", "dni", "--truncation", "2", "--steps", "5"]
     for s in (0, 1):
         train(run_args(tmp_path / f"run{s}", s, *extra))
-    path = tmp_path / "run1" / "checkpoint.pt"
-    checkpoint = torch.load(path, weights_only=False)
-    before = [torch.load(tmp_path / f"run{s}" / "checkpoint.pt",
-                         weights_only=False)["state"]["train_seconds"] for s in (0, 1)]
+    checkpoints = [torch.load(tmp_path / f"run{s}" / "checkpoint.pt", weights_only=False)
+                   for s in (0, 1)]
+    before = [checkpoint["state"]["train_seconds"] for checkpoint in checkpoints]
+    path, checkpoint = tmp_path / "run1" / "checkpoint.pt", checkpoints[1]
     checkpoint["state"]["train_seconds"] += 1000.0       # run 1 had trained longer alone
     checkpoint["state"]["wall_seconds"] += 1000.0
     torch.save(checkpoint, path)
@@ -128,11 +127,9 @@ def test_clip_each_run_clips_every_run_by_its_own_norm():
 
 
 def test_bench_stack_fills_the_table(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
-         "0", "2", "--methods", "bptt", "dni", "--seeds", "0", "1", "--stack", "--results",
-         str(tmp_path), "--steps", "6", "--batch-size", "2", "--hidden", "4"],
-        capture_output=True, text=True, cwd=ROOT, check=False)
+    result = run_python(BENCH, "--tasks", "copy", "--truncations", "0", "2", "--methods", "bptt",
+                        "dni", "--seeds", "0", "1", "--stack", "--results", tmp_path, "--steps",
+                        "6", "--batch-size", "2", "--hidden", "4")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "copy-bptt-T0-s0", "copy-bptt-T0-s1", "copy-bptt-T2-s0", "copy-bptt-T2-s1",
@@ -146,12 +143,10 @@ def test_bench_stack_fills_the_table(tmp_path):
 
 
 def test_bench_stack_goes_on_with_growing_runs_side_by_side_until_they_stall(tmp_path):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
-         "0", "--seeds", "0", "1", "--stack", "--results", str(tmp_path), "--steps", "4",
-         "--until-stalled", "40", "--batch-size", "2", "--hidden", "4", "--bits", "2",
-         "--threshold", "6", "--window", "2", "--max-length", "5"],
-        capture_output=True, text=True, cwd=ROOT, check=False, timeout=120)
+    result = run_python(BENCH, "--tasks", "copy", "--truncations", "0", "--seeds", "0", "1",
+                        "--stack", "--results", tmp_path, "--steps", "4", "--until-stalled", "40",
+                        "--batch-size", "2", "--hidden", "4", "--bits", "2", "--threshold", "6",
+                        "--window", "2", "--max-length", "5", timeout=120)
     assert result.returncode == 0, result.stderr
     for seed in (0, 1):
         summary = json.loads((tmp_path / f"copy-bptt-T0-s{seed}" / "summary.json").read_text())
@@ -163,11 +158,9 @@ def test_bench_stack_goes_on_with_growing_runs_side_by_side_until_they_stall(tmp
 
 
 def test_bench_stack_cost_times_both_ways():
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "repeat_copy",
-         "--truncations", "2", "--methods", "dni_aux", "--seeds", "0", "1", "--stack-cost", "1",
-         "--batch-size", "2", "--hidden", "4"],
-        capture_output=True, text=True, cwd=ROOT, check=False)
+    result = run_python(BENCH, "--tasks", "repeat_copy", "--truncations", "2", "--methods",
+                        "dni_aux", "--seeds", "0", "1", "--stack-cost", "1", "--batch-size", "2",
+                        "--hidden", "4")
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| repeat_copy |")]
     assert [row.split(" | ")[3] for row in rows] == ["2", "10", "30"]
@@ -201,10 +194,8 @@ def test_a_group_of_one_run_is_the_run_alone(tmp_path):
 
 @pytest.mark.parametrize("flags", [["--core", "gru"], ["--synthesizer", "rnn"]])
 def test_bench_stack_cost_refuses_what_cannot_stack_in_one_line(flags):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "rnn.py"), "--tasks", "copy", "--truncations",
-         "2", "--methods", "dni", "--seeds", "0", "1", "--stack-cost", "1", "--hidden", "4",
-         *flags], capture_output=True, text=True, cwd=ROOT, check=False)
+    result = run_python(BENCH, "--tasks", "copy", "--truncations", "2", "--methods", "dni",
+                        "--seeds", "0", "1", "--stack-cost", "1", "--hidden", "4", *flags)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), \
         result.stderr
