@@ -95,7 +95,7 @@ class _GroupLoop(StepPeriodLoop):
                          state, None, None)
         self.members, self.task, self.args = members, task, args
         # each run's own clock so far: the group's time is added to it, not to the first's
-        self.started = [(m.state.train_seconds - state.train_seconds,
+        self.clock_offsets = [(m.state.train_seconds - state.train_seconds,
                          m.state.wall_seconds - state.wall_seconds) for m in members]
         self.period_steps = args.checkpoint_every
         self.network = list(model.named_parameters())
@@ -199,7 +199,7 @@ class _GroupLoop(StepPeriodLoop):
 
     def after_step(self) -> None:
         args, step = self.args, self.state.step
-        for m, (train_offset, wall_offset) in zip(self.members, self.started):
+        for m, (train_offset, wall_offset) in zip(self.members, self.clock_offsets):
             m.state.step = step
             m.state.train_seconds = self.state.train_seconds + train_offset
             m.state.wall_seconds = self.state.wall_seconds + wall_offset
