@@ -78,7 +78,7 @@ def stage_counts(layers: int) -> list[int]:
     return [1 + layers // 2, layers - layers // 2 + 1]
 
 
-def lm_flags(args) -> list[str]:
+def lm_flags(args: argparse.Namespace) -> list[str]:
     """lm.py's flags for the bench's GPT, data, budget and validation (the method apart)."""
     return ["--model", "gpt", "--corpus", str(args.corpus), "--width", str(args.width),
             "--layers", str(args.layers), "--heads", str(args.heads),
@@ -88,7 +88,7 @@ def lm_flags(args) -> list[str]:
             "--epochs", FOREVER, "--patience", FOREVER]
 
 
-def worker_flags(args) -> list[str]:
+def worker_flags(args: argparse.Namespace) -> list[str]:
     """This file's flags for a worker of the same run."""
     return ["--corpus", str(args.corpus), "--width", str(args.width), "--layers",
             str(args.layers), "--heads", str(args.heads), "--context", str(args.context),
@@ -98,7 +98,7 @@ def worker_flags(args) -> list[str]:
             "--device", args.device]
 
 
-def row_command(row: str, args, out: Path) -> tuple[list[str], int]:
+def row_command(row: str, args: argparse.Namespace, out: Path) -> tuple[list[str], int]:
     """The command of one row (run from the repository root) and its threads per process."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node", str(PROCESSES)]
@@ -118,7 +118,7 @@ def memory_kind(device: torch.device) -> str:
     return "CUDA allocated" if device.type == "cuda" else "RSS"
 
 
-def _bp_worker(args) -> None:
+def _bp_worker(args: argparse.Namespace) -> None:
     """The bp row: lm.py's own training in this process on every core, then its peak memory
     added to lm.py's summary.json."""
     from experiment.cli import resolve_device
@@ -134,7 +134,7 @@ def _bp_worker(args) -> None:
     write_json(Path(args.result) / "summary.json", summary)
 
 
-def _worker(args) -> None:
+def _worker(args: argparse.Namespace) -> None:
     """One rank of a pipelining-schedule or DDP run of the GPT; the rank that scores (the last
     stage; rank 0 under DDP) writes metrics.csv and summary.json to --result."""
     import torch.distributed as dist
@@ -238,7 +238,7 @@ def _worker(args) -> None:
 
 
 # -- rows, records and the table ----------------------------------------------------------
-def run_config(args) -> dict:
+def run_config(args: argparse.Namespace) -> dict:
     """The flags that define a row's run."""
     return {name: (str(getattr(args, name)) if name == "corpus" else getattr(args, name))
             for name in RUN_FLAGS}
@@ -274,7 +274,7 @@ def row_record(row: str, out: Path, batch_tokens: int) -> dict:
     return record
 
 
-def run_row(row: str, args) -> dict:
+def run_row(row: str, args: argparse.Namespace) -> dict:
     """Run one row in its own folder under --results and return its record (a failed run's
     is {"failed": its error line})."""
     out = args.results / row
@@ -347,7 +347,7 @@ def render_table(records: dict[str, dict], target: float | None) -> str:
     return "\n".join(lines)
 
 
-def gather_records(args) -> dict[str, dict]:
+def gather_records(args: argparse.Namespace) -> dict[str, dict]:
     """Each asked row's record: read back when finished with these flags, else run (unless
     --table-only); a row finished with other flags is refused (another --results)."""
     config, records = run_config(args), {}

@@ -19,6 +19,7 @@ what they have logged so far.
 
 from __future__ import annotations
 
+import argparse
 import math
 import platform
 import sys
@@ -127,12 +128,12 @@ def build_run(method: str, layers: int, data, seed: int, results: Path) -> Budge
                      torch.Generator().manual_seed(seed), results / run_name(method, layers))
 
 
-def budget_of(args) -> dict:
+def budget_of(args: argparse.Namespace) -> dict:
     """What a saved run must have been started with to be resumed by this command."""
     return {"updates": args.updates, "train_size": args.train_size, "seed": args.seed}
 
 
-def resume(run: BudgetRun, args) -> None:
+def resume(run: BudgetRun, args: argparse.Namespace) -> None:
     """Load the run's checkpoint, if it has one (before the capture, which keeps it)."""
     path = run.folder / CHECKPOINT
     if not path.exists():
@@ -151,7 +152,7 @@ def resume(run: BudgetRun, args) -> None:
     run.wall_seconds = saved["wall_seconds"]
 
 
-def checkpoint(run: BudgetRun, args) -> Path:
+def checkpoint(run: BudgetRun, args: argparse.Namespace) -> Path:
     """Save the run at an epoch's end."""
     return save_checkpoint(run.folder, {
         "trainer": run.trainer.state(), "generator": run.generator.get_state(),
@@ -171,7 +172,7 @@ def cosine_columns(run: BudgetRun) -> dict[str, float]:
     return {f"cos{i}": c for i, c in enumerate(cosines, start=1)}
 
 
-def train_graphed(names: list[tuple[str, int]], data, args) -> list[BudgetRun]:
+def train_graphed(names: list[tuple[str, int]], data, args: argparse.Namespace) -> list[BudgetRun]:
     """Train the runs (method, layers) together, one step of each in turn, with a checkpoint
     every --checkpoint-every epochs; stop (all saved) at the first epoch's end after
     --stop-after seconds or a signal. Returns the runs left unfinished."""
@@ -228,7 +229,7 @@ def train_graphed(names: list[tuple[str, int]], data, args) -> list[BudgetRun]:
     return []
 
 
-def end_epoch(run: BudgetRun, data, args, epochs: int, seconds: float) -> bool:
+def end_epoch(run: BudgetRun, data, args: argparse.Namespace, epochs: int, seconds: float) -> bool:
     """Evaluate the run, write its epoch row, print a line every --print-every epochs;
     `seconds`: the epoch's wall time (all the runs trained together). False when the run has
     diverged: its summary says so and it trains no more."""
@@ -257,7 +258,7 @@ def end_epoch(run: BudgetRun, data, args, epochs: int, seconds: float) -> bool:
     return True
 
 
-def finish(run: BudgetRun, args, diverged: bool = False) -> None:
+def finish(run: BudgetRun, args: argparse.Namespace, diverged: bool = False) -> None:
     """summary.json of a run that has ended (the scripts engine's runs leave one too); its
     figures are those of its last evaluated epoch."""
     epochs = load_run(run.folder).epochs

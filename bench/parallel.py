@@ -71,7 +71,7 @@ def script_run(argv: list[str], threads: int, out: Path, torchrun: int = 0) -> d
     return json.loads((out / "summary.json").read_text())
 
 
-def worker_run(kind: str, args, processes: int, out: Path) -> dict:
+def worker_run(kind: str, args: argparse.Namespace, processes: int, out: Path) -> dict:
     """Run this file's own worker for `kind` (pipelining schedules, DDP) under torchrun."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(processes), __file__, "--worker", kind, "--result", str(out / "result.json"),
@@ -88,7 +88,7 @@ def worker_run(kind: str, args, processes: int, out: Path) -> dict:
 
 
 # -- workers (run under torchrun) ---------------------------------------------------------
-def _worker(args) -> None:
+def _worker(args: argparse.Namespace) -> None:
     """One rank of a pipelining-schedule or DDP run; the last rank writes the result."""
     from experiment.data import batch_order, batches, load_mnist
     from experiment.pipeline_train import pin_to_cores
@@ -152,12 +152,12 @@ def _worker(args) -> None:
     end_worker()
 
 
-def _rank_blocks(args, rank: int, world: int) -> list[int]:
+def _rank_blocks(args: argparse.Namespace, rank: int, world: int) -> list[int]:
     """The blocks rank `rank` trains under args.worker's schedule."""
     return rank_blocks(args.worker, args.stage_blocks, rank, world)
 
 
-def _schedule(args, net: nn.Sequential, rank: int, world: int):
+def _schedule(args: argparse.Namespace, net: nn.Sequential, rank: int, world: int):
     """This rank's part of `net` under a torch.distributed.pipelining schedule: returns
     (step(x, y), parameters)."""
     return schedule_step(args.worker, net, args.stage_blocks, rank, world, args.microbatches,
@@ -280,7 +280,7 @@ def whole_trainer(blocks: list[nn.Module], interfaces: str, counts: list[int],
     return seconds_per_step(step, steps)
 
 
-def run_variant(args, width: int, train_size: int, rows: list[str], work: Path,
+def run_variant(args: argparse.Namespace, width: int, train_size: int, rows: list[str], work: Path,
                 depth: int = 3, split: list[int] | None = None) -> dict:
     """Every row for one network (depth hidden blocks of width units); returns {row: result}
     and, under "bound", the split's measured costs, caps and the pipeline's overhead."""

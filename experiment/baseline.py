@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from experiment.cli import add_switch, parse_training_args, prepare_run, training_parser
 from experiment.networks import add_model_arguments, build_network
 
@@ -23,7 +25,7 @@ def run_backprop(model_type: str, script: str, description: str) -> None:
     train_backprop(model_type, args, data, out_dir, script=script, checkpoint=checkpoint)
 
 
-def train_backprop(model_type: str, args, data, out_dir, *, script: str,
+def train_backprop(model_type: str, args: argparse.Namespace, data, out_dir, *, script: str,
                    checkpoint: dict | None = None) -> dict:
     """Build `model_type` from args, train it by backprop with Adam (only its head with
     args.head_only); return the summary."""

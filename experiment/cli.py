@@ -336,7 +336,8 @@ def run(main: Callable[[], None]) -> None:
         sys.stderr.flush()
 
 
-def prepare_run(args, script: str, *, primary: bool = True, checkpoint_name: str | None = None):
+def prepare_run(args: argparse.Namespace, script: str, *, primary: bool = True,
+                checkpoint_name: str | None = None):
     """Seed, device, run folder (config.json written by the `primary` process), MNIST, and the
     checkpoint to resume from (None for a new run): (device, out_dir, data, checkpoint)."""
     import torch

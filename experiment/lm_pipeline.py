@@ -9,6 +9,7 @@ its own checkpoint, and `--resume` restarts them together."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 from pathlib import Path
@@ -56,8 +57,8 @@ class _GPTStageLoop(_TransformerLoop):
 
     stops_at_once = False
 
-    def __init__(self, args, stage: PipelineStage, optimizer, text: TextSplits, out_dir: Path,
-                 device: torch.device, checkpoint: dict | None, collectives):
+    def __init__(self, args: argparse.Namespace, stage: PipelineStage, optimizer, text: TextSplits,
+                 out_dir: Path, device: torch.device, checkpoint: dict | None, collectives):
         self.stage, self.collectives = stage, collectives
         self.checkpoint_name = stage_checkpoint_name(stage.rank)
         self.show_progress = stage.is_last
@@ -144,7 +145,7 @@ class _GPTStageLoop(_TransformerLoop):
         return sum(self.cosines) / len(self.cosines)
 
 
-def build_stage(args, vocab_size: int, device: torch.device, world: int
+def build_stage(args: argparse.Namespace, vocab_size: int, device: torch.device, world: int
                 ) -> tuple[PipelineStage, torch.optim.Optimizer]:
     """This rank's stage of the GPT lm.py's flags describe (built whole, seeded alike on every
     rank, so the weights agree with one process's) and its Adam: the blocks below the top cut
@@ -165,7 +166,7 @@ def build_stage(args, vocab_size: int, device: torch.device, world: int
     return stage, adam(groups, lr=lr)
 
 
-def train_as_pipeline(args) -> dict | None:
+def train_as_pipeline(args: argparse.Namespace) -> dict | None:
     """lm.py --model gpt under torchrun: join the process group, build this rank's stage and
     train it; the last stage writes summary.json and returns it (the others None)."""
     from experiment.cli import resolve_device

@@ -16,6 +16,7 @@ character divided by ln 2.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import math
 import sys
@@ -89,7 +90,7 @@ def evaluate_bpc(model: SequenceModel, ids: torch.Tensor, vocab_size: int,
     return nats / count / math.log(2)
 
 
-def build_model(args, vocab_size: int) -> SequenceModel:
+def build_model(args: argparse.Namespace, vocab_size: int) -> SequenceModel:
     """The LSTM language model lm.py's flags describe (one-hot characters in, logits out)."""
     return SequenceModel(
         vocab_size, vocab_size, hidden=args.hidden, core="lstm", truncation=args.truncation,
@@ -99,7 +100,7 @@ def build_model(args, vocab_size: int) -> SequenceModel:
         target_decay=args.target_decay, center=args.center)
 
 
-def make_optimizer(model: SequenceModel, args) -> torch.optim.Optimizer:
+def make_optimizer(model: SequenceModel, args: argparse.Namespace) -> torch.optim.Optimizer:
     """Adam: the network at --lr, the synthesizer (if any) at --synth-lr."""
     groups = [{"params": model.network_parameters(), "lr": args.lr}]
     if model.trainer.synthesizer is not None:
@@ -161,7 +162,7 @@ def evaluate_gpt_bpc(model: nn.Module, ids: torch.Tensor, context: int,
     return nats / count / math.log(2)
 
 
-def gpt_synthesizer_options(args) -> dict:
+def gpt_synthesizer_options(args: argparse.Namespace) -> dict:
     """What lm.py's flags give the synthesizer at each GPT cut (dni.synthesizer_factory)."""
     if args.synthesizer == "mlp":
         return {"hidden_size": args.synth_hidden, "num_layers": 2}
@@ -170,7 +171,7 @@ def gpt_synthesizer_options(args) -> dict:
     return {}
 
 
-def build_gpt(args, vocab_size: int, device: torch.device
+def build_gpt(args: argparse.Namespace, vocab_size: int, device: torch.device
               ) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The GPT lm.py's flags describe and its Adam; under dni, wrapped as `DNI(gpt,
     optim=opt, blocks=cuts)` (the synthesizers a group of the same Adam at --synth-lr, the
@@ -226,8 +227,8 @@ class _LanguageModelLoop(StepPeriodLoop):
     gives the step, the scoring of a text, the synthetic gradient's cosine and the epochs
     done."""
 
-    def __init__(self, args, model: nn.Module, optimizer, text: TextSplits, out_dir: Path,
-                 device: torch.device, checkpoint: dict | None,
+    def __init__(self, args: argparse.Namespace, model: nn.Module, optimizer, text: TextSplits,
+                 out_dir: Path, device: torch.device, checkpoint: dict | None,
                  on_step: Callable[[int], None] | None, clipped: list[nn.Parameter]):
         super().__init__(out_dir, model, optimizer,
                          torch.Generator().manual_seed(args.seed), device, RunState(),
@@ -347,8 +348,8 @@ class _RecurrentLoop(_LanguageModelLoop):
     """The LSTM's step: the next window of every stream through truncated BPTT, the state
     carried to the next."""
 
-    def __init__(self, args, model: SequenceModel, optimizer, text: TextSplits, out_dir: Path,
-                 device: torch.device, checkpoint: dict | None,
+    def __init__(self, args: argparse.Namespace, model: SequenceModel, optimizer, text: TextSplits,
+                 out_dir: Path, device: torch.device, checkpoint: dict | None,
                  on_step: Callable[[int], None] | None):
         super().__init__(args, model, optimizer, text, out_dir, device, checkpoint, on_step,
                          model.network_parameters())
@@ -416,10 +417,9 @@ class _TransformerLoop(_LanguageModelLoop):
     cross-entropy of all their next characters; under dni, each cut's block learns from its
     synthetic gradient during the forward pass."""
 
-    def __init__(self, args, model: nn.Module, optimizer, text: TextSplits, out_dir: Path,
-                 device: torch.device, checkpoint: dict | None,
-                 on_step: Callable[[int], None] | None,
-                 clipped: list[nn.Parameter] | None = None):
+    def __init__(self, args: argparse.Namespace, model: nn.Module, optimizer, text: TextSplits,
+                 out_dir: Path, device: torch.device, checkpoint: dict | None,
+                 on_step: Callable[[int], None] | None, clipped: list[nn.Parameter] | None = None):
         if clipped is None:
             clipped = list((model.net if uses_synthesizer(args) else model).parameters())
         super().__init__(args, model, optimizer, text, out_dir, device, checkpoint, on_step,
@@ -472,19 +472,19 @@ class _TransformerLoop(_LanguageModelLoop):
         return sum(cosines) / len(cosines)
 
 
-def uses_synthesizer(args) -> bool:
+def uses_synthesizer(args: argparse.Namespace) -> bool:
     """Whether lm.py's flags train with synthetic gradients."""
     return args.method not in ("bptt", "bp", "frozen")
 
 
-def describe(args) -> str:
+def describe(args: argparse.Namespace) -> str:
     """A run in a few words: the method and the LSTM's T, or the GPT's method."""
     if args.model == "lstm":
         return f"{args.method} T={args.truncation}"
     return f"gpt {'cdni' if uses_synthesizer(args) and args.conditioned else args.method}"
 
 
-def make_loop(args, text: TextSplits, out_dir: Path, device: torch.device,
+def make_loop(args: argparse.Namespace, text: TextSplits, out_dir: Path, device: torch.device,
               checkpoint: dict | None = None,
               on_step: Callable[[int], None] | None = None) -> _LanguageModelLoop:
     """The seeded model, its optimizer and the training loop of one run (nothing written
@@ -498,7 +498,7 @@ def make_loop(args, text: TextSplits, out_dir: Path, device: torch.device,
     return _TransformerLoop(args, model, optimizer, text, out_dir, device, checkpoint, on_step)
 
 
-def train(args, on_step: Callable[[int], None] | None = None) -> dict:
+def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None) -> dict:
     """Run (or resume) one language-model run in this process; write its records; return
     summary.json's (under torchrun, lm.py runs experiment.lm_pipeline instead)."""
     device = resolve_device(args.device)
@@ -513,9 +513,9 @@ def train(args, on_step: Callable[[int], None] | None = None) -> dict:
     return write_summary(args, loop, text, out_dir, device)
 
 
-def write_summary(args, loop: _LanguageModelLoop, text: TextSplits, out_dir: Path,
-                  device: torch.device, extra: dict | None = None, writes: bool = True
-                  ) -> dict | None:
+def write_summary(args: argparse.Namespace, loop: _LanguageModelLoop, text: TextSplits,
+                  out_dir: Path, device: torch.device, extra: dict | None = None,
+                  writes: bool = True) -> dict | None:
     """Score the best validation model on validation and test; write summary.json (with
     `extra` keys) and print the run's line, unless `writes` is False (a pipeline stage that
     keeps no records: it only takes part in the scoring)."""

@@ -3,6 +3,7 @@ tuned DNI defaults (from the search in bench/README.md) and DNI attached to a ne
 
 from __future__ import annotations
 
+import argparse
 from typing import TYPE_CHECKING
 
 from experiment.cli import positive_int
@@ -24,7 +25,7 @@ def add_model_arguments(parser, model_type: str | None = None) -> None:
                             help="CNN: output channels of each conv block")
 
 
-def build_network(model_type: str, args) -> nn.Sequential:
+def build_network(model_type: str, args: argparse.Namespace) -> nn.Sequential:
     """The network named by model_type with the architecture flags in args."""
     from model import CNN, FCN
 

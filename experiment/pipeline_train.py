@@ -5,6 +5,7 @@ lines). Each stage writes its own checkpoint, and `--resume` restarts them toget
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import time
@@ -123,7 +124,7 @@ class _StageLoop(EpochLoop):
 
     stops_at_once = False
 
-    def __init__(self, stage: PipelineStage, optimizer, data, args, out_dir,
+    def __init__(self, stage: PipelineStage, optimizer, data, args: argparse.Namespace, out_dir,
                  checkpoint: dict | None):
         self.stage = stage
         self.show_progress = stage.is_last
@@ -240,9 +241,9 @@ def run_stages(loop: TrainingLoop, stage: PipelineStage, out_dir: Path,
         stage, collectives)
 
 
-def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: ImageSplits, args, *,
-                 model_name: str, method: str, out_dir: Path, checkpoint: dict | None,
-                 extra_summary: dict) -> dict | None:
+def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: ImageSplits,
+                 args: argparse.Namespace, *, model_name: str, method: str, out_dir: Path,
+                 checkpoint: dict | None, extra_summary: dict) -> dict | None:
     """Train this rank's stage for args.epochs (learning rates as --schedule says); the last stage prints the epoch
     lines and writes metrics.csv and summary.json, which it returns (others return None)."""
     collectives = dist.new_group(backend="gloo")  # for the few collectives, apart from p2p
@@ -259,8 +260,8 @@ def fit_pipeline(stage: PipelineStage, optimizer: torch.optim.Optimizer, data: I
                          model_name=model_name, method=method, extra=extra)
 
 
-def train_as_pipeline(args, build_net, *, model_name: str, method: str, synthesizer_options: dict,
-                      extra_summary: dict) -> None:
+def train_as_pipeline(args: argparse.Namespace, build_net, *, model_name: str, method: str,
+                      synthesizer_options: dict, extra_summary: dict) -> None:
     """main.py under torchrun: join the process group, build this rank's stage of
     `build_net()` (called after seeding, identically on every rank) and train it."""
     from experiment.cli import prepare_run, resolve_device

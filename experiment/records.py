@@ -5,6 +5,7 @@ reading a run's flags does not wait for it."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -83,7 +84,8 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-def write_config(out_dir: Path, script: str, args, device: torch.device) -> None:
+def write_config(out_dir: Path, script: str, args: argparse.Namespace,
+                 device: torch.device) -> None:
     """config.json: every flag, library versions, device and git commit."""
     import numpy
     import torch

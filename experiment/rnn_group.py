@@ -15,6 +15,7 @@ nothing (measured: bench/README.md, "The recurrent settings").
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -65,7 +66,8 @@ class RunsDiverged(UserError):
 class _Member:
     """One run of the group: its flags, folder, data stream, curriculum and records."""
 
-    def __init__(self, args, device: torch.device, checkpoint: dict | None, max_level: int):
+    def __init__(self, args: argparse.Namespace, device: torch.device, checkpoint: dict | None,
+                 max_level: int):
         self.args, self.out_dir = args, Path(args.out)
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
         self.curriculum = Curriculum(args.threshold, args.window, max_level=max_level)

@@ -5,6 +5,7 @@ periodic atomic checkpoints, SIGINT/SIGTERM -> save and exit, exact --resume) an
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from collections.abc import Callable
@@ -134,7 +135,7 @@ def parse_args(argv: list[str] | None = None):
     return args
 
 
-def build_model(args, input_size: int, output_size: int) -> SequenceModel:
+def build_model(args: argparse.Namespace, input_size: int, output_size: int) -> SequenceModel:
     """The sequence model rnn_tasks.py's flags describe."""
     return SequenceModel(
         input_size, output_size, hidden=args.hidden, core=args.core,
@@ -145,7 +146,7 @@ def build_model(args, input_size: int, output_size: int) -> SequenceModel:
         target_decay=args.target_decay, input_window=args.synth_input_window)
 
 
-def make_optimizer(model: SequenceModel, args) -> torch.optim.Optimizer:
+def make_optimizer(model: SequenceModel, args: argparse.Namespace) -> torch.optim.Optimizer:
     """Adam: the network at --lr, the synthesizer (if any) at --synth-lr."""
     groups = [{"params": model.network_parameters(), "lr": args.lr}]
     if model.trainer.synthesizer is not None:
@@ -172,8 +173,9 @@ class SequenceLoop(StepPeriodLoop):
     BPTT (and its synthesizer); periods of --checkpoint-every steps; a printed line every
     --log-every steps."""
 
-    def __init__(self, args, model: SequenceModel, optimizer, task, out_dir: Path, device,
-                 checkpoint: dict | None, on_step: Callable[[int], None] | None):
+    def __init__(self, args: argparse.Namespace, model: SequenceModel, optimizer, task,
+                 out_dir: Path, device, checkpoint: dict | None,
+                 on_step: Callable[[int], None] | None):
         super().__init__(out_dir, model, optimizer,
                          torch.Generator(device=device).manual_seed(args.seed), device,
                          RunState(), COLUMNS, checkpoint)
@@ -240,7 +242,8 @@ class SequenceLoop(StepPeriodLoop):
             self.on_step(state.step)
 
 
-def make_loop(args, on_step: Callable[[int], None] | None = None) -> SequenceLoop:
+def make_loop(args: argparse.Namespace,
+              on_step: Callable[[int], None] | None = None) -> SequenceLoop:
     """The loop of one run (a new one, or --resume's), its folder and config.json written."""
     device = resolve_device(args.device)
     if args.threads:
@@ -256,7 +259,7 @@ def make_loop(args, on_step: Callable[[int], None] | None = None) -> SequenceLoo
     return loop
 
 
-def train(args, on_step: Callable[[int], None] | None = None) -> dict:
+def train(args: argparse.Namespace, on_step: Callable[[int], None] | None = None) -> dict:
     """Run (or resume) one training run; write its records; return summary.json's dict."""
     loop = make_loop(args, on_step)
     loop.run()
@@ -272,7 +275,7 @@ def finish(loop: SequenceLoop) -> dict:
                          **extra)
 
 
-def task_of(args) -> SequenceTask:
+def task_of(args: argparse.Namespace) -> SequenceTask:
     """The task rnn_tasks.py's flags name."""
     return make_task(args.task, bits=args.bits, max_repeats=args.max_repeats,
                      max_length=args.max_length, data_dir=args.data_dir)
@@ -337,7 +340,7 @@ def print_step_line(line: str, row: dict, train_seconds: float) -> None:
     sys.stdout.flush()
 
 
-def log_line(args, state: RunState, curriculum: Curriculum, log: MetricsLog,
+def log_line(args: argparse.Namespace, state: RunState, curriculum: Curriculum, log: MetricsLog,
              cosine: float | None = None, prefix: str = "") -> None:
     """One metrics.csv row and one printed line (starting with `prefix`) for the steps since
     the last one; `cosine` is the synthetic gradient's cosine to the true one on the last
@@ -366,8 +369,8 @@ def curriculum_stalled(levels: list, steps: int, last_fraction: float = 0.25) ->
     return all(step <= start for step, _ in levels)
 
 
-def write_summary(args, state: RunState, curriculum: Curriculum, out_dir: Path,
-                  device, **extra) -> dict:
+def write_summary(args: argparse.Namespace, state: RunState, curriculum: Curriculum,
+                  out_dir: Path, device, **extra) -> dict:
     """summary.json of the finished run (with `extra` keys, e.g. how many runs shared its
     process)."""
     summary = {

@@ -6,6 +6,7 @@ forward)."""
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import time
@@ -238,7 +239,7 @@ class _FitLoop(EpochLoop):
     """`fit`'s step: a forward and backward of the whole model (a DNI model's synthetic
     gradients happen inside its forward), the divergence check, the probe's figures."""
 
-    def __init__(self, model, optimizer, data, args, out_dir, probe: Probe,
+    def __init__(self, model, optimizer, data, args: argparse.Namespace, out_dir, probe: Probe,
                  checkpoint: dict | None):
         super().__init__(model, optimizer, data, args, out_dir, probe.columns, checkpoint)
         self.probe = probe
@@ -282,8 +283,8 @@ class _FitLoop(EpochLoop):
                      *evaluate(self.model, self.data.test_x, self.data.test_y))
 
 
-def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: ImageSplits, args,
-        *, script: str, model_name: str, method: str, out_dir: Path,
+def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: ImageSplits,
+        args: argparse.Namespace, *, script: str, model_name: str, method: str, out_dir: Path,
         probe: Probe | None = None, extra_summary: dict | None = None,
         checkpoint: dict | None = None) -> dict:
     """Train for args.epochs (cosine learning-rate decay), from `checkpoint` when resuming;
@@ -295,8 +296,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: ImageSpl
                          model_name=model_name, method=method, extra=extra_summary or {})
 
 
-def finish_epoch(args, state: LoopState, log: MetricsLog, test_loss: float, test_acc: float
-                 ) -> None:
+def finish_epoch(args: argparse.Namespace, state: LoopState, log: MetricsLog, test_loss: float,
+                 test_acc: float) -> None:
     """Print the epoch line, record the epoch row, and reset the epoch's sums."""
     if state.epoch_samples == 0:
         raise UserError("no training batch in this epoch")
@@ -318,8 +319,8 @@ def finish_epoch(args, state: LoopState, log: MetricsLog, test_loss: float, test
     state.metric_sums, state.metric_counts = {}, {}
 
 
-def write_summary(state: LoopState, args, out_dir: Path, device, *, script: str,
-                   model_name: str, method: str, extra: dict) -> dict:
+def write_summary(state: LoopState, args: argparse.Namespace, out_dir: Path, device, *,
+                  script: str, model_name: str, method: str, extra: dict) -> dict:
     """summary.json from the finished run's state."""
     last = state.history[-1]
     figures = {k: v for k, v in last.items() if k not in ("epoch", "wall_seconds",
