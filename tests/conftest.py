@@ -25,12 +25,12 @@ def mnist_root():
     return ROOT / "data"
 
 
-def run_python(*argv, cwd=ROOT, timeout=300, check=False) -> subprocess.CompletedProcess:
+def run_python(*argv, cwd=ROOT, timeout=300, check=False, **popen) -> subprocess.CompletedProcess:
     """Run one of the project's scripts in a subprocess started in `cwd` (the repository root
-    by default), its output captured."""
+    by default), its output captured (`popen`: subprocess.run's other arguments)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=check)
+                          capture_output=True, text=True, timeout=timeout, check=check, **popen)
 
 
 @pytest.fixture(scope="session")

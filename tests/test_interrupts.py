@@ -7,13 +7,12 @@ import csv
 import json
 import random
 import signal
-import subprocess
-import sys
+from functools import partial
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import run_python
 
 MAIN = ["main.py", "--train-size", "600", "--batch-size", "50", "--device", "cpu",
         "--log-every", "3", "--seed", "7", "--epochs", "3"]      # 12 steps an epoch
@@ -22,23 +21,21 @@ RNN = ["rnn_tasks.py", "--steps", "12", "--batch-size", "4", "--hidden", "8", "-
 RANDOM_CALL = random.Random(2026).randrange(2, 60)  # some cross-entropy call of the run
 
 
-def run(argv, timeout=240):
-    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+run = partial(run_python, timeout=240)
 
 
 def interrupted(moment, signame, argv):
-    return run(["tests/signal_at.py", moment, signame, *argv])
+    return run("tests/signal_at.py", moment, signame, *argv)
 
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, mnist_root):
     """Uninterrupted main.py (with figures against an mlp.py run) and rnn_tasks.py runs."""
     root = tmp_path_factory.mktemp("reference")
-    baseline = run(["mlp.py", *MAIN[1:], "--epochs", "1", "--out", root / "mlp"])
+    baseline = run("mlp.py", *MAIN[1:], "--epochs", "1", "--out", root / "mlp")
     assert baseline.returncode == 0, baseline.stderr
     for name, argv in (("main", [*MAIN, "--baseline", root / "mlp"]), ("rnn", RNN)):
-        done = run([*argv, "--out", root / name])
+        done = run(*argv, "--out", root / name)
         assert done.returncode == 0, done.stderr
     return root
 
@@ -88,7 +85,7 @@ def test_main_interrupted_then_resumed_ends_bit_identical(references, tmp_path, 
     if moment == "checkpoint-write:2":  # the write it cut left the first checkpoint whole
         payload = torch.load(out / "checkpoint.pt", weights_only=True)
         assert payload["state"]["step"] == 12
-    done = run(["main.py", "--resume", out])
+    done = run("main.py", "--resume", out)
     assert done.returncode == 0, done.stderr
     assert_same_end(out, references / "main", ("test_acc", "test_loss", "train_loss", "cos1",
                                                "sg_loss3"))
@@ -101,9 +98,7 @@ def test_a_sigint_test_does_not_depend_on_how_the_suite_was_started(references, 
     out = tmp_path / "run"
     argv = ["tests/signal_at.py", "figures:1", "SIGINT", *MAIN, "--epochs", "1",
             "--baseline", references / "mlp", "--out", out]
-    cut = subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, capture_output=True,
-                         text=True, timeout=240, check=False,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    cut = run(*argv, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     assert cut.returncode == 130, cut.stderr
     assert cut.stderr.strip().splitlines()[-1] == "interrupted"
 
@@ -123,7 +118,7 @@ def test_rnn_interrupted_then_resumed_ends_bit_identical(references, tmp_path, m
     cut = interrupted(moment, signame, [*RNN, "--out", out])
     assert cut.returncode == code, cut.stderr
     assert "Traceback" not in cut.stderr and len(cut.stderr.strip().splitlines()) == 1
-    done = run(["rnn_tasks.py", "--resume", out])
+    done = run("rnn_tasks.py", "--resume", out)
     assert done.returncode == 0, done.stderr
     assert_same_end(out, references / "rnn", ("max_length_solved", "steps", "levels"))
 
