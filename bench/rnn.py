@@ -239,12 +239,12 @@ def runs_at(truncation: int, methods) -> list[str]:
 
 def stalled(summary: dict) -> bool:
     """Whether a finished run's curriculum was flat over the last quarter of its steps, or
-    could grow no more: it had solved its last level (--max-length)."""
-    if summary["max_length_solved"] >= summary.get("final_length", math.inf):
-        return True
-    if "stalled" in summary:
-        return summary["stalled"]
-    return curriculum_stalled(summary["levels"], summary["steps"])  # runs before the key
+    could grow no more: it had solved its last level (--max-length). Worked out from its
+    levels, as summary.json's `stalled` is, so that records written before that key, or before
+    it counted the last level, read the same."""
+    return curriculum_stalled(summary["levels"], summary["steps"],
+                              solved=summary["max_length_solved"],
+                              last_level=summary.get("final_length", math.inf))
 
 
 def cell(values: list[float], growing: bool = False, digits: int | None = None,

@@ -362,9 +362,13 @@ def log_line(args: argparse.Namespace, state: RunState, curriculum: Curriculum, 
     state.window = {"loss": 0.0, "errors": 0.0, "sg": 0.0, "aux": 0.0, "n": 0}
 
 
-def curriculum_stalled(levels: list, steps: int, last_fraction: float = 0.25) -> bool:
-    """True when the curriculum level was flat over the last `last_fraction` of `steps`:
-    no growth in `levels` ([step, level] each time the level grew) after that point."""
+def curriculum_stalled(levels: list, steps: int, last_fraction: float = 0.25, *,
+                       solved: int = 0, last_level: float = math.inf) -> bool:
+    """True when the curriculum could grow no more, having solved its last level (`solved` at
+    least `last_level`, the --max-length), or its level was flat over the last `last_fraction`
+    of `steps`: no growth in `levels` ([step, level] each time the level grew) after that point."""
+    if solved >= last_level:
+        return True
     start = steps - last_fraction * steps
     return all(step <= start for step, _ in levels)
 
@@ -378,7 +382,9 @@ def write_summary(args: argparse.Namespace, state: RunState, curriculum: Curricu
         "max_length_solved": curriculum.solved, "steps": state.step,
         "train_seconds": state.train_seconds, "final_length": curriculum.level,
         "steps_per_s": state.step / state.train_seconds if state.train_seconds else math.nan,
-        "levels": state.levels, "stalled": curriculum_stalled(state.levels, state.step),
+        "levels": state.levels,
+        "stalled": curriculum_stalled(state.levels, state.step, solved=curriculum.solved,
+                                      last_level=curriculum.level),
         "seed": args.seed, "batch_size": args.batch_size,
         "hidden": args.hidden, "core": args.core, "lr": args.lr, "synth_lr": args.synth_lr,
         "synthesizer": args.synthesizer, "discount": args.discount,

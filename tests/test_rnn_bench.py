@@ -54,18 +54,25 @@ def test_stalled_means_no_level_growth_in_the_last_quarter():
     assert not curriculum_stalled([[751, 3]], 1000)
     assert not curriculum_stalled([[100, 2], [999, 3]], 1000)
     assert not curriculum_stalled([[40, 2]], 40, last_fraction=1.0)
+    assert curriculum_stalled([[999, 6]], 1000, solved=6, last_level=6)    # its last level
+    assert not curriculum_stalled([[999, 6]], 1000, solved=5, last_level=6)
 
 
-def test_short_run_summary_says_whether_it_stalled(tmp_path):
+@pytest.mark.parametrize("max_length, last_growth, stalled", [(64, [8, 9], False),
+                                                              (8, [7, 8], True)])
+def test_short_run_summary_says_whether_it_stalled(tmp_path, max_length, last_growth, stalled):
+    """Every step solves its level: the level grows in the last quarter, unless the run solved
+    its last level (--max-length) and could grow no more."""
     from experiment.rnn_train import train
 
     args = parse_args(["--task", "copy", "--method", "bptt", "--truncation", "0", "--steps",
                        "8", "--batch-size", "2", "--hidden", "4", "--device", "cpu",
                        "--threads", "1", "--log-every", "0", "--threshold", "100",
-                       "--window", "1", "--out", str(tmp_path / "run")])
-    summary = train(args)                                # every step grows the level
-    assert summary["truncation"] == 0 and summary["levels"][-1] == [8, 9]
-    assert summary["stalled"] is False
+                       "--window", "1", "--max-length", str(max_length),
+                       "--out", str(tmp_path / "run")])
+    summary = train(args)
+    assert summary["truncation"] == 0 and summary["levels"][-1] == last_growth
+    assert summary["max_length_solved"] == 8 and summary["stalled"] is stalled
 
 
 def write_summary(folder, length, levels, steps=30000, hidden=128, batch=32, seconds=60.0):
