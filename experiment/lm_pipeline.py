@@ -145,8 +145,8 @@ class _GPTStageLoop(_TransformerLoop):
         return sum(self.cosines) / len(self.cosines)
 
 
-def build_stage(args: argparse.Namespace, vocab_size: int, device: torch.device, world: int
-                ) -> tuple[PipelineStage, torch.optim.Optimizer]:
+def build_stage(args: argparse.Namespace, vocab_size: int, device: torch.device,
+                world: int) -> tuple[PipelineStage, torch.optim.Optimizer]:
     """This rank's stage of the GPT lm.py's flags describe (built whole, seeded alike on every
     rank, so the weights agree with one process's) and its Adam: the blocks below the top cut
     at --lower-lr times --lr, the synthesizer at --synth-lr."""

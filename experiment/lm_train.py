@@ -171,8 +171,8 @@ def gpt_synthesizer_options(args: argparse.Namespace) -> dict:
     return {}
 
 
-def build_gpt(args: argparse.Namespace, vocab_size: int, device: torch.device
-              ) -> tuple[nn.Module, torch.optim.Optimizer]:
+def build_gpt(args: argparse.Namespace, vocab_size: int,
+              device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
     """The GPT lm.py's flags describe and its Adam; under dni, wrapped as `DNI(gpt,
     optim=opt, blocks=cuts)` (the synthesizers a group of the same Adam at --synth-lr, the
     blocks up to the top cut a group at --lower-lr times --lr when that is not 1), cDNI's

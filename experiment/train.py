@@ -170,8 +170,9 @@ class EpochLoop(TrainingLoop):
     pipeline's stages share. A subclass gives `train_step` and `evaluate_epoch`."""
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: ImageSplits,
-                 args, out_dir: Path, columns: list[str], checkpoint: dict | None,
-                 checkpoint_name: str = CHECKPOINT, keeps_records: bool = True):
+                 args: argparse.Namespace, out_dir: Path, columns: list[str],
+                 checkpoint: dict | None, checkpoint_name: str = CHECKPOINT,
+                 keeps_records: bool = True):
         self.checkpoint_name = checkpoint_name
         super().__init__(out_dir, model, optimizer, torch.Generator().manual_seed(args.seed),
                          data.train_x.device, LoopState(), columns if keeps_records else None,

@@ -27,7 +27,8 @@ def mnist_root():
 
 def run_python(*argv, cwd=ROOT, timeout=300, check=False, **popen) -> subprocess.CompletedProcess:
     """Run one of the project's scripts in a subprocess started in `cwd` (the repository root
-    by default), its output captured (`popen`: subprocess.run's other arguments)."""
+    by default), its output captured as text (`popen`: subprocess.run's other arguments, but
+    not env, capture_output or text, which it sets)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, *map(str, argv)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout, check=check, **popen)
