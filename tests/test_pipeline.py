@@ -3,7 +3,6 @@ with interfaces at the same blocks, and against a hand-written pipeline at stale
 
 import math
 import os
-import socket
 import traceback
 from collections import deque
 
@@ -27,6 +26,7 @@ from dni.pipeline import (
 )
 from dni.pipeline.transport import Layout
 from dni.wrapper import synthesizer_factory
+from tests.conftest import free_port
 
 STEPS = 6
 BATCH = 16
@@ -145,12 +145,6 @@ def one_process(conditioned: bool, grad_scale: float, synthesizer: str = "linear
     statistics = {k: b.clone() for k, b in net.named_buffers()
                   if k.split(".")[-1].startswith("running")}
     return blocks, synth, buffers, statistics
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def as_tuple(figures):

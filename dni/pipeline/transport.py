@@ -146,11 +146,13 @@ class Receiver:
             self._post(i)
 
     def _post(self, index: int) -> None:
+        # a peer that sent its last message and left refuses the post at once; the error
+        # waits in the slot until that message is wanted, so the messages it did send arrive
         try:
             self.works[index] = dist.irecv(self.buffers[index], self.peer, group=self.group,
                                            tag=self.tag)
         except RuntimeError as exc:
-            raise _peer_error(exc, self.peer, self.timeout) from None
+            self.works[index] = _peer_error(exc, self.peer, self.timeout)
 
     def receive(self) -> torch.Tensor:
         """The next message (a buffer of the link's size)."""
@@ -161,6 +163,8 @@ class Receiver:
         start = perf_counter()
         self._post((index - 1) % slots)
         self.times.comm += perf_counter() - start
+        if isinstance(self.works[index], PipelineError):
+            raise self.works[index]
         _wait(self.works[index], self.peer, self.timeout, self.times)
         self.works[index] = None
         self.received += 1
