@@ -74,7 +74,8 @@ def foreign_checkpoint(work: Path) -> None:
 
 def damaged_data(kind: str) -> Callable[[Path], None]:
     def damage(work: Path) -> None:
-        shutil.copytree(MNIST_ROOT / "MNIST", work / "data" / "MNIST")
+        shutil.copytree(MNIST_ROOT / "MNIST", work / "data" / "MNIST",   # not a temporary
+                        ignore=shutil.ignore_patterns(".*"))        # another worker writes
         path = work / "data" / "MNIST" / "raw" / "train-labels-idx1-ubyte"
         data = bytearray(path.read_bytes())
         if kind == "size":

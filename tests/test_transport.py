@@ -37,7 +37,15 @@ def _worker(rank: int, port: int, out: str) -> None:
         got += [int(receiver.receive()[0]) for _ in range(SENT - 1)]
         while not gone.exists():
             time.sleep(0.02)
-        time.sleep(0.3)     # rank 0's connection is closed now
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:     # until rank 1 sees rank 0's connection closed
+            try:
+                dist.irecv(torch.empty(1, dtype=torch.uint8), 0, tag=99)
+            except RuntimeError:
+                break
+            time.sleep(0.02)
+        else:
+            raise AssertionError("rank 0's connection still open a minute after it left")
         got.append(int(receiver.receive()[0]))
         try:
             receiver.receive()
