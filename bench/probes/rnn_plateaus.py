@@ -1,0 +1,162 @@
+"""Where a recurrent DNI curriculum sits on one length for many steps, what the synthetic
+gradient's cosine did: on the plateau, and in its last steps before the length grew. Reads the
+records of finished rnn_tasks.py runs (metrics.csv's sg_cos, logged every --log-every steps, and
+summary.json's levels); trains nothing.
+
+Usage: python bench/probes/rnn_plateaus.py DIR [DIR ...] [--min-steps N] [--before N]
+A DIR is a run folder or a folder of them (bench/rnn.py's --results); BPTT runs are skipped.
+A plateau is a gap of at least --min-steps between two growths; it is a first crossing when its
+length is the shortest whose sequences (the longest of a batch) cross a chunk edge, the first
+length whose storage the synthetic gradient alone can teach (bench/README.md, "The recurrent
+settings").
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import sys
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import torch
+
+from experiment.cli import Parser, positive_int, run
+from experiment.errors import UserError
+from experiment.sequence_tasks import make_task
+
+SETTLE = 1_000      # steps after a growth left out of the plateau's mean (the new length's start)
+
+
+@dataclass
+class Plateau:
+    """One stretch of a run at one length: its steps, and the cosine's mean over it and over
+    its last `before` steps."""
+
+    run: str
+    length: int
+    start: int
+    end: int
+    cosine: float
+    cosine_before_growth: float
+    first_crossing: bool
+
+
+def plateaus(levels: list, cosines: list[tuple[int, float]], min_steps: int,
+             before: int) -> list[tuple[int, int, int, float, float]]:
+    """(length, start, end, mean cosine from start + SETTLE to end - before, mean over the last
+    `before` steps) for every gap of at least `min_steps` between growths ([step, new length]
+    each) that has cosines logged in both stretches."""
+    found = []
+    for (start, length), (end, _) in pairwise(levels):
+        if end - start < min_steps:
+            continue
+        on = [c for step, c in cosines if start + SETTLE <= step < end - before]
+        last = [c for step, c in cosines if end - before <= step < end]
+        if on and last:
+            found.append((length, start, end, statistics.mean(on), statistics.mean(last)))
+    return found
+
+
+def first_crossing_length(task_name: str, truncation: int, task_flags: dict) -> int | None:
+    """The shortest length whose longest sequence in a batch of 64 is longer than one chunk
+    (None for untruncated runs and tasks without lengths)."""
+    if truncation <= 0:
+        return None
+    task = make_task(task_name, **task_flags)
+    generator = torch.Generator().manual_seed(0)
+    for length in range(1, 65):
+        if task.sample(length, 64, generator, "cpu").inputs.shape[0] > truncation:
+            return length
+    return None
+
+
+def run_folders(paths: list[str]) -> list[Path]:
+    """The run folders (those with a summary.json) given or inside the folders given."""
+    folders = []
+    for path in map(Path, paths):
+        if (path / "summary.json").exists():
+            folders.append(path)
+        elif path.is_dir():
+            folders += sorted(p.parent for p in path.glob("*/summary.json"))
+        else:
+            raise UserError(f"{path}: not a folder")
+    if not folders:
+        raise UserError(f"no finished run (summary.json) in {' '.join(paths)}")
+    return folders
+
+
+def run_plateaus(folder: Path, min_steps: int, before: int) -> list[Plateau]:
+    """The plateaus of the run in `folder` (none for a BPTT run)."""
+    try:
+        return _run_plateaus(folder, min_steps, before)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{folder}: not a readable rnn_tasks.py run ({exc!r})") from None
+
+
+def _run_plateaus(folder: Path, min_steps: int, before: int) -> list[Plateau]:
+    summary = json.loads((folder / "summary.json").read_text())
+    if summary["method"] == "bptt":
+        return []
+    with (folder / "metrics.csv").open(newline="") as f:
+        cosines = [(int(row["step"]), float(row["sg_cos"])) for row in csv.DictReader(f)
+                   if row["kind"] == "step" and row["sg_cos"]]
+    found = plateaus(summary["levels"], cosines, min_steps, before)
+    if not found:
+        return []
+    args = json.loads((folder / "config.json").read_text())["args"]
+    flags = {key: args[key] for key in ("bits", "max_repeats") if key in args}
+    crossing = first_crossing_length(summary["task"], summary["truncation"], flags)
+    return [Plateau(folder.name, length, start, end, on, last, length == crossing)
+            for length, start, end, on, last in found]
+
+
+def report(found: list[Plateau], before: int) -> str:
+    """A row a plateau, then per kind (first crossing or later) the cosines' medians and how
+    many rose before the growth."""
+    lines = [f"| run | length | steps | cosine on it | last {before:,} steps |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {p.run} | {p.length}{' (first crossing)' if p.first_crossing else ''} | "
+              f"{p.start:,} to {p.end:,} | {p.cosine:.3f} | {p.cosine_before_growth:.3f} |"
+              for p in found]
+    lines.append("")
+    for name, kind in (("first crossing", True), ("later", False)):
+        group = [p for p in found if p.first_crossing == kind]
+        if not group:
+            continue
+        rose = sum(p.cosine_before_growth > p.cosine for p in group)
+        lines.append(
+            f"{name}: {len(group)} plateaus of {min(p.end - p.start for p in group):,} to "
+            f"{max(p.end - p.start for p in group):,} steps; cosine median "
+            f"{statistics.median(p.cosine for p in group):.3f} on them, "
+            f"{statistics.median(p.cosine_before_growth for p in group):.3f} in their last "
+            f"{before:,} steps; it rose in {rose} of {len(group)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the plateaus of the runs given and the cosine on them."""
+    parser = Parser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folders", nargs="+", metavar="DIR",
+                        help="run folders, or folders of them (bench/rnn.py's --results)")
+    parser.add_argument("--min-steps", type=positive_int, default=10_000,
+                        help="the fewest steps between growths that make a plateau "
+                             "(default: 10000)")
+    parser.add_argument("--before", type=positive_int, default=5_000,
+                        help="the steps before a growth whose cosine is compared with the "
+                             "plateau's (default: 5000)")
+    args = parser.parse_args(argv)
+    found = [p for folder in run_folders(args.folders)
+             for p in run_plateaus(folder, args.min_steps, args.before)]
+    if not found:
+        raise UserError(f"no plateau of {args.min_steps:,} steps or more in these runs")
+    print(report(found, args.before))
+
+
+if __name__ == "__main__":
+    run(main)
