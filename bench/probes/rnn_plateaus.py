@@ -4,11 +4,11 @@ records of finished rnn_tasks.py runs (metrics.csv's sg_cos, logged every --log-
 summary.json's levels); trains nothing.
 
 Usage: python bench/probes/rnn_plateaus.py DIR [DIR ...] [--min-steps N] [--before N]
-A DIR is a run folder or a folder of them (bench/rnn.py's --results); BPTT runs are skipped.
-A plateau is a gap of at least --min-steps between two growths; it is a first crossing when its
-length is the shortest whose sequences (the longest of a batch) cross a chunk edge, the first
-length whose storage the synthetic gradient alone can teach (bench/README.md, "The recurrent
-settings").
+A DIR is a run folder or a folder of them (bench/rnn.py's --results). Only the paper's S counts:
+BPTT runs, and runs whose S also sees inputs (--synth-input-window), are skipped. A plateau is
+a gap of at least --min-steps between two growths (the stretch after the last growth has no end
+to compare with and is left out); it is a first crossing when its length is the shortest whose
+sequences run past the first chunk edge (copy: 2N + 1 steps longer than T).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from experiment.errors import UserError
 from experiment.sequence_tasks import make_task
 
 SETTLE = 1_000      # steps after a growth left out of the plateau's mean (the new length's start)
+ROSE = 0.01         # the least change in the mean cosine counted as a rise or a fall
 
 
 @dataclass
@@ -63,15 +64,16 @@ def plateaus(levels: list, cosines: list[tuple[int, float]], min_steps: int,
     return found
 
 
-def first_crossing_length(task_name: str, truncation: int, task_flags: dict) -> int | None:
-    """The shortest length whose longest sequence in a batch of 64 is longer than one chunk
-    (None for untruncated runs and tasks without lengths)."""
+def first_crossing_length(task_name: str, truncation: int, task_flags: dict,
+                          max_length: int = 64) -> int | None:
+    """The shortest length up to `max_length` whose sequences are longer than one chunk (the
+    copy tasks' sequences have one length a level; None for untruncated runs or none)."""
     if truncation <= 0:
         return None
     task = make_task(task_name, **task_flags)
     generator = torch.Generator().manual_seed(0)
-    for length in range(1, 65):
-        if task.sample(length, 64, generator, "cpu").inputs.shape[0] > truncation:
+    for length in range(1, max_length + 1):
+        if task.sample(length, 1, generator, "cpu").inputs.shape[0] > truncation:
             return length
     return None
 
@@ -91,27 +93,39 @@ def run_folders(paths: list[str]) -> list[Path]:
     return folders
 
 
-def run_plateaus(folder: Path, min_steps: int, before: int) -> list[Plateau]:
-    """The plateaus of the run in `folder` (none for a BPTT run)."""
+def read_record(path: Path, read):
+    """`read(path)`, its failures one UserError naming the file and what is wrong with it."""
     try:
-        return _run_plateaus(folder, min_steps, before)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{folder}: not a readable rnn_tasks.py run ({exc!r})") from None
+        return read(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing") from None
+    except KeyError as exc:
+        raise UserError(f"{path}: no {exc.args[0]!r} field") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise UserError(f"{path}: unreadable ({str(exc).splitlines()[0][:120]})") from None
 
 
-def _run_plateaus(folder: Path, min_steps: int, before: int) -> list[Plateau]:
-    summary = json.loads((folder / "summary.json").read_text())
-    if summary["method"] == "bptt":
+def logged_cosines(path: Path) -> list[tuple[int, float]]:
+    """(step, sg_cos) of metrics.csv's step rows that have one."""
+    with path.open(newline="") as f:
+        return [(int(row["step"]), float(row["sg_cos"])) for row in csv.DictReader(f)
+                if row["kind"] == "step" and row["sg_cos"]]
+
+
+def run_plateaus(folder: Path, min_steps: int, before: int) -> list[Plateau]:
+    """The plateaus of the run in `folder` (none for BPTT, or an S that sees inputs)."""
+    summary = read_record(folder / "summary.json", lambda p: json.loads(p.read_text()))
+    args = read_record(folder / "config.json", lambda p: json.loads(p.read_text())["args"])
+    if summary.get("method") == "bptt" or args.get("synth_input_window", 0):
         return []
-    with (folder / "metrics.csv").open(newline="") as f:
-        cosines = [(int(row["step"]), float(row["sg_cos"])) for row in csv.DictReader(f)
-                   if row["kind"] == "step" and row["sg_cos"]]
-    found = plateaus(summary["levels"], cosines, min_steps, before)
+    cosines = read_record(folder / "metrics.csv", logged_cosines)
+    found = read_record(folder / "summary.json",
+                        lambda p: plateaus(summary["levels"], cosines, min_steps, before))
     if not found:
         return []
-    args = json.loads((folder / "config.json").read_text())["args"]
     flags = {key: args[key] for key in ("bits", "max_repeats") if key in args}
-    crossing = first_crossing_length(summary["task"], summary["truncation"], flags)
+    crossing = first_crossing_length(summary["task"], summary["truncation"], flags,
+                                     args.get("max_length", 64))
     return [Plateau(folder.name, length, start, end, on, last, length == crossing)
             for length, start, end, on, last in found]
 
@@ -129,13 +143,14 @@ def report(found: list[Plateau], before: int) -> str:
         group = [p for p in found if p.first_crossing == kind]
         if not group:
             continue
-        rose = sum(p.cosine_before_growth > p.cosine for p in group)
+        rose = sum(p.cosine_before_growth - p.cosine >= ROSE for p in group)
+        fell = sum(p.cosine - p.cosine_before_growth >= ROSE for p in group)
         lines.append(
-            f"{name}: {len(group)} plateaus of {min(p.end - p.start for p in group):,} to "
+            f"{name}: plateaus {len(group)}, of {min(p.end - p.start for p in group):,} to "
             f"{max(p.end - p.start for p in group):,} steps; cosine median "
             f"{statistics.median(p.cosine for p in group):.3f} on them, "
             f"{statistics.median(p.cosine_before_growth for p in group):.3f} in their last "
-            f"{before:,} steps; it rose in {rose} of {len(group)}")
+            f"{before:,} steps; it rose by {ROSE} or more in {rose}, fell by as much in {fell}")
     return "\n".join(lines)
 
 
@@ -145,12 +160,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folders", nargs="+", metavar="DIR",
                         help="run folders, or folders of them (bench/rnn.py's --results)")
     parser.add_argument("--min-steps", type=positive_int, default=10_000,
-                        help="the fewest steps between growths that make a plateau "
-                             "(default: 10000)")
+                        help=f"the fewest steps between growths that make a plateau, more than "
+                             f"--before + {SETTLE} (default: 10000)")
     parser.add_argument("--before", type=positive_int, default=5_000,
                         help="the steps before a growth whose cosine is compared with the "
                              "plateau's (default: 5000)")
     args = parser.parse_args(argv)
+    if args.min_steps <= SETTLE + args.before:
+        parser.error(f"--min-steps must be more than --before + {SETTLE}, the steps after a "
+                     f"growth that are not the plateau's")
     found = [p for folder in run_folders(args.folders)
              for p in run_plateaus(folder, args.min_steps, args.before)]
     if not found:
