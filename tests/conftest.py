@@ -25,7 +25,8 @@ def mnist_root():
     return ROOT / "data"
 
 
-def run_python(*argv, cwd=ROOT, timeout=300, check=False, **popen) -> subprocess.CompletedProcess:
+def run_python(*argv, cwd: Path = ROOT, timeout: float = 300, check: bool = False,
+               **popen) -> subprocess.CompletedProcess:
     """Run one of the project's scripts in a subprocess started in `cwd` (the repository root
     by default), its output captured as text (`popen`: subprocess.run's other arguments, but
     not env, capture_output or text, which it sets)."""

@@ -17,9 +17,11 @@ import csv
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -93,7 +95,7 @@ def run_folders(paths: list[str]) -> list[Path]:
     return folders
 
 
-def read_record(path: Path, read):
+def read_record(path: Path, read: Callable[[Path], Any]) -> Any:
     """`read(path)`, its failures one UserError naming the file and what is wrong with it."""
     try:
         return read(path)
@@ -119,13 +121,14 @@ def run_plateaus(folder: Path, min_steps: int, before: int) -> list[Plateau]:
     if summary.get("method") == "bptt" or args.get("synth_input_window", 0):
         return []
     cosines = read_record(folder / "metrics.csv", logged_cosines)
-    found = read_record(folder / "summary.json",
-                        lambda p: plateaus(summary["levels"], cosines, min_steps, before))
+    task, truncation, found = read_record(
+        folder / "summary.json", lambda p: (summary["task"], int(summary["truncation"]),
+                                            plateaus(summary["levels"], cosines, min_steps,
+                                                     before)))
     if not found:
         return []
     flags = {key: args[key] for key in ("bits", "max_repeats") if key in args}
-    crossing = first_crossing_length(summary["task"], summary["truncation"], flags,
-                                     args.get("max_length", 64))
+    crossing = first_crossing_length(task, truncation, flags, args.get("max_length", 64))
     return [Plateau(folder.name, length, start, end, on, last, length == crossing)
             for length, start, end, on, last in found]
 
