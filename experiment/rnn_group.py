@@ -98,7 +98,7 @@ class _GroupLoop(StepPeriodLoop):
         self.members, self.task, self.args = members, task, args
         # each run's own clock so far: the group's time is added to it, not to the first's
         self.clock_offsets = [(m.state.train_seconds - state.train_seconds,
-                         m.state.wall_seconds - state.wall_seconds) for m in members]
+                               m.state.wall_seconds - state.wall_seconds) for m in members]
         self.period_steps = args.checkpoint_every
         self.network = list(model.named_parameters())
         self.clipped = model.network_parameters()
