@@ -78,4 +78,4 @@ def test_the_probe_names_a_run_it_cannot_read(tmp_path):
     (tmp_path / "copy-dni-T5-s0" / "metrics.csv").write_text("kind,step,level,sg_cos\nstep,x,0,1\n")
     done = run_python(PROBE, tmp_path)
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
-    assert done.stderr.startswith("error: ") and "metrics.csv: unreadable" in done.stderr
+    assert done.stderr.startswith("error: ") and "metrics.csv is damaged at line 2" in done.stderr

@@ -13,7 +13,6 @@ sequences run past the first chunk edge (copy: 2N + 1 steps longer than T).
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torch
 
 from experiment.cli import Parser, positive_int, run
 from experiment.errors import UserError
+from experiment.figures import load_run
 from experiment.sequence_tasks import make_task
 
 SETTLE = 1_000      # steps after a growth left out of the plateau's mean (the new length's start)
@@ -107,20 +107,14 @@ def read_record(path: Path, read: Callable[[Path], Any]) -> Any:
         raise UserError(f"{path}: unreadable ({str(exc).splitlines()[0][:120]})") from None
 
 
-def logged_cosines(path: Path) -> list[tuple[int, float]]:
-    """(step, sg_cos) of metrics.csv's step rows that have one."""
-    with path.open(newline="") as f:
-        return [(int(row["step"]), float(row["sg_cos"])) for row in csv.DictReader(f)
-                if row["kind"] == "step" and row["sg_cos"]]
-
-
 def run_plateaus(folder: Path, min_steps: int, before: int) -> list[Plateau]:
     """The plateaus of the run in `folder` (none for BPTT, or an S that sees inputs)."""
     summary = read_record(folder / "summary.json", lambda p: json.loads(p.read_text()))
     args = read_record(folder / "config.json", lambda p: json.loads(p.read_text())["args"])
     if summary.get("method") == "bptt" or args.get("synth_input_window", 0):
         return []
-    cosines = read_record(folder / "metrics.csv", logged_cosines)
+    cosines = [(int(row["step"]), row["sg_cos"]) for row in load_run(folder).steps
+               if "sg_cos" in row]
     task, truncation, found = read_record(
         folder / "summary.json", lambda p: (summary["task"], int(summary["truncation"]),
                                             plateaus(summary["levels"], cosines, min_steps,
