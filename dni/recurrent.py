@@ -165,7 +165,8 @@ class TruncatedBPTT(nn.Module):
     (output (T, B, H), state): nn.LSTM, nn.GRU, nn.RNN or any such module. `readout` (optional)
     maps the core's output to what `chunk_loss(y, t0, t1)` scores. `input_window=k`: S also
     gets, as its context, the last k inputs before the edge, (B, k * I) per example (zeros
-    before the sequence's start), so its synthesizer needs `context_size=k * I`.
+    before the sequence's start, or the `history` a call is given), so its synthesizer needs
+    `context_size=k * I`.
     """
 
     def __init__(self, core: nn.Module, truncation: int, synthesizer: nn.Module | None = None,
@@ -230,6 +231,18 @@ class TruncatedBPTT(nn.Module):
         with torch.no_grad():
             out = _call(self.target_synthesizer, state.detach(), hidden, context)
         return self._centred(out, live)
+
+    def _with_history(self, inputs: torch.Tensor, history: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, int]:
+        """The inputs S's contexts are cut from: `inputs` after the last `input_window` steps
+        of `history` (if any), and how many steps come before `inputs`."""
+        if not self.input_window or history is None:
+            return inputs, 0
+        if history.dim() != 3 or history.shape[1:] != inputs.shape[1:]:
+            raise ValueError(f"history must be (steps, {inputs.shape[1]}, {inputs.shape[2]}) "
+                             f"like the inputs, got {tuple(history.shape)}")
+        past = history[history.shape[0] - min(self.input_window, history.shape[0]):]
+        return torch.cat([past.to(inputs.dtype), inputs]), past.shape[0]
 
     def _context(self, inputs: torch.Tensor, t1: int) -> torch.Tensor | None:
         """What S sees at the edge before step t1: the `input_window` inputs before it,
@@ -305,7 +318,8 @@ class TruncatedBPTT(nn.Module):
             target.lerp_(online, 1.0 - self.target_decay)
 
     def future_gradients(self, inputs: torch.Tensor, chunk_loss: ChunkLoss,
-                         state: State | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                         state: State | None = None, history: torch.Tensor | None = None
+                         ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(synthetic, true) gradient of the future at every inner chunk edge, both (B, state
         width) in the loss's units, by one untruncated pass that leaves every .grad as it was.
 
@@ -326,6 +340,7 @@ class TruncatedBPTT(nn.Module):
         edges, total = [], inputs.new_zeros(())
         devices = [inputs.device] if inputs.device.type == "cuda" else []
         # forked RNG: dropout in the core or readout leaves training's random stream as it was
+        seen, shift = self._with_history(inputs, history)
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             for t0 in range(0, length, self.truncation):
                 if t0 > 0:
@@ -340,17 +355,18 @@ class TruncatedBPTT(nn.Module):
                     if edges and total.requires_grad else [None] * len(edges))
         pairs = []
         with torch.no_grad():
-            _, hidden = self.synthetic_gradient(start, None, None, self._context(inputs, 0))
+            _, hidden = self.synthetic_gradient(start, None, None, self._context(seen, shift))
             for k, (edge, grad) in enumerate(zip(edges, true), start=1):
                 synthetic, hidden = self.synthetic_gradient(
-                    edge, hidden, None, self._context(inputs, k * self.truncation))
+                    edge, hidden, None, self._context(seen, shift + k * self.truncation))
                 pairs.append((synthetic / unit,
                               torch.zeros_like(edge) if grad is None else grad))
         return pairs
 
     def forward(self, inputs: torch.Tensor, chunk_loss: ChunkLoss,
                 state: State | None = None, continues: bool = False,
-                lengths: torch.Tensor | None = None) -> SequenceReport:
+                lengths: torch.Tensor | None = None,
+                history: torch.Tensor | None = None) -> SequenceReport:
         """Run the sequence chunk by chunk and back-propagate: the core, readout and aux head
         get their truncated (+ synthetic) gradients, the synthesizer its regression gradient.
         Step the optimizer afterwards.
@@ -360,14 +376,15 @@ class TruncatedBPTT(nn.Module):
         receives the synthetic gradient of the future, where by default it receives 0.
 
         `lengths` (B,): where each example's sequence ends in this padded batch (None: all at
-        the batch's end)."""
+        the batch's end).
+
+        `history` (k, B, I): the inputs just before `inputs` on the same sequences (a
+        stream's previous window), which the `input_window` contexts at the first edges see
+        (None: zeros, as at a sequence's start; unused without an input window)."""
         length, batch = inputs.shape[0], inputs.shape[1]
         unit = self._unit(batch)
         if lengths is not None and continues:
             raise ValueError("lengths= ends sequences; continues=True says they go on")
-        if self.input_window and continues:
-            raise ValueError("input_window: S's context at a window's start would hold the "
-                             "last window's inputs; use it on whole sequences")
 
         def going_on(t: int) -> torch.Tensor | None:
             """1.0 for the examples whose sequence has steps from t on (None: all)."""
@@ -381,8 +398,9 @@ class TruncatedBPTT(nn.Module):
         synthetic, synth_hidden, target_hidden = None, None, None
         if self.target_synthesizer is not None and self.training and torch.is_grad_enabled():
             self.update_target()
+        seen, shift = self._with_history(inputs, history)
         if self.synthesizer is not None:
-            first = self._context(inputs, 0)
+            first = self._context(seen, shift)
             synthetic, synth_hidden = self.synthetic_gradient(start, None, going_on(0),
                                                               first)             # S(s_0)
             if self.target_synthesizer is not None and synth_hidden is not None:
@@ -403,7 +421,7 @@ class TruncatedBPTT(nn.Module):
             end = flatten_state(end_state)
             next_synthetic, sent = None, None
             if self.synthesizer is not None and (t1 < length or continues):
-                context = self._context(inputs, t1)
+                context = self._context(seen, shift + t1)
                 if t1 < length or self.target_synthesizer is None:
                     # S(e), to fit at the next chunk's start (unless it is the last here)
                     next_synthetic, synth_hidden = self.synthetic_gradient(

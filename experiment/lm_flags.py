@@ -28,7 +28,7 @@ GPT_SYNTHESIZERS = ("linear", "mlp", "sequence_conv", "loss_gradient")   # in dn
 # never silently ignored (their argparse default is None, resolved in parse_args)
 MODEL_FLAGS = {
     "lstm": {"truncation": 5, "hidden": 256, "discount": 0.1, "target_decay": 0.9,
-             "center": True, "aux_weight": 0.1},
+             "center": True, "aux_weight": 0.1, "synth_input_window": 0},
     "gpt": {"context": 64, "width": 128, "layers": 4, "heads": 4, "cuts": None,
             "conditioned": False, "lower_lr": 1.0},
 }
@@ -38,7 +38,7 @@ LEARNING_RATES = {"lstm": 2e-3, "gpt": 1e-3}
 SYNTH_LEARNING_RATES = {"lstm": 3e-4, "gpt": 1e-3}
 FIXED = ("model", "method", "truncation", "corpus", "batch_size", "hidden", "synthesizer",
          "synth_hidden", "seed", "context", "width", "layers", "heads", "cuts", "conditioned",
-         "staleness")
+         "staleness", "synth_input_window")
 
 
 def even_cuts(layers: int, stages: int = 2) -> list[int]:
@@ -93,6 +93,9 @@ def build_parser() -> Parser:
                            "(default: True)")
     lstm.add_argument("--aux-weight", type=nonnegative_float, default=None,
                       help="weight of the auxiliary loss, dni_aux only (default: 0.1)")
+    lstm.add_argument("--synth-input-window", type=nonnegative_int, default=None, metavar="K",
+                      help="dni: the synthesizer also sees the last K characters before each "
+                           "window's end (default: 0, the state alone, as in the paper)")
     gpt = p.add_argument_group("gpt only")
     gpt.add_argument("--context", type=positive_int, default=None,
                      help="characters per window, the longest the model reads (default: 64)")
@@ -165,6 +168,9 @@ def parse_args(argv: list[str] | None = None):
         args.synth_lr = SYNTH_LEARNING_RATES[model]
     if model == "lstm" and args.target_decay >= 1:
         parser.error("argument --target-decay: must be below 1")
+    if model == "lstm" and args.synth_input_window and args.method == "bptt":
+        parser.error("argument --synth-input-window: bptt has no synthesizer; use dni or "
+                     "dni_aux")
     if model == "gpt":
         if args.width % args.heads:
             parser.error(f"argument --heads: --width {args.width} is not a multiple of "

@@ -97,7 +97,8 @@ def build_model(args: argparse.Namespace, vocab_size: int) -> SequenceModel:
         synthesizer=None if args.method == "bptt" else args.synthesizer,
         synth_hidden=args.synth_hidden, discount=args.discount,
         aux_weight=args.aux_weight if args.method == "dni_aux" else 0.0,
-        target_decay=args.target_decay, center=args.center)
+        target_decay=args.target_decay, center=args.center,
+        input_window=args.synth_input_window)
 
 
 def make_optimizer(model: SequenceModel, args: argparse.Namespace) -> torch.optim.Optimizer:
@@ -386,7 +387,7 @@ class _RecurrentLoop(_LanguageModelLoop):
         self.optimizer.zero_grad(set_to_none=True)
         report = self.model.trainer(one_hot_inputs(window[:, :-1], self.text.vocab_size),
                                     window_loss(targets), state=self.carried,
-                                    continues=continues)
+                                    continues=continues, history=self.history(t0))
         self.check_and_step(report.loss, report.synthesizer_loss, "lower --lr or --discount")
         self.add_to_sums(report.loss.item() * targets.shape[1], targets.numel(),
                          report.synthesizer_loss, report.aux_loss)
@@ -394,6 +395,14 @@ class _RecurrentLoop(_LanguageModelLoop):
             self.carried, state.window = report.state, state.window + 1
         else:                           # the end of the text: the next epoch starts afresh
             self.carried, state.window, state.epoch = None, 0, state.epoch + 1
+
+    def history(self, t0: int) -> torch.Tensor | None:
+        """The --synth-input-window characters before position t0 of the streams, one-hot
+        (None without a window, or at the streams' start, where the state is zeros too)."""
+        window = self.args.synth_input_window
+        if not window or t0 == 0:
+            return None
+        return one_hot_inputs(self.streams[:, max(0, t0 - window):t0], self.text.vocab_size)
 
     def cosine(self) -> float | None:
         """The synthetic gradient's mean cosine to the true (discounted) gradient of the
@@ -408,7 +417,8 @@ class _RecurrentLoop(_LanguageModelLoop):
         targets = span[:, 1:].t()
         return future_gradient_cosine(self.model.trainer,
                                       one_hot_inputs(span[:, :-1], self.text.vocab_size),
-                                      window_loss(targets), state=self.carried)
+                                      window_loss(targets), state=self.carried,
+                                      history=self.history(t0))
 
 
 class _TransformerLoop(_LanguageModelLoop):

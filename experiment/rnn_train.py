@@ -320,11 +320,13 @@ def mean_cosine(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
 
 
 def future_gradient_cosine(trainer, inputs: torch.Tensor, chunk_loss,
-                           state=None) -> float | None:
+                           state=None, history: torch.Tensor | None = None) -> float | None:
     """Cosine between the synthetic and the true (discounted) gradient of the future, the
     batch as one vector, averaged over the chunk edges of this batch (None without an edge);
-    `state`: the state the batch starts from (None: zeros)."""
-    return mean_cosine(trainer.future_gradients(inputs, chunk_loss, state=state))
+    `state`: the state the batch starts from (None: zeros); `history`: the inputs before it
+    (TruncatedBPTT.forward's)."""
+    return mean_cosine(trainer.future_gradients(inputs, chunk_loss, state=state,
+                                                history=history))
 
 
 def print_step_line(line: str, row: dict, train_seconds: float) -> None:

@@ -182,6 +182,36 @@ def test_lm_target_is_the_autograd_gradient_of_the_window_and_its_synthetic_futu
     assert g_end.abs().sum() > 0
 
 
+def test_an_input_window_synthesizer_sees_the_characters_before_each_window_edge(
+        small_text, tmp_path, monkeypatch):
+    """--synth-input-window K: at a window's start S sees the K characters before it (the
+    previous window's, carried across steps; zeros at the streams' start), at its end the K
+    before the end."""
+    from dni.synthesizers import LinearSynthesizer
+
+    seen = []
+    forward = LinearSynthesizer.forward
+
+    def recording(self, input, hidden=None, context=None):
+        seen.append(context.clone())
+        return forward(self, input, hidden, context)
+
+    monkeypatch.setattr(LinearSynthesizer, "forward", recording)
+    train(run_args(tmp_path, small_text, "--synth-input-window", "3", "--target-decay", "0",
+                   "--steps", "2"))
+    splits = load_text(str(small_text))
+    streams = as_streams(splits.train, 4)
+
+    def chars(t0, t1):
+        return one_hot_inputs(streams[:, t0:t1], splits.vocab_size).transpose(0, 1).flatten(1)
+
+    want = [torch.zeros_like(chars(0, 3)), chars(0, 3),       # step 1: window [0, 3)
+            chars(0, 3), chars(3, 6)]                           # step 2: window [3, 6)
+    assert len(seen) >= 4
+    for got, expected in zip(seen, want):
+        torch.testing.assert_close(got, expected)
+
+
 def test_flags_and_model_choices_agree():
     assert SYNTHESIZERS == SEQUENCE_SYNTHESIZERS
 
@@ -189,7 +219,9 @@ def test_flags_and_model_choices_agree():
 @pytest.mark.parametrize("argv, flag", [
     (["--truncation", "0"], "--truncation"), (["--method", "rtrl"], "--method"),
     (["--target-decay", "1"], "--target-decay"), (["--eval-every", "-1"], "--eval-every"),
-    (["--center", "maybe"], "--center"), (["--model", "gru"], "--model")])
+    (["--center", "maybe"], "--center"), (["--model", "gru"], "--model"),
+    (["--method", "bptt", "--synth-input-window", "4"], "--synth-input-window"),
+    (["--model", "gpt", "--synth-input-window", "4"], "--synth-input-window")])
 def test_bad_flags_give_one_error_line(run_script, argv, flag):
     result = run_script("lm.py", *argv)
     assert result.returncode == 2
@@ -221,16 +253,17 @@ def test_script_writes_records_and_bits_per_character(run_script, small_text, tm
     assert "valid" in result.stdout and "test" in result.stdout
 
 
-@pytest.mark.parametrize("method", ["dni", "bptt", "dni_aux"])
+@pytest.mark.parametrize("method", ["dni", "bptt", "dni_aux", "dni --synth-input-window 3"])
 def test_sigterm_then_resume_is_exact(tmp_path, small_text, method):
-    train(run_args(tmp_path / "ref", small_text, "--method", method))
+    flags = ["--method", *method.split()]
+    train(run_args(tmp_path / "ref", small_text, *flags))
 
     def kill(step):
         if step == 6:
             os.kill(os.getpid(), signal.SIGTERM)
 
     with pytest.raises(RunInterrupted):
-        train(run_args(tmp_path / "cut", small_text, "--method", method), on_step=kill)
+        train(run_args(tmp_path / "cut", small_text, *flags), on_step=kill)
     assert not (tmp_path / "cut" / "summary.json").exists()
     train(parse_args(["--resume", str(tmp_path / "cut")]))
     assert_same_run(tmp_path / "cut", tmp_path / "ref",

@@ -229,9 +229,51 @@ def test_synthesizer_with_an_input_window_sees_the_inputs_before_each_edge(targe
         for (synthetic, _), (t1, e) in zip(pairs, ends):
             torch.testing.assert_close(synthetic, S(e, None, context=context(t1))[0] / B)
     with pytest.raises(ValueError, match="input_window"):
-        dni(x, chunk_loss(y), continues=True)
-    with pytest.raises(ValueError, match="input_window"):
         TruncatedBPTT(core, T, input_window=2)
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_a_stream_cut_into_calls_with_history_trains_as_one_call(center):
+    """input_window on a stream: the sequence cut at a chunk edge into two calls (the first
+    `continues=True`, the second from its state with the first's inputs as `history`) gives
+    the network, S and S's targets what one call over the whole sequence gives; without the
+    history, S's context at the cut is zeros and S's gradient differs."""
+    T, W, cut = 3, 4, 3
+    x, y = sequence(5)
+
+    def fresh():
+        torch.manual_seed(1)
+        core, readout = nn.LSTM(I, H), nn.Linear(H, O)
+        S = LinearSynthesizer(state_size(core), context_size=W * I)
+        for p in S.parameters():
+            nn.init.normal_(p, std=0.3)
+        return TruncatedBPTT(core, T, synthesizer=S, readout=readout, discount=0.5,
+                             input_window=W, center=center)
+
+    def grads(dni):
+        return [p.grad.clone() for p in dni.parameters()]
+
+    def loss_from(t):
+        return lambda out, t0, t1: chunk_loss(y)(out, t0 + t, t1 + t)
+
+    whole = fresh()
+    report = whole(x, chunk_loss(y))
+    parts, cut_targets = [], []
+    for history in (x[:cut], None):
+        dni = fresh()
+        first = dni(x[:cut], chunk_loss(y), continues=True)
+        second = dni(x[cut:], loss_from(cut), state=first.state, history=history)
+        parts.append(grads(dni))
+        cut_targets.append(first.targets + second.targets)
+    for got, want in zip(cut_targets[0], report.targets, strict=True):
+        torch.testing.assert_close(got, want)
+    for got, want in zip(parts[0], grads(whole), strict=True):
+        torch.testing.assert_close(got, want)
+    synth = [i for i, p in enumerate(whole.parameters())
+             if any(p is q for q in whole.synthesizer.parameters())]
+    assert not torch.allclose(parts[1][synth[0]], grads(whole)[synth[0]])
+    with pytest.raises(ValueError, match="history must be"):
+        fresh()(x[cut:], loss_from(cut), history=x[:cut, :2])
 
 
 @pytest.mark.parametrize("recurrent", [False, True])
