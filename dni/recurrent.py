@@ -242,7 +242,7 @@ class TruncatedBPTT(nn.Module):
             raise ValueError(f"history must be (steps, {inputs.shape[1]}, {inputs.shape[2]}) "
                              f"like the inputs, got {tuple(history.shape)}")
         past = history[history.shape[0] - min(self.input_window, history.shape[0]):]
-        return torch.cat([past.to(inputs.dtype), inputs]), past.shape[0]
+        return torch.cat([past.to(inputs), inputs]), past.shape[0]
 
     def _context(self, inputs: torch.Tensor, t1: int) -> torch.Tensor | None:
         """What S sees at the edge before step t1: the `input_window` inputs before it,
@@ -380,7 +380,8 @@ class TruncatedBPTT(nn.Module):
 
         `history` (k, B, I): the inputs just before `inputs` on the same sequences (a
         stream's previous window), which the `input_window` contexts at the first edges see
-        (None: zeros, as at a sequence's start; unused without an input window)."""
+        (None: zeros, as at a sequence's start; unused without an input window). On a stream,
+        pass it on every call after the first, or S sees zeros there."""
         length, batch = inputs.shape[0], inputs.shape[1]
         unit = self._unit(batch)
         if lengths is not None and continues:
@@ -396,9 +397,9 @@ class TruncatedBPTT(nn.Module):
             state = zero_state(self.core, batch, inputs.device, inputs.dtype)
         start = flatten_state(state).detach()
         synthetic, synth_hidden, target_hidden = None, None, None
+        seen, shift = self._with_history(inputs, history)      # checked before S_bar moves
         if self.target_synthesizer is not None and self.training and torch.is_grad_enabled():
             self.update_target()
-        seen, shift = self._with_history(inputs, history)
         if self.synthesizer is not None:
             first = self._context(seen, shift)
             synthetic, synth_hidden = self.synthetic_gradient(start, None, going_on(0),

@@ -189,11 +189,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None = None,
-                        absent: dict | None = None, *, script: str | None = None,
+                        absent: dict | Callable[[dict], dict] | None = None, *,
+                        script: str | None = None,
                         fixed: Iterable[str] = (), renamed: dict[str, str] | None = None):
     """Parse flags; with --resume DIR, the run's saved flags become the defaults, so only
     the flags given now override them. `absent`: the values of flags added since, for a saved
-    run that predates them (it ran without them, whatever today's default). `script`: the
+    run that predates them (it ran without them, whatever today's default), or a function of
+    the saved flags that returns them. `script`: the
     script whose run folders this one resumes (another's is refused); `fixed`: the flags
     (dests) that define the run, which a resume may not change; `renamed`: {old dest: new}
     for flags renamed since, whose saved values carry over."""
@@ -211,12 +213,13 @@ def parse_training_args(parser: argparse.ArgumentParser, argv: list[str] | None 
             if old in saved and new not in saved:
                 saved[new] = saved.pop(old)
         actions = {a.dest: a for a in parser._actions}
-        parser.set_defaults(**(absent or {}))
+        absent = absent(saved) if callable(absent) else (absent or {})
+        parser.set_defaults(**absent)
         parser.set_defaults(**{k: v for k, v in saved.items() if k in actions and k != "resume"})
         args = parser.parse_args(argv)
         for dest in (d for d in fixed if d in actions):   # fixed names a family's flags
             # a run saved before a flag existed ran with its `absent` value
-            was = saved[dest] if dest in saved else (absent or {}).get(dest, getattr(args, dest))
+            was = saved[dest] if dest in saved else absent.get(dest, getattr(args, dest))
             if getattr(args, dest, None) != was:
                 flag = actions[dest].option_strings[0]
                 parser.error(f"--resume {args.resume}: {flag} {_shown(getattr(args, dest))} "

@@ -94,8 +94,8 @@ def build_parser() -> Parser:
     lstm.add_argument("--aux-weight", type=nonnegative_float, default=None,
                       help="weight of the auxiliary loss, dni_aux only (default: 0.1)")
     lstm.add_argument("--synth-input-window", type=nonnegative_int, default=None, metavar="K",
-                      help="dni: the synthesizer also sees the last K characters before each "
-                           "window's end (default: 0, the state alone, as in the paper)")
+                      help="dni, dni_aux: the synthesizer also sees the K characters before "
+                           "each window edge (default: 0, the state alone, as in the paper)")
     gpt = p.add_argument_group("gpt only")
     gpt.add_argument("--context", type=positive_int, default=None,
                      help="characters per window, the longest the model reads (default: 64)")
@@ -136,10 +136,15 @@ def build_parser() -> Parser:
     return p
 
 
+def flags_added_since(saved: dict) -> dict:
+    """What a run saved before a flag existed ran with: an LSTM's S saw no characters."""
+    return {"synth_input_window": 0 if saved.get("model", "lstm") == "lstm" else None}
+
+
 def parse_args(argv: list[str] | None = None):
     """Parse and check the flags (with --resume, the run's saved flags are the defaults)."""
     parser = build_parser()
-    args = parse_training_args(parser, argv, script="lm.py", fixed=FIXED)
+    args = parse_training_args(parser, argv, flags_added_since, script="lm.py", fixed=FIXED)
     refuse_pipeline_flags(parser, PIPELINE_LINK_FLAGS, argv)
     model, stages = args.model, world_size_from_env()
     if stages > 1 and (model != "gpt" or args.method == "bp"):

@@ -490,7 +490,8 @@ def uses_synthesizer(args: argparse.Namespace) -> bool:
 def describe(args: argparse.Namespace) -> str:
     """A run in a few words: the method and the LSTM's T, or the GPT's method."""
     if args.model == "lstm":
-        return f"{args.method} T={args.truncation}"
+        window = f" S sees {args.synth_input_window}" if args.synth_input_window else ""
+        return f"{args.method} T={args.truncation}{window}"
     return f"gpt {'cdni' if uses_synthesizer(args) and args.conditioned else args.method}"
 
 

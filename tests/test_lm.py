@@ -184,9 +184,10 @@ def test_lm_target_is_the_autograd_gradient_of_the_window_and_its_synthetic_futu
 
 def test_an_input_window_synthesizer_sees_the_characters_before_each_window_edge(
         small_text, tmp_path, monkeypatch):
-    """--synth-input-window K: at a window's start S sees the K characters before it (the
-    previous window's, carried across steps; zeros at the streams' start), at its end the K
-    before the end."""
+    """--synth-input-window K (5, more than T = 3): at every window edge S sees the K
+    characters before it on the stream (zeros before the text's start), in training, across
+    steps (the previous windows' characters), and in the cosine diagnostic that looks ahead
+    from the carried state."""
     from dni.synthesizers import LinearSynthesizer
 
     seen = []
@@ -197,17 +198,23 @@ def test_an_input_window_synthesizer_sees_the_characters_before_each_window_edge
         return forward(self, input, hidden, context)
 
     monkeypatch.setattr(LinearSynthesizer, "forward", recording)
-    train(run_args(tmp_path, small_text, "--synth-input-window", "3", "--target-decay", "0",
-                   "--steps", "2"))
+    window = 5
+    train(run_args(tmp_path, small_text, "--synth-input-window", str(window),
+                   "--target-decay", "0", "--steps", "4"))
     splits = load_text(str(small_text))
     streams = as_streams(splits.train, 4)
 
-    def chars(t0, t1):
-        return one_hot_inputs(streams[:, t0:t1], splits.vocab_size).transpose(0, 1).flatten(1)
+    def before(t):
+        """The one-hot characters [t - K, t) of each stream, zeros before the start."""
+        chars = one_hot_inputs(streams[:, max(0, t - window):t], splits.vocab_size)
+        chars = chars.transpose(0, 1).flatten(1)
+        return F.pad(chars, (window * splits.vocab_size - chars.shape[1], 0))
 
-    want = [torch.zeros_like(chars(0, 3)), chars(0, 3),       # step 1: window [0, 3)
-            chars(0, 3), chars(3, 6)]                           # step 2: window [3, 6)
-    assert len(seen) >= 4
+    # steps 1-4 train windows [0, 3) .. [9, 12): S at each start, then at its end
+    want = [before(t) for step in range(4) for t in (3 * step, 3 * step + 3)]
+    # then step 4's cosine: S at the carried state (position 12) and 3 windows on
+    want += [before(12 + 3 * k) for k in range(4)]
+    assert len(seen) >= len(want)
     for got, expected in zip(seen, want):
         torch.testing.assert_close(got, expected)
 
@@ -395,3 +402,25 @@ def test_each_model_has_its_own_synthesizer_rate_and_a_resumed_run_keeps_its_own
     saved = parse_args(["--method", "dni", "--synth-lr", "1e-3", "--out", str(tmp_path)])
     (tmp_path / "config.json").write_text(json.dumps({"script": "lm.py", "args": vars(saved)}))
     assert parse_args(["--resume", str(tmp_path)]).synth_lr == 1e-3   # the old default stays
+
+
+def test_a_run_saved_before_the_input_window_flag_resumes_without_one(tmp_path, capsys):
+    """A saved LSTM run without synth_input_window ran with none (a window typed on resume is
+    refused as a change); a saved GPT run without it resumes as before."""
+    from experiment.lm_flags import parse_args
+
+    for model in ("lstm", "gpt"):
+        saved = vars(parse_args(["--model", model, "--method", "dni", "--out", str(tmp_path)]))
+        del saved["synth_input_window"]
+        (tmp_path / "config.json").write_text(json.dumps({"script": "lm.py", "args": saved}))
+        assert parse_args(["--resume", str(tmp_path)]).synth_input_window == \
+            (0 if model == "lstm" else None)
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", str(tmp_path), "--synth-input-window", "3"])    # the GPT's
+    assert "--synth-input-window 3 contradicts the run's unset" in capsys.readouterr().err
+    saved = vars(parse_args(["--method", "dni", "--out", str(tmp_path)]))
+    del saved["synth_input_window"]
+    (tmp_path / "config.json").write_text(json.dumps({"script": "lm.py", "args": saved}))
+    with pytest.raises(SystemExit):
+        parse_args(["--resume", str(tmp_path), "--synth-input-window", "3"])
+    assert "--synth-input-window 3 contradicts the run's 0" in capsys.readouterr().err

@@ -232,13 +232,16 @@ def test_synthesizer_with_an_input_window_sees_the_inputs_before_each_edge(targe
         TruncatedBPTT(core, T, input_window=2)
 
 
-@pytest.mark.parametrize("center", [False, True])
-def test_a_stream_cut_into_calls_with_history_trains_as_one_call(center):
+@pytest.mark.parametrize("center, target_decay", [(False, 0.0), (True, 0.0), (False, 0.5)])
+def test_a_stream_cut_into_calls_with_history_trains_as_one_call(center, target_decay):
     """input_window on a stream: the sequence cut at a chunk edge into two calls (the first
-    `continues=True`, the second from its state with the first's inputs as `history`) gives
-    the network, S and S's targets what one call over the whole sequence gives; without the
-    history, S's context at the cut is zeros and S's gradient differs."""
-    T, W, cut = 3, 4, 3
+    `continues=True`, the second from its state with the first's inputs as `history`, longer
+    than the window, so only its last W steps count) gives the network, S and S's targets what
+    one call over the whole sequence gives, and future_gradients the same pairs after the cut;
+    without the history S's context at the cut is zeros and S's gradient differs. (With a
+    slow copy S_bar, it is put back between the calls so that both send with the S_bar of the
+    one call.)"""
+    T, W, cut = 2, 3, 4
     x, y = sequence(5)
 
     def fresh():
@@ -247,11 +250,15 @@ def test_a_stream_cut_into_calls_with_history_trains_as_one_call(center):
         S = LinearSynthesizer(state_size(core), context_size=W * I)
         for p in S.parameters():
             nn.init.normal_(p, std=0.3)
-        return TruncatedBPTT(core, T, synthesizer=S, readout=readout, discount=0.5,
-                             input_window=W, center=center)
+        dni = TruncatedBPTT(core, T, synthesizer=S, readout=readout, discount=0.5,
+                            input_window=W, center=center, target_decay=target_decay)
+        if target_decay:                        # S_bar unlike S, so that sending with S fails
+            for p in dni.target_synthesizer.parameters():
+                p.copy_(torch.randn_like(p) * 0.3)
+        return dni
 
     def grads(dni):
-        return [p.grad.clone() for p in dni.parameters()]
+        return [p.grad.clone() for p in dni.parameters() if p.grad is not None]
 
     def loss_from(t):
         return lambda out, t0, t1: chunk_loss(y)(out, t0 + t, t1 + t)
@@ -261,17 +268,33 @@ def test_a_stream_cut_into_calls_with_history_trains_as_one_call(center):
     parts, cut_targets = [], []
     for history in (x[:cut], None):
         dni = fresh()
+        sender = dni.target_synthesizer
+        sent_with = [p.clone() for p in sender.parameters()] if sender else []
         first = dni(x[:cut], chunk_loss(y), continues=True)
+        with torch.no_grad():
+            for p, before in zip(sender.parameters() if sender else [], sent_with, strict=True):
+                p.copy_(before)
         second = dni(x[cut:], loss_from(cut), state=first.state, history=history)
         parts.append(grads(dni))
         cut_targets.append(first.targets + second.targets)
+        if history is not None:
+            after_cut = dni.future_gradients(x[cut:], loss_from(cut), state=first.state,
+                                             history=history)
     for got, want in zip(cut_targets[0], report.targets, strict=True):
         torch.testing.assert_close(got, want)
     for got, want in zip(parts[0], grads(whole), strict=True):
         torch.testing.assert_close(got, want)
-    synth = [i for i, p in enumerate(whole.parameters())
-             if any(p is q for q in whole.synthesizer.parameters())]
-    assert not torch.allclose(parts[1][synth[0]], grads(whole)[synth[0]])
+    synth_weight = list(whole.synthesizer.parameters())[0]
+    at = [i for i, p in enumerate(q for q in whole.parameters() if q.grad is not None)
+          if p is synth_weight][0]
+    assert not torch.allclose(parts[1][at], grads(whole)[at])
+    pairs = whole.future_gradients(x, chunk_loss(y))
+    edges_after_cut = (L - 1 - cut) // T
+    assert len(after_cut) == edges_after_cut >= 1
+    for (synthetic, true), (want_synthetic, want_true) in zip(after_cut,
+                                                              pairs[-edges_after_cut:]):
+        torch.testing.assert_close(synthetic, want_synthetic)
+        torch.testing.assert_close(true, want_true)
     with pytest.raises(ValueError, match="history must be"):
         fresh()(x[cut:], loss_from(cut), history=x[:cut, :2])
 
