@@ -241,7 +241,7 @@ class TruncatedBPTT(nn.Module):
         if history.dim() != 3 or history.shape[1:] != inputs.shape[1:]:
             raise ValueError(f"history must be (steps, {inputs.shape[1]}, {inputs.shape[2]}) "
                              f"like the inputs, got {tuple(history.shape)}")
-        past = history[history.shape[0] - min(self.input_window, history.shape[0]):]
+        past = history[-self.input_window:]
         return torch.cat([past.to(inputs), inputs]), past.shape[0]
 
     def _context(self, inputs: torch.Tensor, t1: int) -> torch.Tensor | None:

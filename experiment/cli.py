@@ -276,6 +276,14 @@ def refuse_pipeline_flags(parser: argparse.ArgumentParser, reasons: dict[str, st
                      f"{reasons[dest]}")
 
 
+def refuse_input_window_without_synthesizer(parser: argparse.ArgumentParser,
+                                            args: argparse.Namespace) -> None:
+    """--synth-input-window is for a method with a synthesizer: a bptt run's is an error."""
+    if args.synth_input_window and args.method == "bptt":
+        parser.error("argument --synth-input-window: bptt has no synthesizer; use dni or "
+                     "dni_aux")
+
+
 def _shown(value) -> str:
     """A flag's value as it is typed: lists space-separated, None as 'unset'."""
     if value is None:

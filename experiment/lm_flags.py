@@ -14,6 +14,7 @@ from experiment.cli import (
     parse_training_args,
     positive_float,
     positive_int,
+    refuse_input_window_without_synthesizer,
     refuse_pipeline_flags,
 )
 from experiment.records import world_size_from_env
@@ -173,9 +174,8 @@ def parse_args(argv: list[str] | None = None):
         args.synth_lr = SYNTH_LEARNING_RATES[model]
     if model == "lstm" and args.target_decay >= 1:
         parser.error("argument --target-decay: must be below 1")
-    if model == "lstm" and args.synth_input_window and args.method == "bptt":
-        parser.error("argument --synth-input-window: bptt has no synthesizer; use dni or "
-                     "dni_aux")
+    if model == "lstm":
+        refuse_input_window_without_synthesizer(parser, args)
     if model == "gpt":
         if args.width % args.heads:
             parser.error(f"argument --heads: --width {args.width} is not a multiple of "

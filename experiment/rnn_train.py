@@ -28,6 +28,7 @@ from experiment.cli import (
     positive_float,
     positive_int,
     prepare_out_dir,
+    refuse_input_window_without_synthesizer,
     resolve_device,
 )
 from experiment.loop import StepPeriodLoop
@@ -124,9 +125,7 @@ def parse_args(argv: list[str] | None = None):
             setattr(args, dest, by_task.get(args.task, default))
     if args.target_decay >= 1:
         parser.error("argument --target-decay: must be below 1")
-    if args.synth_input_window and args.method == "bptt":
-        parser.error("argument --synth-input-window: bptt has no synthesizer; use dni or "
-                     "dni_aux")
+    refuse_input_window_without_synthesizer(parser, args)
     if args.truncation == 0 and args.method != "bptt":
         parser.error("argument --truncation: 0 (untruncated) has no chunk edge for a synthetic "
                      "gradient; use it with --method bptt")
