@@ -226,7 +226,7 @@ def main() -> None:
                              "torch.profiler")
     parser.add_argument("--figure", type=Path, default=None,
                         help="draw validation BPC against step here, a panel per T "
-                             "(default: RESULTS/lm_bpc.png)")
+                             "(default: RESULTS/lm_bpc.png; with --table-only, no figure)")
     args = parser.parse_args(argv)
     if args.profile and not args.cost:
         parser.error("argument --profile: needs --cost REPEATS")
@@ -264,12 +264,15 @@ def main() -> None:
                 gaps.append(f"{statistics.median(ours) - statistics.median(base):+.3f}"
                             if ours and base else "-")
             print(f"| {METHOD_NAMES[method]} - BPTT | " + " | ".join(gaps) + " |")
+    figure = args.figure or (None if args.table_only else args.results / "lm_bpc.png")
+    if figure is None:      # a reprint leaves a committed figure as it was drawn
+        return
     from experiment.figures import draw_bpc_curves
 
     panels = {f"T = {t}": [(METHOD_NAMES[m], folder) for (m, tt, _), folder
                            in zip(cells, folders) if tt == t and folder.exists()]
               for t in args.truncations}
-    print(draw_bpc_curves(panels, args.figure or args.results / "lm_bpc.png"))
+    print(draw_bpc_curves(panels, figure))
 
 
 if __name__ == "__main__":

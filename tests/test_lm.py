@@ -304,6 +304,13 @@ def test_bench_runs_the_cells_then_reads_them_back(run_script, small_text, tmp_p
     again = run_script(*argv)
     assert again.returncode == 0 and "$ lm.py" not in again.stdout
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table
+    (tmp_path / "lm_bpc.png").unlink()
+    reprint = run_script(*argv[:argv.index("--")], "--table-only")
+    assert reprint.returncode == 0, reprint.stderr
+    assert [line for line in reprint.stdout.splitlines() if line.startswith("| ")] == table
+    assert not (tmp_path / "lm_bpc.png").exists()
+    drawn = run_script(*argv[:argv.index("--")], "--table-only", "--figure", tmp_path / "f.png")
+    assert drawn.returncode == 0 and (tmp_path / "f.png").stat().st_size > 0
 
 
 def test_bench_times_each_method_against_bptt(run_script):
