@@ -11,9 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+# One thread a test process, and for the scripts it starts: two xdist workers on two cores,
+# each with torch's default pool of a thread a core, oversubscribe the cores, and OpenMP's
+# spinning threads then run a test several times slower (4x measured on a training test).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
