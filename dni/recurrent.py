@@ -137,6 +137,13 @@ class _ScaleGradient(torch.autograd.Function):
         return grad * ctx.scale, None
 
 
+def _detached(hidden):
+    """A synthesizer's recurrent state (a tensor, a tuple of them, or None), detached."""
+    if hidden is None or isinstance(hidden, torch.Tensor):
+        return None if hidden is None else hidden.detach()
+    return tuple(_detached(h) for h in hidden)
+
+
 def _call(synthesizer: nn.Module, state: torch.Tensor, hidden, context) -> tuple:
     """(gradient, hidden) of a synthesizer that may return a bare tensor; `context` is passed
     only when given, so a synthesizer without one need not take it."""
@@ -155,6 +162,7 @@ class SequenceReport:
     aux_loss: torch.Tensor | None = None           # mean over chunks (DNI+Aux)
     targets: list[torch.Tensor] = field(default_factory=list)  # bootstrapped targets d_k
     state: State | None = None                     # the final state, detached
+    synth_state: tuple | None = None               # a recurrent S's, for the next call
 
 
 class TruncatedBPTT(nn.Module):
@@ -318,7 +326,8 @@ class TruncatedBPTT(nn.Module):
             target.lerp_(online, 1.0 - self.target_decay)
 
     def future_gradients(self, inputs: torch.Tensor, chunk_loss: ChunkLoss,
-                         state: State | None = None, history: torch.Tensor | None = None
+                         state: State | None = None, history: torch.Tensor | None = None,
+                         synth_state: tuple | None = None
                          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(synthetic, true) gradient of the future at every inner chunk edge, both (B, state
         width) in the loss's units, by one untruncated pass that leaves every .grad as it was.
@@ -327,7 +336,7 @@ class TruncatedBPTT(nn.Module):
         of the losses after the edge, each further edge crossed discounting it by `discount`
         (1: the full gradient of the future). The aux loss is not in it, as it is not in the
         target. "Synthetic" is the online S's, also
-        with a target synthesizer. A diagnostic for logged steps: the random stream (dropout)
+        with a target synthesizer, from `synth_state` as in `forward`. A diagnostic for logged steps: the random stream (dropout)
         is forked, so training draws the same numbers with or without it.
         """
         if self.synthesizer is None:
@@ -355,7 +364,8 @@ class TruncatedBPTT(nn.Module):
                     if edges and total.requires_grad else [None] * len(edges))
         pairs = []
         with torch.no_grad():
-            _, hidden = self.synthetic_gradient(start, None, None, self._context(seen, shift))
+            carried = synth_state[0] if synth_state is not None else None
+            _, hidden = self.synthetic_gradient(start, carried, None, self._context(seen, shift))
             for k, (edge, grad) in enumerate(zip(edges, true), start=1):
                 synthetic, hidden = self.synthetic_gradient(
                     edge, hidden, None, self._context(seen, shift + k * self.truncation))
@@ -366,7 +376,8 @@ class TruncatedBPTT(nn.Module):
     def forward(self, inputs: torch.Tensor, chunk_loss: ChunkLoss,
                 state: State | None = None, continues: bool = False,
                 lengths: torch.Tensor | None = None,
-                history: torch.Tensor | None = None) -> SequenceReport:
+                history: torch.Tensor | None = None,
+                synth_state: tuple | None = None) -> SequenceReport:
         """Run the sequence chunk by chunk and back-propagate: the core, readout and aux head
         get their truncated (+ synthetic) gradients, the synthesizer its regression gradient.
         Step the optimizer afterwards.
@@ -381,7 +392,12 @@ class TruncatedBPTT(nn.Module):
         `history` (k, B, I): the inputs just before `inputs` on the same sequences (a
         stream's previous window), which the `input_window` contexts at the first edges see
         (None: zeros, as at a sequence's start; unused without an input window). On a stream,
-        pass it on every call after the first, or S sees zeros there."""
+        pass it on every call after the first, or S sees zeros there.
+
+        `synth_state`: a recurrent synthesizer's state from the previous call on the same
+        sequences (`report.synth_state`, S's before the last edge and S_bar's after it), so
+        that S runs on across calls as it does across the chunk edges of one call (None: from
+        zeros)."""
         length, batch = inputs.shape[0], inputs.shape[1]
         unit = self._unit(batch)
         if lengths is not None and continues:
@@ -396,16 +412,19 @@ class TruncatedBPTT(nn.Module):
         if state is None:
             state = zero_state(self.core, batch, inputs.device, inputs.dtype)
         start = flatten_state(state).detach()
-        synthetic, synth_hidden, target_hidden = None, None, None
+        carried, target_hidden = synth_state if synth_state is not None else (None, None)
+        synthetic, synth_hidden, carry = None, None, None
         seen, shift = self._with_history(inputs, history)      # checked before S_bar moves
         if self.target_synthesizer is not None and self.training and torch.is_grad_enabled():
             self.update_target()
         if self.synthesizer is not None:
             first = self._context(seen, shift)
-            synthetic, synth_hidden = self.synthetic_gradient(start, None, going_on(0),
+            synthetic, synth_hidden = self.synthetic_gradient(start, carried, going_on(0),
                                                               first)             # S(s_0)
-            if self.target_synthesizer is not None and synth_hidden is not None:
-                # a recurrent S_bar's state at s_0 (one without a state, as S, needs no call)
+            if (self.target_synthesizer is not None and synth_hidden is not None
+                    and synth_state is None):
+                # a recurrent S_bar's state at s_0 (one without a state, as S, needs no call;
+                # a carried one has seen s_0 as the previous call's last edge)
                 _, target_hidden = self._sent_gradient(start, None, going_on(0), first)
         outputs, fits, targets, aux_losses = [], [], [], []
         fitted, aux_chunks = [], []           # which runs each fit / aux loss counts for
@@ -420,7 +439,7 @@ class TruncatedBPTT(nn.Module):
             loss_k = chunk_loss(prediction, t0, t1)
             objective = loss_k.sum() if loss_k.dim() else loss_k
             end = flatten_state(end_state)
-            next_synthetic, sent = None, None
+            next_synthetic, sent, carry = None, None, synth_hidden   # S's before this edge
             if self.synthesizer is not None and (t1 < length or continues):
                 context = self._context(seen, shift + t1)
                 if t1 < length or self.target_synthesizer is None:
@@ -466,5 +485,9 @@ class TruncatedBPTT(nn.Module):
         if aux_losses:
             aux = torch.stack(aux_losses).sum(0) / self._count(aux_chunks, aux_losses[0])
         final = tuple(x.detach() for x in state_tensors(state))
+        synth_out = None
+        if synth_hidden is not None:
+            synth_out = (_detached(carry), _detached(target_hidden))
         return SequenceReport(torch.cat(outputs), total, fit, aux, targets,
-                              final if isinstance(state, (tuple, list)) else final[0])
+                              final if isinstance(state, (tuple, list)) else final[0],
+                              synth_out)

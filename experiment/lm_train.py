@@ -90,6 +90,13 @@ def evaluate_bpc(model: SequenceModel, ids: torch.Tensor, vocab_size: int,
     return nats / count / math.log(2)
 
 
+def _to_device(state, device: torch.device):
+    """A saved synthesizer state (a tensor, nested tuples of them, or None) on `device`."""
+    if state is None or isinstance(state, torch.Tensor):
+        return None if state is None else state.to(device)
+    return tuple(_to_device(x, device) for x in state)
+
+
 def build_model(args: argparse.Namespace, vocab_size: int) -> SequenceModel:
     """The LSTM language model lm.py's flags describe (one-hot characters in, logits out)."""
     return SequenceModel(
@@ -360,6 +367,7 @@ class _RecurrentLoop(_LanguageModelLoop):
             raise UserError(f"--corpus {args.corpus}: the training text is too short for "
                             f"{args.batch_size} streams of windows of {args.truncation + 1}")
         self.carried = None            # the LSTM state at the streams' position
+        self.synth_carried = None      # a recurrent synthesizer's (TruncatedBPTT's synth_state)
         if checkpoint is not None:
             self.restore(checkpoint)
 
@@ -367,10 +375,12 @@ class _RecurrentLoop(_LanguageModelLoop):
         flag_lrs = super().restore(checkpoint)
         carried = checkpoint["carried"]
         self.carried = None if carried is None else tuple(x.to(self.device) for x in carried)
+        self.synth_carried = _to_device(checkpoint.get("synth_carried"), self.device)
         return flag_lrs
 
     def snapshot(self) -> dict:
-        return {**super().snapshot(), "carried": self.carried}
+        return {**super().snapshot(), "carried": self.carried,
+                "synth_carried": self.synth_carried}
 
     def epochs_done(self) -> float:
         return self.state.epoch + self.state.window / self.windows
@@ -387,14 +397,17 @@ class _RecurrentLoop(_LanguageModelLoop):
         self.optimizer.zero_grad(set_to_none=True)
         report = self.model.trainer(one_hot_inputs(window[:, :-1], self.text.vocab_size),
                                     window_loss(targets), state=self.carried,
-                                    continues=continues, history=self.history(t0))
+                                    continues=continues, history=self.history(t0),
+                                    synth_state=self.synth_carried)
         self.check_and_step(report.loss, report.synthesizer_loss, "lower --lr or --discount")
         self.add_to_sums(report.loss.item() * targets.shape[1], targets.numel(),
                          report.synthesizer_loss, report.aux_loss)
         if continues:
             self.carried, state.window = report.state, state.window + 1
+            self.synth_carried = report.synth_state
         else:                           # the end of the text: the next epoch starts afresh
             self.carried, state.window, state.epoch = None, 0, state.epoch + 1
+            self.synth_carried = None
 
     def history(self, t0: int) -> torch.Tensor | None:
         """The --synth-input-window characters before position t0 of the streams, one-hot
@@ -418,7 +431,7 @@ class _RecurrentLoop(_LanguageModelLoop):
         return future_gradient_cosine(self.model.trainer,
                                       one_hot_inputs(span[:, :-1], self.text.vocab_size),
                                       window_loss(targets), state=self.carried,
-                                      history=self.history(t0))
+                                      history=self.history(t0), synth_state=self.synth_carried)
 
 
 class _TransformerLoop(_LanguageModelLoop):

@@ -319,13 +319,14 @@ def mean_cosine(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> float | None:
 
 
 def future_gradient_cosine(trainer, inputs: torch.Tensor, chunk_loss,
-                           state=None, history: torch.Tensor | None = None) -> float | None:
+                           state=None, history: torch.Tensor | None = None,
+                           synth_state: tuple | None = None) -> float | None:
     """Cosine between the synthetic and the true (discounted) gradient of the future, the
     batch as one vector, averaged over the chunk edges of this batch (None without an edge);
-    `state`: the state the batch starts from (None: zeros); `history`: the inputs before it
-    (TruncatedBPTT.forward's)."""
+    `state`: the state the batch starts from (None: zeros); `history` and `synth_state`: the
+    inputs before it and a recurrent S's carried state (TruncatedBPTT.forward's)."""
     return mean_cosine(trainer.future_gradients(inputs, chunk_loss, state=state,
-                                                history=history))
+                                                history=history, synth_state=synth_state))
 
 
 def print_step_line(line: str, row: dict, train_seconds: float) -> None:

@@ -219,6 +219,30 @@ def test_an_input_window_synthesizer_sees_the_characters_before_each_window_edge
         torch.testing.assert_close(got, expected)
 
 
+def test_a_recurrent_synthesizer_runs_on_along_the_streams(small_text, tmp_path, monkeypatch):
+    """--synthesizer rnn: S and its slow copy start from zeros at the text's start only; every
+    later window's call, and the cosine diagnostic, goes on from the state they had reached
+    (TruncatedBPTT's synth_state, carried as the LSTM's state is)."""
+    from dni.synthesizers import RNNSynthesizer
+
+    calls, steps_done = [], [0]
+    forward = RNNSynthesizer.forward
+
+    def recording(self, input, hidden=None, context=None):
+        calls.append((steps_done[0], hidden is None))
+        return forward(self, input, hidden, context)
+
+    def count(step):
+        steps_done[0] = step
+
+    monkeypatch.setattr(RNNSynthesizer, "forward", recording)
+    train(run_args(tmp_path, small_text, "--synthesizer", "rnn", "--synth-hidden", "8",
+                   "--steps", "5"), on_step=count)
+    fresh = [step for step, from_zeros in calls if from_zeros]
+    assert fresh == [0, 0]                   # S and S_bar at the first window's start
+    assert sum(step >= 1 for step, _ in calls) >= 4 * 2
+
+
 def test_flags_and_model_choices_agree():
     assert SYNTHESIZERS == SEQUENCE_SYNTHESIZERS
 
@@ -260,7 +284,8 @@ def test_script_writes_records_and_bits_per_character(run_script, small_text, tm
     assert "valid" in result.stdout and "test" in result.stdout
 
 
-@pytest.mark.parametrize("method", ["dni", "bptt", "dni_aux", "dni --synth-input-window 3"])
+@pytest.mark.parametrize("method", ["dni", "bptt", "dni_aux", "dni --synth-input-window 3",
+                                    "dni --synthesizer rnn --synth-hidden 8"])
 def test_sigterm_then_resume_is_exact(tmp_path, small_text, method):
     flags = ["--method", *method.split()]
     train(run_args(tmp_path / "ref", small_text, *flags))

@@ -234,68 +234,134 @@ def test_synthesizer_with_an_input_window_sees_the_inputs_before_each_edge(targe
         TruncatedBPTT(core, T, input_window=2)
 
 
+STREAM_T, STREAM_CUT = 2, 4       # the stream tests' truncation and the step of their cut
+
+
+def stream_trainer(synthesizer_of, target_decay: float, **options) -> TruncatedBPTT:
+    """A fresh TruncatedBPTT (LSTM, T = STREAM_T, discount 0.5) whose S is
+    synthesizer_of(state width), its weights drawn at random; S_bar's drawn apart from S's,
+    so that sending with S instead fails."""
+    torch.manual_seed(1)
+    core, readout = nn.LSTM(I, H), nn.Linear(H, O)
+    S = synthesizer_of(state_size(core))
+    for p in S.parameters():
+        nn.init.normal_(p, std=0.3)
+    dni = TruncatedBPTT(core, STREAM_T, synthesizer=S, readout=readout, discount=0.5,
+                        target_decay=target_decay, **options)
+    if target_decay:
+        for p in dni.target_synthesizer.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return dni
+
+
+def loss_from(y, t):
+    """chunk_loss(y) for a call that starts at step t of the sequence."""
+    return lambda out, t0, t1: chunk_loss(y)(out, t0 + t, t1 + t)
+
+
+def cut_into_two_calls(dni, x, y, history=None, carry_synth_state=False):
+    """The sequence as two calls cut at STREAM_CUT, the first `continues=True`, the second
+    from its state, given `history` (and the first's synth_state if `carry_synth_state`);
+    S_bar is put back between them, so that both send with the S_bar of one call over the
+    whole sequence."""
+    sender = dni.target_synthesizer
+    sent_with = copy.deepcopy(sender.state_dict()) if sender is not None else None
+    first = dni(x[:STREAM_CUT], chunk_loss(y), continues=True)
+    if sender is not None:
+        sender.load_state_dict(sent_with)
+    synth_state = first.synth_state if carry_synth_state else None
+    return first, dni(x[STREAM_CUT:], loss_from(y, STREAM_CUT), state=first.state,
+                      history=history, synth_state=synth_state)
+
+
+def assert_same_pairs_after_the_cut(after_cut, whole, x, y):
+    """future_gradients from the cut on equal the whole sequence's at the edges after it."""
+    pairs = whole.future_gradients(x, chunk_loss(y))
+    edges_after_cut = (L - 1 - STREAM_CUT) // STREAM_T
+    assert len(after_cut) == edges_after_cut >= 1
+    for (synthetic, true), (want_synthetic, want_true) in zip(after_cut,
+                                                              pairs[-edges_after_cut:]):
+        torch.testing.assert_close(synthetic, want_synthetic)
+        torch.testing.assert_close(true, want_true)
+
+
 @pytest.mark.parametrize("center, target_decay", [(False, 0.0), (True, 0.0), (False, 0.5)])
 def test_a_stream_cut_into_calls_with_history_trains_as_one_call(center, target_decay):
     """input_window on a stream: the sequence cut at a chunk edge into two calls (the first
     `continues=True`, the second from its state with the first's inputs as `history`, longer
     than the window, so only its last W steps count) gives the network, S and S's targets what
     one call over the whole sequence gives, and future_gradients the same pairs after the cut;
-    without the history S's context at the cut is zeros and S's gradient differs. (With a
-    slow copy S_bar, it is put back between the calls so that both send with the S_bar of the
-    one call.)"""
-    T, W, cut = 2, 3, 4
+    without the history S's context at the cut is zeros and S's gradient differs."""
+    W, cut = 3, STREAM_CUT
     x, y = sequence(5)
 
     def fresh():
-        torch.manual_seed(1)
-        core, readout = nn.LSTM(I, H), nn.Linear(H, O)
-        S = LinearSynthesizer(state_size(core), context_size=W * I)
-        for p in S.parameters():
-            nn.init.normal_(p, std=0.3)
-        dni = TruncatedBPTT(core, T, synthesizer=S, readout=readout, discount=0.5,
-                            input_window=W, center=center, target_decay=target_decay)
-        if target_decay:                        # S_bar unlike S, so that sending with S fails
-            for p in dni.target_synthesizer.parameters():
-                p.copy_(torch.randn_like(p) * 0.3)
-        return dni
+        return stream_trainer(lambda width: LinearSynthesizer(width, context_size=W * I),
+                              target_decay, input_window=W, center=center)
 
     def grads(dni):
         return {name: p.grad.clone() for name, p in dni.named_parameters()
                 if p.grad is not None}
-
-    def loss_from(t):
-        return lambda out, t0, t1: chunk_loss(y)(out, t0 + t, t1 + t)
 
     whole = fresh()
     report = whole(x, chunk_loss(y))
     parts, cut_targets = [], []
     for history in (x[:cut], None):
         dni = fresh()
-        sender = dni.target_synthesizer
-        sent_with = copy.deepcopy(sender.state_dict()) if sender is not None else None
-        first = dni(x[:cut], chunk_loss(y), continues=True)
-        if sender is not None:
-            sender.load_state_dict(sent_with)
-        second = dni(x[cut:], loss_from(cut), state=first.state, history=history)
+        first, second = cut_into_two_calls(dni, x, y, history=history)
         parts.append(grads(dni))
         cut_targets.append(first.targets + second.targets)
         if history is not None:
-            after_cut = dni.future_gradients(x[cut:], loss_from(cut), state=first.state,
+            after_cut = dni.future_gradients(x[cut:], loss_from(y, cut), state=first.state,
                                              history=history)
     for got, want in zip(cut_targets[0], report.targets, strict=True):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(parts[0], grads(whole))
     S_weight = "synthesizer.net.0.weight"
     assert not torch.allclose(parts[1][S_weight], grads(whole)[S_weight])
-    pairs = whole.future_gradients(x, chunk_loss(y))
-    edges_after_cut = (L - 1 - cut) // T
-    assert len(after_cut) == edges_after_cut >= 1
-    for (synthetic, true), (want_synthetic, want_true) in zip(after_cut,
-                                                              pairs[-edges_after_cut:]):
-        torch.testing.assert_close(synthetic, want_synthetic)
-        torch.testing.assert_close(true, want_true)
+    assert_same_pairs_after_the_cut(after_cut, whole, x, y)
     with pytest.raises(ValueError, match="history must be"):
-        fresh()(x[cut:], loss_from(cut), history=x[:cut, :2])
+        fresh()(x[cut:], loss_from(y, cut), history=x[:cut, :2])
+
+
+@pytest.mark.parametrize("target_decay", [0.0, 0.5])
+def test_a_recurrent_synthesizer_carried_across_calls_runs_on_as_in_one_call(target_decay):
+    """A recurrent S (and S_bar) on a stream cut at a chunk edge into two calls, the second
+    given the first's `synth_state`: S's targets and fit, the network's gradients and the
+    future_gradients pairs after the cut are those of one call over the whole sequence; without
+    the carried state S restarts from zeros at the cut and its targets there differ."""
+    cut = STREAM_CUT
+    x, y = sequence(6)
+
+    def fresh():
+        return stream_trainer(lambda width: RNNSynthesizer(width, 5), target_decay)
+
+    def network_grads_of(dni):
+        return {name: p.grad.clone() for name, p in dni.named_parameters()
+                if p.grad is not None and not name.startswith("synthesizer.")}
+
+    whole = fresh()
+    report = whole(x, chunk_loss(y))
+    assert report.synth_state is not None
+    cut_targets, cut_grads, cut_fits = [], [], []
+    for carry in (True, False):
+        dni = fresh()
+        first, second = cut_into_two_calls(dni, x, y, carry_synth_state=carry)
+        cut_targets.append(first.targets + second.targets)
+        cut_grads.append(network_grads_of(dni))
+        cut_fits.append(sum(r.synthesizer_loss * len(r.targets) for r in (first, second)))
+        if carry:
+            after_cut = dni.future_gradients(x[cut:], loss_from(y, cut), state=first.state,
+                                             synth_state=first.synth_state)
+    for got, want in zip(cut_targets[0], report.targets, strict=True):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(cut_grads[0], network_grads_of(whole))
+    # S's predictions, through its fit: the sum of the per-edge losses of the two calls
+    torch.testing.assert_close(cut_fits[0], report.synthesizer_loss * len(report.targets))
+    assert not torch.allclose(cut_fits[1], cut_fits[0])
+    # the chunk after the cut: its end gets S's gradient, from the restarted S without the carry
+    assert not torch.allclose(cut_targets[1][cut // STREAM_T], report.targets[cut // STREAM_T])
+    assert_same_pairs_after_the_cut(after_cut, whole, x, y)
 
 
 @pytest.mark.parametrize("recurrent", [False, True])
