@@ -335,9 +335,9 @@ class TruncatedBPTT(nn.Module):
         "True" is what the synthesizer is trained towards without its own errors: the gradient
         of the losses after the edge, each further edge crossed discounting it by `discount`
         (1: the full gradient of the future). The aux loss is not in it, as it is not in the
-        target. "Synthetic" is the online S's, also
-        with a target synthesizer, from `synth_state` as in `forward`. A diagnostic for logged steps: the random stream (dropout)
-        is forked, so training draws the same numbers with or without it.
+        target. "Synthetic" is the online S's, also with a target synthesizer, from
+        `synth_state` as in `forward`. A diagnostic for logged steps: the random stream
+        (dropout) is forked, so training draws the same numbers with or without it.
         """
         if self.synthesizer is None:
             raise ValueError("future_gradients needs a synthesizer")
