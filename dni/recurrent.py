@@ -138,7 +138,8 @@ class _ScaleGradient(torch.autograd.Function):
 
 
 def _detached(hidden):
-    """A synthesizer's recurrent state (a tensor, a tuple of them, or None), detached."""
+    """A recurrent state (a tensor, a tuple or list of them, or None), detached; a tuple
+    for a tuple or list."""
     if hidden is None or isinstance(hidden, torch.Tensor):
         return None if hidden is None else hidden.detach()
     return tuple(_detached(h) for h in hidden)
@@ -484,10 +485,8 @@ class TruncatedBPTT(nn.Module):
             fit = fit.detach() / self._count(fitted, fit)
         if aux_losses:
             aux = torch.stack(aux_losses).sum(0) / self._count(aux_chunks, aux_losses[0])
-        final = tuple(x.detach() for x in state_tensors(state))
         synth_out = None
         if synth_hidden is not None:
             synth_out = (_detached(carry), _detached(target_hidden))
-        return SequenceReport(torch.cat(outputs), total, fit, aux, targets,
-                              final if isinstance(state, (tuple, list)) else final[0],
+        return SequenceReport(torch.cat(outputs), total, fit, aux, targets, _detached(state),
                               synth_out)

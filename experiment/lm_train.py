@@ -90,13 +90,6 @@ def evaluate_bpc(model: SequenceModel, ids: torch.Tensor, vocab_size: int,
     return nats / count / math.log(2)
 
 
-def _to_device(state, device: torch.device):
-    """A saved synthesizer state (a tensor, nested tuples of them, or None) on `device`."""
-    if state is None or isinstance(state, torch.Tensor):
-        return None if state is None else state.to(device)
-    return tuple(_to_device(x, device) for x in state)
-
-
 def build_model(args: argparse.Namespace, vocab_size: int) -> SequenceModel:
     """The LSTM language model lm.py's flags describe (one-hot characters in, logits out)."""
     return SequenceModel(
@@ -373,9 +366,9 @@ class _RecurrentLoop(_LanguageModelLoop):
 
     def restore(self, checkpoint: dict) -> list[float]:
         flag_lrs = super().restore(checkpoint)
-        carried = checkpoint["carried"]
-        self.carried = None if carried is None else tuple(x.to(self.device) for x in carried)
-        self.synth_carried = _to_device(checkpoint.get("synth_carried"), self.device)
+        # load_checkpoint has already mapped the saved states onto the device
+        self.carried = checkpoint["carried"]
+        self.synth_carried = checkpoint.get("synth_carried")
         return flag_lrs
 
     def snapshot(self) -> dict:
